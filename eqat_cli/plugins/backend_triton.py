@@ -1,0 +1,39 @@
+"""The Triton backend: fused dequantize-matmul kernels from ``kernels/`` for CUDA GPUs."""
+
+import importlib.util
+
+from eqat_cli.hookspecs import hookimpl
+from eqat_cli.registry import BackendSpec
+
+
+def _available():
+    if importlib.util.find_spec("triton") is None:
+        return False, "the 'triton' package is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "Triton needs a CUDA GPU and torch sees none (Triton has no CPU backend)"
+    return True, f"CUDA device {torch.cuda.get_device_name(0)}"
+
+
+def _kernel():
+    from eqat_kernels.backend import TritonKernel
+
+    return TritonKernel()
+
+
+TRITON_BACKEND = BackendSpec(
+    name="triton",
+    priority=100,
+    devices=("cuda",),
+    bits=(2, 3, 4),
+    available=_available,
+    kernel=_kernel,
+    install_hint="pip install triton, on a machine with an NVIDIA GPU",
+    description="fused dequantize-matmul Triton kernels (decode and prefill)",
+)
+
+
+@hookimpl
+def register_backends(register):
+    register(TRITON_BACKEND)

@@ -1,0 +1,28 @@
+"""Llama family: Llama-2, Llama-3 (GQA, llama3 rope scaling), SmolLM2 and other `llama` models."""
+
+from eqat_cli.hookspecs import hookimpl
+from eqat_cli.registry import ArchitectureSpec
+
+LLAMA_LINEARS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+LLAMA = ArchitectureSpec(
+    name="llama",
+    model_types=("llama",),
+    layers_path="model.layers",
+    embed_path="model.embed_tokens",
+    norm_path="model.norm",
+    rotary_path="model.rotary_emb",
+    lm_head_path="lm_head",
+    linear_groups=LLAMA_LINEARS,
+    description="Llama-2, Llama-3 (GQA, llama3 rope scaling), SmolLM2",
+)
+
+
+@hookimpl
+def register_architectures(register):
+    register(LLAMA)

@@ -1,0 +1,24 @@
+"""LLaVA: only the language model is quantized; vision tower and projector stay full precision."""
+
+from eqat_cli.hookspecs import hookimpl
+from eqat_cli.plugins.llama import LLAMA_LINEARS
+from eqat_cli.registry import ArchitectureSpec
+
+LLAVA = ArchitectureSpec(
+    name="llava",
+    model_types=("llava",),
+    layers_path="model.language_model.layers",
+    embed_path="model.language_model.embed_tokens",
+    norm_path="model.language_model.norm",
+    rotary_path="model.language_model.rotary_emb",
+    lm_head_path="lm_head",
+    linear_groups=LLAMA_LINEARS,
+    full_precision_paths=("model.vision_tower", "model.multi_modal_projector"),
+    text_config_attr="text_config",
+    description="LLaVA with a Llama/Mistral language model (vision tower kept in full precision)",
+)
+
+
+@hookimpl
+def register_architectures(register):
+    register(LLAVA)

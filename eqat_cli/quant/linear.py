@@ -1,0 +1,242 @@
+"""The learnable quantizer, the fake-quant linear used in training, and the packed linear.
+
+``QuantLinear`` (training, "fake quant") -> ``QuantLinear.to_packed()`` -> ``PackedLinear``
+(inference and E2E-QP). The two give the same outputs: the packed layer stores fp16 step sizes,
+so outputs agree to within fp16 rounding of the step sizes (exactly, up to matmul summation order,
+when the fake-quant step sizes are fp16-representable; see ``tests/test_quant_linear.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eqat_cli.quant import packing
+from eqat_cli.quant.primitives import (
+    SCALE_MAX,
+    SCALE_MIN,
+    check_bits,
+    dequantize_codes,
+    effective_group,
+    fake_quantize,
+    group_index,
+    integer_zero,
+    minmax_init,
+    n_groups,
+    qmax,
+    quantize_codes,
+)
+
+
+class UniformAffineQuantizer(nn.Module):
+    """Per-group asymmetric quantizer with learnable step size ``scale`` and zero point ``zero``."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.group_size = group_size
+        self.in_features = weight.shape[1]
+        effective_group(group_size, self.in_features)  # validates
+        scale, zero = minmax_init(weight, bits, group_size)
+        self.scale = nn.Parameter(scale)
+        self.zero = nn.Parameter(zero)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.scale, self.zero, self.bits, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is fake-quantized in every forward (Block-AP training)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = (
+            nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        )
+        self.quantizer = UniformAffineQuantizer(self.weight, bits, group_size)
+
+    @property
+    def bits(self) -> int:
+        return self.quantizer.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.quantizer.group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantizer(self.weight)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def to_packed(self) -> "PackedLinear":
+        q = self.quantizer
+        codes = quantize_codes(self.weight, q.scale, q.zero, q.bits, q.group_size)
+        zeros = integer_zero(q.zero, q.bits)
+        return PackedLinear.from_codes(
+            codes,
+            q.scale.detach().float().clamp(SCALE_MIN, SCALE_MAX),
+            zeros,
+            bits=q.bits,
+            group_size=q.group_size,
+            bias=None if self.bias is None else self.bias.detach(),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
+
+
+class Kernel(Protocol):
+    """What a backend supplies to run a :class:`PackedLinear`."""
+
+    name: str
+
+    def forward(self, layer: "PackedLinear", x: torch.Tensor) -> torch.Tensor: ...
+
+
+class _ReferenceKernel:
+    """Unpack, dequantize, matmul: the torch reference every backend is tested against."""
+
+    name = "torch-reference"
+
+    def forward(self, layer: "PackedLinear", x: torch.Tensor) -> torch.Tensor:
+        w = layer.dequantize(dtype=x.dtype)
+        return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+REFERENCE_KERNEL = _ReferenceKernel()
+
+
+class PackedLinear(nn.Module):
+    """Inference layer holding int32-packed codes in the EfficientQAT native layout.
+
+    Buffers: ``qweight [ceil(in/pf), out]``, ``qzeros [n_groups, ceil(out/pf)]``,
+    ``g_idx [in]``; parameter ``scales [n_groups, out]`` (fp16 on disk; may be trained in fp32 by
+    E2E-QP, the codes never change).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        scales_dtype: torch.dtype = torch.float16,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = check_bits(bits)
+        self.group_size = group_size
+        pf = packing.pack_factor(bits)
+        g = n_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(-(-in_features // pf), out_features, dtype=torch.int32)
+        )
+        self.register_buffer("qzeros", torch.zeros(g, -(-out_features // pf), dtype=torch.int32))
+        self.scales = nn.Parameter(
+            torch.ones(g, out_features, dtype=scales_dtype), requires_grad=False
+        )
+        self.register_buffer("g_idx", group_index(in_features, group_size))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.kernel: Kernel = REFERENCE_KERNEL
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        scales_dtype: torch.dtype = torch.float16,
+    ) -> "PackedLinear":
+        """From torch-layout codes ``[out, in]`` and group params ``[out, n_groups]``."""
+        out_f, in_f = codes.shape
+        zero = zero.to(torch.int32)
+        if zero.numel() and (int(zero.min()) < 0 or int(zero.max()) > qmax(bits)):
+            raise ValueError(
+                f"zero points out of range [0, {qmax(bits)}]: "
+                f"min {int(zero.min())}, max {int(zero.max())}"
+            )
+        layer = cls(in_f, out_f, bits, group_size, bias=bias is not None, scales_dtype=scales_dtype)
+        layer.qweight.copy_(packing.pack_rows(codes.t().contiguous(), bits))
+        layer.qzeros.copy_(packing.pack_cols(zero.t().contiguous(), bits))
+        layer.scales.data.copy_(scale.t().to(scales_dtype))
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+        # Check: what we packed is what we meant (never write a corrupt field).
+        if not torch.equal(layer.zero_points(), zero.t()) or not torch.equal(
+            layer.codes(), codes.t().to(torch.int32)
+        ):
+            raise AssertionError("pack/unpack mismatch: refusing to build a corrupt layer")
+        return layer
+
+    # ------------------------------------------------------------------ views
+    def codes(self) -> torch.Tensor:
+        """Integer codes in checkpoint layout ``[in, out]``."""
+        return packing.unpack_rows(self.qweight, self.bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        """Integer zero points ``[n_groups, out]``."""
+        return packing.unpack_cols(self.qzeros, self.bits, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense weight in torch layout ``[out, in]``: ``W[o, i] = (q - z[g_idx[i]]) * s[g_idx[i]]``."""
+        q = self.codes().t()
+        return dequantize_codes(
+            q, self.scales.t(), self.zero_points().t(), self.group_size, dtype=dtype
+        )
+
+    def set_kernel(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, kernel={self.kernel.name}"
+        )
+
+
+# ---------------------------------------------------------------------- module surgery
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_submodule(root, parent_path), name, module)
+
+
+def replace_linears(
+    root: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module]
+) -> dict[str, nn.Module]:
+    """Replace each named ``nn.Linear`` under ``root`` by ``make(name, linear)``."""
+    out = {}
+    for name in names:
+        lin = get_submodule(root, name)
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"{name} is {type(lin).__name__}, expected nn.Linear")
+        new = make(name, lin)
+        set_submodule(root, name, new)
+        out[name] = new
+    return out

@@ -1,0 +1,291 @@
+"""What plugins register, and the lookups that explain every rejected candidate.
+
+Specs are frozen dataclasses: an architecture is *data* (paths and layer names), not code.
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split(".") if path else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where things live in a Hugging Face model of this family.
+
+    ``linear_groups`` lists the quantizable linear layers of one decoder block in forward order;
+    layers in one group read the same input (e.g. q/k/v).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    embed_path: str
+    norm_path: str
+    rotary_path: str
+    lm_head_path: str
+    linear_groups: tuple[tuple[str, ...], ...]
+    full_precision_paths: tuple[str, ...] = ()
+    text_config_attr: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.model_types:
+            raise ValueError(f"architecture {self.name!r} declares no model_types")
+        if not self.linear_groups or not all(self.linear_groups):
+            raise ValueError(f"architecture {self.name!r} declares no linear layers")
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(n for group in self.linear_groups for n in group)
+
+    def layers(self, model: Any) -> Any:
+        """The ``nn.ModuleList`` of decoder blocks."""
+        return _get_path(model, self.layers_path)
+
+    def embed(self, model: Any) -> Any:
+        return _get_path(model, self.embed_path)
+
+    def norm(self, model: Any) -> Any:
+        return _get_path(model, self.norm_path)
+
+    def rotary(self, model: Any) -> Any:
+        return _get_path(model, self.rotary_path)
+
+    def lm_head(self, model: Any) -> Any:
+        return _get_path(model, self.lm_head_path)
+
+    def text_config(self, config: Any) -> Any:
+        return getattr(config, self.text_config_attr) if self.text_config_attr else config
+
+    def layer_prefix(self, index: int) -> str:
+        """State-dict prefix of decoder block ``index`` (e.g. ``model.layers.3.``)."""
+        return f"{self.layers_path}.{index}."
+
+    def block_kwargs(self, model: Any, hidden: Any, position_ids: Any = None) -> dict:
+        """Keyword arguments a decoder block needs besides the hidden states (causal, no padding).
+
+        The mask comes from transformers' own mask builders, so sliding-window models (Mistral)
+        get their window; plain causal attention usually needs no mask tensor at all.
+        """
+        import torch
+        from transformers import masking_utils
+
+        seq = hidden.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        cos, sin = self.rotary(model)(hidden, position_ids)
+        config = self.text_config(model.config)
+        make_mask = (
+            masking_utils.create_sliding_window_causal_mask
+            if getattr(config, "sliding_window", None)
+            else masking_utils.create_causal_mask
+        )
+        mask = make_mask(
+            config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+            position_ids=position_ids,
+        )
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "position_embeddings": (cos, sin),
+        }
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A kernel backend for packed layers.
+
+    ``available()`` returns ``(ok, reason)``; ``kernel()`` builds the object whose
+    ``forward(layer, x)`` runs a :class:`~eqat_cli.quant.linear.PackedLinear`.
+    """
+
+    name: str
+    priority: int
+    devices: tuple[str, ...]
+    bits: tuple[int, ...]
+    available: Callable[[], tuple[bool, str]]
+    kernel: Callable[[], Any]
+    install_hint: str = ""
+    description: str = ""
+
+    def supports(self, bits: int, device: str) -> tuple[bool, str]:
+        if device not in self.devices:
+            return False, f"runs on {', '.join(self.devices)}, not {device}"
+        if bits not in self.bits:
+            return False, f"supports bits {', '.join(map(str, self.bits))}, not {bits}"
+        ok, reason = self.available()
+        if not ok:
+            hint = f" ({self.install_hint})" if self.install_hint else ""
+            return False, reason + hint
+        return True, reason
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named data set: where it lives on the Hub and under a local data dir.
+
+    ``kind`` is ``text`` (calibration / perplexity corpora) or ``task`` (zero-shot tasks).
+    ``local_files`` maps a split to a path relative to the data dir.
+    """
+
+    name: str
+    kind: str
+    hub_path: str | None
+    hub_name: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)
+    local_files: dict[str, str] = field(default_factory=dict)
+    text_field: str = "text"
+    description: str = ""
+
+
+@dataclass
+class Registered:
+    spec: Any
+    plugin: str
+
+
+class Registry:
+    """Everything the plugins registered, validated."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self.architectures: dict[str, Registered] = {}
+        self.backends: dict[str, Registered] = {}
+        self.datasets: dict[str, Registered] = {}
+        self._collect()
+
+    def _collect(self) -> None:
+        hooks = [
+            ("register_architectures", ArchitectureSpec, self.architectures),
+            ("register_backends", BackendSpec, self.backends),
+            ("register_datasets", DatasetSpec, self.datasets),
+        ]
+        for hook_name, cls, table in hooks:
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                plugin_name = self.pm.get_name(impl.plugin)
+
+                def register(spec, _cls=cls, _table=table, _plugin=plugin_name):
+                    self._add(_cls, _table, spec, _plugin)
+
+                impl.function(register)
+        seen: dict[str, str] = {}
+        for name, reg in self.architectures.items():
+            for mt in reg.spec.model_types:
+                if mt in seen:
+                    raise EqatError(
+                        f"model_type {mt!r} is claimed by architectures {seen[mt]!r} and {name!r}"
+                    )
+                seen[mt] = name
+
+    @staticmethod
+    def _add(cls, table: dict, spec: Any, plugin: str) -> None:
+        if not isinstance(spec, cls):
+            raise EqatError(
+                f"plugin {plugin!r} registered a {type(spec).__name__}, expected {cls.__name__}"
+            )
+        if spec.name in table:
+            raise EqatError(
+                f"{cls.__name__} {spec.name!r} registered twice "
+                f"(by {table[spec.name].plugin!r} and {plugin!r})"
+            )
+        table[spec.name] = Registered(spec, plugin)
+
+    # ------------------------------------------------------------------ lookups
+    def architecture_for(self, model_type: str) -> ArchitectureSpec:
+        for reg in self.architectures.values():
+            if model_type in reg.spec.model_types:
+                return reg.spec
+        known = sorted(mt for r in self.architectures.values() for mt in r.spec.model_types)
+        raise UnknownArchitectureError(
+            f"unknown architecture (model_type {model_type!r}); known: {', '.join(known)}",
+            hint="an architecture plugin can add it (see `eqat plugins`)",
+        )
+
+    def architecture(self, name: str) -> ArchitectureSpec:
+        if name not in self.architectures:
+            raise UnknownArchitectureError(
+                f"unknown architecture {name!r}; known: {', '.join(sorted(self.architectures))}"
+            )
+        return self.architectures[name].spec
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            raise EqatError(
+                f"unknown data set {name!r}; known: {', '.join(sorted(self.datasets))} "
+                "(or give a path to a .txt, .jsonl or .parquet file)"
+            )
+        return self.datasets[name].spec
+
+    def explain_backends(self, bits: int, device: str) -> list[tuple[BackendSpec, bool, str]]:
+        """Every backend, best first, with whether it can run here and why (not)."""
+        rows = []
+        for reg in sorted(self.backends.values(), key=lambda r: -r.spec.priority):
+            ok, reason = reg.spec.supports(bits, device)
+            rows.append((reg.spec, ok, reason))
+        return rows
+
+    def select_backend(
+        self, name: str, bits: int, device: str
+    ) -> tuple[BackendSpec, str]:
+        """Pick a backend (``auto`` = highest priority that fits). Returns it and why."""
+        rows = self.explain_backends(bits, device)
+        if name != "auto":
+            for spec, ok, reason in rows:
+                if spec.name == name:
+                    if not ok:
+                        raise UnsupportedError(
+                            f"backend {name!r} cannot run {bits}-bit layers on {device}: {reason}"
+                        )
+                    return spec, f"{name}: requested ({reason})"
+            raise EqatError(
+                f"unknown backend {name!r}; known: {', '.join(s.name for s, _, _ in rows)}"
+            )
+        rejected = []
+        for spec, ok, reason in rows:
+            if ok:
+                why = f"{spec.name}: highest-priority backend available on {device}"
+                if rejected:
+                    why += " (" + "; ".join(rejected) + ")"
+                return spec, why
+            rejected.append(f"{spec.name} rejected: {reason}")
+        raise UnsupportedError(
+            f"no backend can run {bits}-bit layers on {device}: " + "; ".join(rejected)
+        )
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    global _REGISTRY
+    if _REGISTRY is None:
+        from eqat_cli.plugin_manager import get_plugin_manager
+
+        _REGISTRY = Registry(get_plugin_manager())
+    return _REGISTRY
+
+
+def reset_registry(reload_plugins: bool = False) -> None:
+    """Re-collect registrations (after ``pm.register``/``unregister``); optionally reload plugins."""
+    global _REGISTRY
+    if reload_plugins:
+        from eqat_cli.plugin_manager import get_plugin_manager
+
+        get_plugin_manager.cache_clear()
+    _REGISTRY = None
+
+
+def replace(spec, **changes):
+    """``dataclasses.replace`` for specs (a Mistral spec is Llama's with another name)."""
+    return dataclasses.replace(spec, **changes)

