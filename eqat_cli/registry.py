@@ -38,6 +38,18 @@ class ArchitectureSpec:
     full_precision_paths: tuple[str, ...] = ()
     text_config_attr: str | None = None
     description: str = ""
+    # (regex, replacement) pairs mapping key names in Hugging Face checkpoints on disk to module
+    # paths, where the two differ (transformers renames legacy LLaVA keys on load).
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+    def module_key(self, checkpoint_key: str) -> str:
+        import re
+
+        for pattern, repl in self.checkpoint_renames:
+            new = re.sub(pattern, repl, checkpoint_key)
+            if new != checkpoint_key:
+                return new
+        return checkpoint_key
 
     def __post_init__(self):
         if not self.model_types:

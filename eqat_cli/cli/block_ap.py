@@ -8,9 +8,52 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, guarded,
+    BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt,
+    console, emit_json, guarded,
 )
-from eqat_cli.errors import NotBuiltError
+
+
+class _LiveProgress:
+    """Renders Block-AP progress events with Rich: blocks, steps, losses, elapsed/remaining."""
+
+    def __init__(self, n_blocks_hint: int = 0):
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=console, transient=False,
+        )
+        self.blocks = self.progress.add_task("blocks", total=n_blocks_hint or None, info="")
+        self.steps = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict) -> None:
+        p = self.progress
+        if event == "block_start":
+            p.update(self.blocks, total=info["blocks"], description=f"block {info['block'] + 1}/{info['blocks']}",
+                     info="(resumed: replaying)" if info["resumed"] else "")
+            if self.steps is not None:
+                p.remove_task(self.steps)
+                self.steps = None
+        elif event == "step":
+            if self.steps is None:
+                self.steps = p.add_task("  steps", total=info["steps"] * info["epochs"], info="")
+            p.update(self.steps, advance=1, description=f"  epoch {info['epoch']}/{info['epochs']}",
+                     info=f"loss {info['loss']:.3g}")
+        elif event == "epoch":
+            p.update(self.blocks, info=f"epoch {info['epoch']}: train {info['train_loss']:.3g} val {info['val_loss']:.3g}")
+        elif event == "block_end":
+            p.update(self.blocks, advance=1,
+                     info=f"loss {info['loss_before']:.3g} -> {info['loss_after']:.3g}")
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +68,7 @@ def register(app: typer.Typer) -> None:
         dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibrate on the fly from this corpus.")] = None,
         samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset).")] = 4096,
         seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset).")] = 2048,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows.")] = 64,
+        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset).")] = 64,
         epochs: Annotated[int, typer.Option("--epochs", help="Epochs per block; 0 = min-max (RTN) only.")] = 2,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 2,
         quant_lr: Annotated[float, typer.Option("--quant-lr", help="Learning rate of step sizes and zero points.")] = 1e-4,
@@ -44,10 +87,65 @@ def register(app: typer.Typer) -> None:
     ):
         """Block-AP: train each decoder block's weights, step sizes and zero points (MSE to FP).
 
+        Blocks are trained in order; the inputs of block i are the outputs of the quantized blocks
+        before it. Only one block is on the accelerator; weights are read block by block. A finished
+        block is never lost: re-running the same command resumes after the last finished block.
+
         Examples:
 
           [bold]eqat block-ap meta-llama/Llama-2-70b --bits 2 --group 64 --calib calib.safetensors -o out/70b-w2g64[/]
 
           [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
         """
-        raise NotBuiltError("`eqat block-ap` is not built yet (tracked in the Block-AP issue)")
+        from rich.table import Table
+
+        from eqat_cli.device import pick_device
+        from eqat_cli.errors import BadInputError
+        from eqat_cli.models import classify, load_tokenizer, local_path
+        from eqat_cli.quant.primitives import check_bits, effective_group
+        from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
+        from eqat_cli.train.calib import check_tokenizer, load_calibration
+
+        check_bits(bits)
+        if group != -1:
+            effective_group(group, 1 << 30)
+        if (calib is None) == (dataset is None):
+            raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
+        if epochs < 0 or batch_size < 1:
+            raise BadInputError("--epochs must be >= 0 and --batch-size >= 1")
+        if calib is not None:
+            c = load_calibration(calib)
+            path = local_path(classify(model))
+            tok = load_tokenizer(path)
+            check_tokenizer(c, tok, str(calib))
+        else:
+            from eqat_cli.cli.calibrate import make_calibration
+
+            c, tok, path = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+        cfg = BlockAPConfig(
+            bits=bits, group_size=group, epochs=epochs, batch_size=batch_size, quant_lr=quant_lr,
+            weight_lr=weight_lr, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
+        )
+        dev = pick_device(device)
+        console.print(
+            f"Block-AP w{bits}g{group} on {dev}: {tuple(c.train.shape)} train / {tuple(c.val.shape)} val windows, "
+            f"{epochs} epochs, lr {quant_lr:g} (s, z) / {cfg.resolved_weight_lr():g} (weights)"
+        )
+        with _LiveProgress() as live:
+            result = run_block_ap(
+                path, tok, c.train, c.val, cfg, output, dev,
+                extra_meta={"calibration": c.meta, "source_model": model},
+                progress=live, resume=resume, overwrite=overwrite,
+            )
+        t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
+        for col in ("block", "MSE before (RTN)", "MSE after", "time (s)"):
+            t.add_column(col, justify="right")
+        for b in result.blocks:
+            t.add_row(str(b["block"]), f"{b['loss_before']:.4g}", f"{b['loss_after']:.4g}", f"{b['seconds']:.1f}")
+        console.print(t)
+        if result.resumed_from:
+            console.print(f"resumed after {result.resumed_from} finished blocks")
+        console.print(f"wrote {result.output}  next: [bold]eqat eval {result.output} --ppl wikitext2[/]")
+        emit_json({"output": str(result.output), "seconds": result.seconds, "resumed_from": result.resumed_from,
+                   "config": cfg.to_json(), "blocks": result.blocks}, json_out)

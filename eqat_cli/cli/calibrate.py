@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from eqat_cli.cli.common import DataDirOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, guarded
-from eqat_cli.errors import NotBuiltError
+from eqat_cli.cli.common import DataDirOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, console, guarded
+
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", "-d", help="redpajama, c4, wikitext2, or a .txt/.jsonl/.parquet file.")
+]
+
+
+def make_calibration(model: str, dataset: str, samples: int, seqlen: int, val_samples: int, seed: int, data_dir):
+    """Shared by `calibrate` and `block-ap --dataset`: returns (calibration, tokenizer, model dir)."""
+    from eqat_cli.data import read_corpus
+    from eqat_cli.models import classify, load_tokenizer, local_path
+    from eqat_cli.train.calib import build_windows
+
+    path = local_path(classify(model))
+    tok = load_tokenizer(path)
+    with console.status(f"reading and tokenizing {dataset}..."):
+        docs = read_corpus(dataset, "train", data_dir)
+        calib = build_windows(docs, tok, samples, seqlen, val_samples, seed, source=dataset)
+    calib.meta["model"] = model
+    return calib, tok, path
 
 
 def register(app: typer.Typer) -> None:
@@ -16,7 +33,7 @@ def register(app: typer.Typer) -> None:
     @guarded
     def calibrate_cmd(
         model: ModelArg,
-        dataset: Annotated[str, typer.Option("--dataset", "-d", help="redpajama, c4, wikitext2, or a .txt/.jsonl/.parquet file.")],
+        dataset: DatasetOpt,
         output: OutOpt,
         samples: Annotated[int, typer.Option("--samples", "-n", help="Training windows.")] = 4096,
         seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window.")] = 2048,
@@ -27,6 +44,19 @@ def register(app: typer.Typer) -> None:
     ):
         """Tokenize a corpus into random calibration windows (safetensors + metadata).
 
+        Train and validation windows come from disjoint parts of the corpus; the same seed gives
+        the same file. The file records the tokenizer, and Block-AP refuses it for another model.
+
         Example: [bold]eqat calibrate smollm2 --dataset c4 --samples 128 --seqlen 512 -o calib.safetensors[/]
         """
-        raise NotBuiltError("`eqat calibrate` is not built yet (calibration sampling is tracked in the Block-AP issue)")
+        from eqat_cli.errors import BadInputError
+        from eqat_cli.train.calib import save_calibration
+
+        if output.exists() and not overwrite:
+            raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
+        calib, _, _ = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+        save_calibration(calib, output)
+        console.print(
+            f"wrote {output}: {samples} train + {val_samples} validation windows of {seqlen} tokens "
+            f"from {dataset} (seed {seed}, tokenizer {calib.meta['tokenizer_fingerprint']})"
+        )

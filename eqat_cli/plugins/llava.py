@@ -15,6 +15,12 @@ LLAVA = ArchitectureSpec(
     linear_groups=LLAMA_LINEARS,
     full_precision_paths=("model.vision_tower", "model.multi_modal_projector"),
     text_config_attr="text_config",
+    checkpoint_renames=(
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^vision_tower\.", "model.vision_tower."),
+        (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    ),
     description="LLaVA with a Llama/Mistral language model (vision tower kept in full precision)",
 )
 

@@ -1,0 +1,1 @@
+complete --command eqat --no-files --arguments "(env _EQAT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) eqat)" --condition "env _EQAT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) eqat"

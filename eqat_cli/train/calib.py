@@ -1,0 +1,135 @@
+"""Calibration windows: random, deterministic, train and validation from disjoint text.
+
+The corpus is shuffled by document (seeded), tokenized into one stream, and cut into
+non-overlapping slots of ``seqlen`` tokens. Validation windows come from the tail of the stream,
+training windows from the rest, so no token is in both. Windows are drawn at random among the
+slots (seeded). A corpus with fewer slots than requested is an error that says how many it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eqat_cli.errors import BadInputError
+
+FORMAT = "eqat-calibration"
+FORMAT_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable identity of a tokenizer: hash of its vocabulary and special tokens."""
+    vocab = tokenizer.get_vocab()
+    payload = json.dumps(
+        {
+            "vocab": sorted(vocab.items(), key=lambda kv: kv[1]),
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+        },
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Calibration:
+    train: torch.Tensor  # [n, seqlen] int64 token ids
+    val: torch.Tensor  # [m, seqlen]
+    meta: dict
+
+
+def build_windows(
+    documents: list[str],
+    tokenizer: Any,
+    samples: int,
+    seqlen: int,
+    val_samples: int,
+    seed: int,
+    source: str,
+) -> Calibration:
+    if samples < 1 or seqlen < 2 or val_samples < 0:
+        raise BadInputError("need --samples >= 1, --seqlen >= 2 and --val-samples >= 0")
+    docs = [d for d in documents if d and d.strip()]
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    needed_tokens = (samples + val_samples) * seqlen
+    ids: list[int] = []
+    sep = tokenizer.eos_token_id
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+        if len(ids) >= needed_tokens * 2:  # plenty of room for random placement
+            break
+    slots = len(ids) // seqlen
+    if slots < samples + val_samples:
+        raise BadInputError(
+            f"corpus {source!r} is too short: {len(ids)} tokens give {slots} windows of "
+            f"{seqlen} tokens, but {samples} train + {val_samples} validation were requested"
+        )
+    stream = torch.tensor(ids[: slots * seqlen], dtype=torch.int64).view(slots, seqlen)
+    val_slots = list(range(slots - val_samples, slots))
+    train_pool = list(range(slots - val_samples))
+    train_slots = sorted(rng.sample(train_pool, samples))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "seed": seed,
+        "samples": samples,
+        "val_samples": val_samples,
+        "seqlen": seqlen,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "corpus_tokens_used": len(ids),
+    }
+    return Calibration(stream[train_slots].clone(), stream[val_slots].clone(), meta)
+
+
+def save_calibration(calib: Calibration, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    from eqat_cli.fsutil import atomic_file
+
+    meta = {k: str(v) for k, v in calib.meta.items()}
+    meta["json"] = json.dumps(calib.meta)
+    with atomic_file(path) as tmp:
+        save_file(
+            {"train": calib.train.to(torch.int32).contiguous(), "val": calib.val.to(torch.int32).contiguous()},
+            str(tmp),
+            metadata=meta,
+        )
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"calibration file not found: {path}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("json", "{}"))
+            train = f.get_tensor("train").to(torch.int64)
+            val = f.get_tensor("val").to(torch.int64) if "val" in f.keys() else train[:0]
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise BadInputError(f"{path} is not an eqat calibration file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise BadInputError(f"{path} is not an eqat calibration file (made by `eqat calibrate`)")
+    return Calibration(train, val, meta)
+
+
+def check_tokenizer(calib: Calibration, tokenizer: Any, path: str) -> None:
+    want = calib.meta.get("tokenizer_fingerprint")
+    have = tokenizer_fingerprint(tokenizer)
+    if want != have:
+        raise BadInputError(
+            f"calibration file {path} was made with another tokenizer "
+            f"({calib.meta.get('tokenizer') or want}); re-run `eqat calibrate` with this model"
+        )

@@ -1,0 +1,132 @@
+"""The eqat command: help, version, plugins, error mapping, and shell completions."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from eqat_cli import __version__
+from eqat_cli.cli.app import COMMAND_MODULES, build_app
+from eqat_cli.cli.completions import OUT_DIR, SHELLS, generate
+
+runner = CliRunner()
+COMMANDS = ["calibrate", "block-ap", "e2e-qp", "pack", "eval", "pull", "bench", "plugins"]
+
+
+def invoke(*args, env=None):
+    return runner.invoke(build_app(), list(args), prog_name="eqat", env=env)
+
+
+def test_help_lists_every_command():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for cmd in COMMANDS:
+        assert cmd in res.output
+    assert len(COMMAND_MODULES) == len(COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_each_command_has_help_with_example(cmd):
+    res = invoke(cmd, "--help")
+    assert res.exit_code == 0, res.output
+    assert "Example" in res.output
+
+
+def test_version():
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"eqat {__version__}"
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from eqat_cli.cli.app import build_app\n"
+        "try:\n    build_app()(['--help'], prog_name='eqat')\nexcept SystemExit:\n    pass\n"
+        "print('TORCH_LOADED' if 'torch' in sys.modules else 'TORCH_NOT_LOADED')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "TORCH_NOT_LOADED" in out.stdout, out.stdout + out.stderr
+
+
+def test_plugins_shows_three_architectures_and_two_backends(tmp_path):
+    out = tmp_path / "plugins.json"
+    res = invoke("plugins", "--device", "cpu", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    import json
+
+    data = json.loads(out.read_text())
+    assert {a["name"] for a in data["architectures"]} >= {"llama", "mistral", "llava"}
+    backends = {b["name"]: b for b in data["backends"]}
+    assert backends["torch"]["usable"] is True
+    assert backends["triton"]["usable"] is False and backends["triton"]["reason"]
+    assert data["auto"]["backend"] == "torch" and "triton rejected" in data["auto"]["why"]
+    assert all(a["source"] for a in data["architectures"])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["eval", "smollm2"], "not built yet"),
+        (["e2e-qp", "x", "--dataset", "c4", "-o", "y"], "not built yet"),
+    ],
+)
+def test_not_built_commands_refuse(args, needle):
+    from eqat_cli.cli import eval as _eval  # noqa: F401
+
+    res = invoke(*args)
+    if "not built" not in res.output and res.exit_code == 2:
+        pytest.skip(f"{args[0]} is built now")
+    assert res.exit_code == 2
+    assert needle in res.output
+
+
+def test_known_error_is_one_line_exit_2_and_debug_shows_traceback(tmp_path, monkeypatch):
+    from eqat_cli.cli.common import guarded
+    from eqat_cli.errors import BadInputError
+
+    @guarded
+    def boom():
+        raise BadInputError(f"model not found: {tmp_path / 'nope'}")
+
+    import typer
+
+    with pytest.raises(typer.Exit) as ei:
+        boom()
+    assert ei.value.exit_code == 2
+    monkeypatch.setenv("EQAT_DEBUG", "1")
+    with pytest.raises(BadInputError):
+        boom()
+
+
+def test_bad_path_via_cli_is_one_line_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "EQAT_DEBUG"}
+    out = subprocess.run(
+        [sys.executable, "-m", "eqat_cli", "pack", str(tmp_path / "missing"), "--format", "gptq", "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 2
+    err_lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(err_lines) == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_unsupported_bits_error():
+    from eqat_cli.errors import UnsupportedError
+    from eqat_cli.quant.primitives import check_bits
+
+    with pytest.raises(UnsupportedError, match="choose one of 2, 3, 4, 8"):
+        check_bits(5)
+
+
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_completions_have_not_drifted(shell):
+    path = OUT_DIR / SHELLS[shell]
+    assert path.exists(), f"run: python -m eqat_cli.cli.completions"
+    assert path.read_text() == generate(shell), "completions drifted: python -m eqat_cli.cli.completions"
+
+
+def test_bash_completion_completes_subcommands():
+    env = dict(os.environ, _EQAT_COMPLETE="complete_bash", COMP_WORDS="eqat bl", COMP_CWORD="1")
+    out = subprocess.run([sys.executable, "-m", "eqat_cli"], capture_output=True, text=True, env=env, timeout=60)
+    assert "block-ap" in out.stdout.split()
