@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from eqat_cli.cli.common import DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, guarded
-from eqat_cli.errors import NotBuiltError
+from eqat_cli.cli.common import (
+    DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, console, emit_json, guarded,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -16,14 +16,24 @@ def register(app: typer.Typer) -> None:
     @guarded
     def e2e_qp_cmd(
         model: ModelArg,
-        dataset: Annotated[str, typer.Option("--dataset", "-d", help="Corpus name or file (.txt/.jsonl/.parquet).")],
+        dataset: Annotated[str, typer.Option("--dataset", "-d", help="Corpus name or file (.txt/.jsonl/.parquet); instruction .jsonl with --format instruct.")],
         output: OutOpt,
         data_format: Annotated[str, typer.Option("--format", help="pt (pre-training text) or instruct (prompt masked).")] = "pt",
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window.")] = 4096,
-        samples: Annotated[int, typer.Option("--samples", help="Training windows.")] = 4096,
+        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example.")] = 4096,
+        samples: Annotated[int, typer.Option("--samples", help="Training examples.")] = 4096,
+        val_samples: Annotated[int, typer.Option("--val-samples", help="Held-out examples.")] = 64,
         epochs: Annotated[int, typer.Option("--epochs")] = 1,
         lr: Annotated[Optional[float], typer.Option("--lr", help="Default 2e-5 at 2 bits, else 1e-5.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per process per micro-step.")] = 1,
+        grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step.")] = 1,
+        warmup_ratio: Annotated[float, typer.Option("--warmup-ratio")] = 0.03,
+        max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="0 disables clipping.")] = 0.3,
+        weight_decay: Annotated[float, typer.Option("--wd")] = 0.0,
+        eval_steps: Annotated[int, typer.Option("--eval-steps", help="Held-out loss every K steps (0 = per epoch).")] = 0,
+        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps.")] = 50,
         train_zeros: Annotated[bool, typer.Option("--train-zeros", help="Also train zero points.")] = False,
+        gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
+        resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last saved step.")] = True,
         seed: SeedOpt = 2,
         device: DeviceOpt = "auto",
         data_dir: DataDirOpt = None,
@@ -32,6 +42,78 @@ def register(app: typer.Typer) -> None:
     ):
         """E2E-QP: train step sizes end to end on next-token loss (codes stay frozen).
 
-        Example: [bold]eqat e2e-qp out/w2g64 --dataset c4 --seqlen 1024 -o out/w2g64-e2e[/]
+        Runs on one process, or data-parallel on many:
+        [bold]torchrun --nproc-per-node 2 -m eqat_cli e2e-qp ...[/] (gloo on CPU, nccl on GPU).
+
+        Example: [bold]eqat e2e-qp out/w2g64 --dataset c4 --seqlen 1024 --samples 512 -o out/w2g64-e2e[/]
         """
-        raise NotBuiltError("`eqat e2e-qp` is not built yet (tracked in the E2E-QP issue)")
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from eqat_cli.errors import BadInputError
+        from eqat_cli.models import resolve
+        from eqat_cli.train.e2e_qp import E2EConfig, init_distributed, run_e2e_qp, world
+
+        if data_format not in ("pt", "instruct"):
+            raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
+        if min(seqlen, samples, epochs, batch_size, grad_accum) < 1 or val_samples < 0:
+            raise BadInputError("--seqlen, --samples, --epochs, --batch-size and --grad-accum must be >= 1")
+        init_distributed()
+        rank, ws = world()
+        lm = resolve(model, device=device)
+        if lm.format == "fp":
+            raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
+        if lm.format != "eqat":
+            raise BadInputError(f"{model} is a {lm.format} checkpoint; E2E-QP trains eqat/EfficientQAT native models")
+        bits = lm.quant["bits"] if isinstance(lm.quant["bits"], int) else max(lm.quant["bits"])
+        if data_format == "pt":
+            from eqat_cli.data import read_corpus
+            from eqat_cli.train.calib import build_windows
+            from eqat_cli.train.sft_data import from_windows
+
+            docs = read_corpus(dataset, "train", data_dir)
+            w = build_windows(docs, lm.tokenizer, samples, seqlen, val_samples, seed, source=dataset)
+            train, val = from_windows(w.train, w.meta), from_windows(w.val, w.meta)
+        else:
+            from eqat_cli.train.sft_data import Examples, load_instruct
+
+            ex = load_instruct(dataset, lm.tokenizer, seqlen, limit=samples + val_samples)
+            k = len(ex.input_ids) - min(val_samples, len(ex.input_ids) // 2)
+            train = Examples(ex.input_ids[:k], ex.labels[:k], ex.attention_mask[:k], ex.meta)
+            val = Examples(ex.input_ids[k:], ex.labels[k:], ex.attention_mask[k:], ex.meta)
+        cfg = E2EConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
+                        max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, eval_steps=eval_steps,
+                        save_steps=save_steps, train_zeros=train_zeros,
+                        gradient_checkpointing=gradient_checkpointing, seed=seed)
+        dev = next(lm.model.parameters()).device
+        from eqat_cli.formats.native import eqat_section
+
+        eqat_meta = {k: v for k, v in (eqat_section(lm.path) or {}).items() if k not in ("format", "format_version")}
+        eqat_meta.setdefault("bits", bits)
+        eqat_meta.setdefault("group_size", lm.quant["group_size"])
+        eqat_meta.setdefault("architecture", lm.arch.name)
+        if rank == 0:
+            console.print(f"E2E-QP on {dev} x{ws}: {len(train.input_ids)} train / {len(val.input_ids)} val examples "
+                          f"of {seqlen} tokens, lr {cfg.resolved_lr(bits):g}, global batch {batch_size * grad_accum * ws}")
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=rank != 0)
+        task = bar.add_task("E2E-QP", total=None, info="")
+
+        def progress(event, info):
+            if event == "start":
+                bar.update(task, total=info["total"], completed=info["step"])
+            elif event == "step":
+                bar.update(task, completed=info["step"],
+                           info=f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info['tokens_per_second']:.0f} tok/s")
+            elif event == "eval":
+                bar.console.print(f"step {info['step']}: held-out loss {info['val_loss']:.4f} (best {info['best']:.4f})")
+
+        with bar:
+            res = run_e2e_qp(lm.model, lm.tokenizer, train, val, cfg, output, dev, bits, eqat_meta,
+                             progress=progress, resume=resume, overwrite=overwrite)
+        if rank == 0:
+            console.print(f"wrote {res.output} (best held-out loss {res.best_val}; last step in {res.output}/last), "
+                          f"{res.tokens_per_second:.0f} tokens/s  next: [bold]eqat eval {res.output} --ppl wikitext2[/]")
+            emit_json({"output": str(res.output), "steps": res.steps, "best_val_loss": res.best_val,
+                       "val_loss": res.val_loss, "train_loss": res.train_loss, "seconds": res.seconds,
+                       "tokens_per_second": res.tokens_per_second, "resumed_from_step": res.resumed_from_step,
+                       "world_size": ws}, json_out)

@@ -18,6 +18,8 @@ from eqat_cli.quant import packing
 from eqat_cli.quant.primitives import (
     SCALE_MAX,
     SCALE_MIN,
+    clamp_ste,
+    round_ste,
     check_bits,
     dequantize_codes,
     effective_group,
@@ -152,6 +154,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("g_idx", group_index(in_features, group_size))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.kernel: Kernel = REFERENCE_KERNEL
+        # Float zero points while E2E-QP trains them (``--train-zeros``); None otherwise.
+        self.zeros_fp: nn.Parameter | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -196,11 +200,41 @@ class PackedLinear(nn.Module):
         return packing.unpack_cols(self.qzeros, self.bits, self.out_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense weight in torch layout ``[out, in]``: ``W[o, i] = (q - z[g_idx[i]]) * s[g_idx[i]]``."""
+        """Dense weight in torch layout ``[out, in]``: ``W[o, i] = (q - z[g_idx[i]]) * s[g_idx[i]]``.
+
+        Differentiable w.r.t. ``scales`` (and ``zeros_fp`` while zero points train).
+        """
         q = self.codes().t()
-        return dequantize_codes(
-            q, self.scales.t(), self.zero_points().t(), self.group_size, dtype=dtype
-        )
+        if self.zeros_fp is not None:
+            zero = clamp_ste(round_ste(self.zeros_fp), 0, qmax(self.bits))
+        else:
+            zero = self.zero_points()
+        scale = self.scales
+        if scale.requires_grad:
+            scale = clamp_ste(scale, SCALE_MIN, SCALE_MAX)
+        return dequantize_codes(q, scale.t(), zero.t(), self.group_size, dtype=dtype)
+
+    # ------------------------------------------------------------------ E2E-QP
+    def start_training(self, train_zeros: bool = False) -> list[nn.Parameter]:
+        """Make step sizes (and optionally zero points) trainable fp32 parameters; codes stay frozen."""
+        self.scales.data = self.scales.data.float()
+        self.scales.requires_grad_(True)
+        params = [self.scales]
+        if train_zeros:
+            self.zeros_fp = nn.Parameter(self.zero_points().float())
+            params.append(self.zeros_fp)
+        return params
+
+    @torch.no_grad()
+    def finish_training(self) -> None:
+        """Freeze again: zero points rounded, clamped and re-packed; step sizes stay as trained."""
+        if self.zeros_fp is not None:
+            zero = integer_zero(self.zeros_fp, self.bits)
+            self.qzeros.copy_(packing.pack_cols(zero, self.bits))
+            if not torch.equal(self.zero_points(), zero):
+                raise AssertionError("zero point re-pack mismatch")
+            self.zeros_fp = None
+        self.scales.requires_grad_(False)
 
     def set_kernel(self, kernel: Kernel) -> None:
         self.kernel = kernel
