@@ -151,18 +151,36 @@ def materialize_gguf(gguf: Path, name: str | None = None) -> Path:
     return target
 
 
-def download(repo_id: str, revision: str | None = None, local_dir: str | None = None) -> Path:
-    """Snapshot-download a Hub repo, mapping hub errors to one-line messages."""
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    local_dir: str | None = None,
+    tqdm_class: Any = None,
+) -> Path:
+    """Snapshot-download a Hub repo, mapping hub errors to one-line messages.
+
+    ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull`` passes a
+    Rich-backed one). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
+    files finished by an earlier, interrupted call are not downloaded again.
+    """
+    from huggingface_hub import constants as hf_constants
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
+    kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
     try:
-        path = snapshot_download(repo_id, revision=revision, local_dir=local_dir)
+        path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
     except hf_errors.RepositoryNotFoundError as e:
         raise EqatError(f"repository {repo_id!r} was not found on the Hub (or is private)") from e
     except hf_errors.RevisionNotFoundError as e:
         raise EqatError(f"revision {revision!r} does not exist in {repo_id!r}") from e
     except hf_errors.LocalEntryNotFoundError as e:
+        if hf_constants.is_offline_mode():
+            raise EqatError(
+                f"cannot download {repo_id!r}: the Hub is unreachable in offline mode "
+                "(HF_HUB_OFFLINE=1) and no complete cached copy exists",
+                hint="unset HF_HUB_OFFLINE (or set it to 0) to download, or pass a local directory",
+            ) from e
         raise EqatError(
             f"cannot download {repo_id!r}: the Hub is unreachable and no cached copy exists",
             hint="check the network or HF_ENDPOINT, or pass a local directory",

@@ -1,0 +1,372 @@
+"""What a checkpoint is, read from its files without loading the model (and without torch).
+
+``inspect_path(path)`` reads ``config.json`` and the safetensors *headers* (tensor names, dtypes and
+shapes; ``g_idx`` data only, which is a few KB), or a GGUF file's metadata, and reports:
+
+* ``format``: ``eqat`` (native / EfficientQAT release), ``gptq``, ``gptq_v2``, ``fp`` or ``gguf``;
+* ``architecture``: the registry's architecture name for the config's ``model_type``;
+* ``bits`` / ``group_size``: detected per quantized layer from tensor shapes (the ``eqat`` and
+  ``quantization_config`` sections are cross-checked, never trusted alone);
+* ``size_bytes``, ``bits_per_weight`` of the quantized layers, and the next command to run.
+
+Used by ``eqat pull`` and reusable by ``eval``/``pack`` to describe their input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eqat_cli.errors import BadInputError
+
+SUPPORTED_BITS = (2, 3, 4, 8)  # mirrors eqat_cli.quant.primitives (which imports torch)
+_COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_ST_ITEMSIZE = {"I32": 4, "I64": 8, "I16": 2, "I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4,
+                "F64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class LayerQuant:
+    name: str
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    format: str  # eqat | gptq | gptq_v2 | fp | gguf
+    architecture: str | None
+    model_type: str | None
+    bits: int | list[int] | None = None
+    group_size: int | list[int] | None = None
+    quantized_layers: int = 0
+    size_bytes: int = 0
+    bits_per_weight: float | None = None
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantized_layers > 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["next_command"] = self.next_command()
+        return d
+
+    def format_label(self) -> str:
+        return {
+            "eqat": "eqat native (EfficientQAT layout)",
+            "gptq": "GPTQ v1",
+            "gptq_v2": "GPTQ v2",
+            "fp": "full precision (unquantized)",
+            "gguf": "GGUF (llama.cpp)",
+        }.get(self.format, self.format)
+
+    def next_command(self) -> str:
+        p = _shell_quote(self.path)
+        return f"eqat eval {p} --ppl wikitext2"
+
+    def summary_lines(self) -> list[tuple[str, str]]:
+        rows = [("format", self.format_label())]
+        arch = self.architecture or f"unsupported (model_type {self.model_type!r})"
+        if self.architecture and self.model_type and self.architecture != self.model_type:
+            arch += f" (model_type {self.model_type})"
+        rows.append(("architecture", arch))
+        if self.is_quantized:
+            rows.append(("bits", _fmt_multi(self.bits)))
+            rows.append(("group size", _fmt_group(self.group_size)))
+            rows.append(("quantized layers", str(self.quantized_layers)))
+            if self.bits_per_weight is not None:
+                rows.append(("bits / weight", f"{self.bits_per_weight:.2f} (quantized layers, incl. scales and zeros)"))
+        elif self.format == "gguf" and self.details.get("tensor_types"):
+            types = ", ".join(f"{k} x{v}" for k, v in sorted(self.details["tensor_types"].items()))
+            rows.append(("tensor types", types))
+        rows.append(("size on disk", human_bytes(self.size_bytes)))
+        return rows
+
+
+def _shell_quote(s: str) -> str:
+    return shlex.quote(s)
+
+
+def _fmt_multi(v: Any) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _fmt_group(v: Any) -> str:
+    vals = v if isinstance(v, list) else [v]
+    return ", ".join("per-channel (-1)" if g == -1 else str(g) for g in vals)
+
+
+def human_bytes(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if x < 1024 or unit == "TB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of the model's files (hidden folders such as huggingface_hub's ``.cache`` excluded)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for f in path.rglob("*"):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if f.is_file():
+            total += f.stat().st_size
+    return total
+
+
+# ---------------------------------------------------------------------- safetensors headers
+
+
+@dataclass
+class TensorMeta:
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offsets: tuple[int, int]  # relative to the data section
+    data_start: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
+    """Tensor name -> dtype/shape/offsets, from the JSON header only."""
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise BadInputError(f"{file}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 1024 * 1024:
+            raise BadInputError(f"{file}: safetensors header of {n} bytes is not plausible")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:
+            raise BadInputError(f"{file}: unreadable safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    return {
+        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), 8 + n)
+        for k, v in header.items()
+    }
+
+
+def read_small_tensor(meta: TensorMeta) -> list[int]:
+    """Read a small integer tensor (``g_idx``) without numpy or torch."""
+    fmt = {"I32": "i", "I64": "q", "I16": "h"}.get(meta.dtype)
+    if fmt is None:
+        raise BadInputError(f"{meta.file}: cannot read a {meta.dtype} index tensor")
+    with open(meta.file, "rb") as fh:
+        fh.seek(meta.data_start + meta.offsets[0])
+        data = fh.read(meta.nbytes)
+    return list(struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data))
+
+
+def safetensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    return sorted(path.glob("*.safetensors"))
+
+
+def read_headers(path: Path) -> dict[str, TensorMeta]:
+    files = safetensor_files(path)
+    if not files:
+        raise BadInputError(f"{path} holds no .safetensors weights")
+    out: dict[str, TensorMeta] = {}
+    for f in files:
+        out.update(read_safetensors_header(f))
+    return out
+
+
+# ---------------------------------------------------------------------- detection
+
+
+def _pf(bits: int) -> int:
+    return 32 // bits
+
+
+def _group_from_rows(in_features: int, n_groups: int) -> int:
+    if n_groups == 1:
+        return -1
+    fits = [g for g in _COMMON_GROUPS if math.ceil(in_features / g) == n_groups]
+    if fits:
+        return fits[0]
+    return math.ceil(in_features / n_groups)
+
+
+def detect_layer(
+    name: str, t: dict[str, TensorMeta], gptq3_hint: bool = False
+) -> LayerQuant:
+    """Bits and group of one packed layer from its tensor shapes (``g_idx`` read when present)."""
+    qw, qz, sc = t.get(f"{name}.qweight"), t.get(f"{name}.qzeros"), t.get(f"{name}.scales")
+    if qw is None or qz is None or sc is None:
+        raise BadInputError(f"{name}: packed layer lacks qweight/qzeros/scales")
+    gi = t.get(f"{name}.g_idx")
+    qw_rows, out_f = qw.shape
+    n_groups, sc_cols = sc.shape
+    qz_rows, qz_cols = qz.shape
+    if sc_cols != out_f or qz_rows != n_groups:
+        raise BadInputError(
+            f"{name}: inconsistent shapes qweight {qw.shape}, qzeros {qz.shape}, scales {sc.shape}"
+        )
+    in_f = gi.shape[0] if gi is not None else None
+    if gptq3_hint:  # GPTQ's 3-bit layout: 32 codes in 3 words along both packed dims
+        in_f = in_f if in_f is not None else qw_rows * 32 // 3
+        if qz_cols * 32 != out_f * 3 or qw_rows * 32 != in_f * 3:
+            raise BadInputError(
+                f"{name}: shapes qweight {qw.shape}, qzeros {qz.shape} are not GPTQ 3-bit packing"
+            )
+        return LayerQuant(name, 3, _group_from_index(t, name, in_f, n_groups), in_f, out_f)
+    cands = []
+    for b in SUPPORTED_BITS:
+        if qz_cols != math.ceil(out_f / _pf(b)):
+            continue
+        if in_f is not None:
+            if qw_rows == math.ceil(in_f / _pf(b)):
+                cands.append((b, in_f))
+        else:
+            cands.append((b, qw_rows * _pf(b)))
+    if not cands:
+        raise BadInputError(
+            f"{name}: shapes qweight {qw.shape}, qzeros {qz.shape} match no bit width in {SUPPORTED_BITS}"
+        )
+    bits, in_f = cands[0]
+    group = _group_from_index(t, name, in_f, n_groups)
+    return LayerQuant(name, bits, group, in_f, out_f)
+
+
+def _group_from_index(t: dict[str, TensorMeta], name: str, in_f: int, n_groups: int) -> int:
+    gi = t.get(f"{name}.g_idx")
+    if n_groups == 1:
+        return -1
+    if gi is not None and gi.nbytes <= 4 * 1024 * 1024:
+        idx = read_small_tensor(gi)
+        group = sum(1 for v in idx if v == 0)
+        if group and math.ceil(in_f / group) == n_groups:
+            return group
+    return _group_from_rows(in_f, n_groups)
+
+
+def _single_or_list(values: list[int]) -> int | list[int] | None:
+    s = sorted(set(values))
+    if not s:
+        return None
+    return s[0] if len(s) == 1 else s
+
+
+def _architecture_name(model_type: str | None) -> str | None:
+    if not model_type:
+        return None
+    try:
+        from eqat_cli.registry import get_registry
+
+        return get_registry().architecture_for(model_type).name
+    except Exception:
+        return None
+
+
+def inspect_path(path: str | os.PathLike) -> ModelInfo:
+    """Describe a model directory or ``.gguf`` file without loading it."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return inspect_gguf(p)
+    if not p.is_dir():
+        raise BadInputError(f"{path} is neither a model directory nor a .gguf file")
+    cfg_file = p / "config.json"
+    if not cfg_file.exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            info = inspect_gguf(ggufs[0])
+            if len(ggufs) > 1:
+                info.notes.append(f"{len(ggufs)} .gguf files here; described {ggufs[0].name}")
+            return info
+        raise BadInputError(f"{path} is not a model directory (no config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    text_cfg = cfg.get("text_config") or {}
+    model_type = cfg.get("model_type") or text_cfg.get("model_type")
+    headers = read_headers(p)
+    qc = cfg.get("quantization_config") or {}
+    notes: list[str] = []
+    fmt = "fp"
+    if qc.get("quant_method") == "gptq":
+        fmt = "gptq_v2" if qc.get("checkpoint_format", qc.get("format")) == "gptq_v2" else "gptq"
+        if qc.get("desc_act"):
+            notes.append("desc_act (act-order) checkpoint: eqat loads only sequential g_idx")
+    elif qc.get("quant_method"):
+        fmt = f"other ({qc['quant_method']})"
+        notes.append(f"quantization method {qc['quant_method']!r} is not one eqat reads")
+    packed = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
+    if packed and fmt == "fp":
+        fmt = "eqat"
+    info = ModelInfo(str(p), fmt, _architecture_name(model_type), model_type, notes=notes)
+    info.size_bytes = size_on_disk(p)
+    sec = cfg.get("eqat")
+    if isinstance(sec, dict):
+        info.details["eqat"] = sec
+    if fmt == "eqat" and not isinstance(sec, dict):
+        notes.append("no eqat section in config.json: bits and group detected from tensor shapes")
+    if isinstance(sec, dict) and sec.get("format") == "fp16" and not packed:
+        notes.append("dense fp16 export made by eqat pack")
+    if not packed:
+        return info
+    gptq3 = fmt.startswith("gptq") and qc.get("bits") == 3
+    layers = [detect_layer(n, headers, gptq3_hint=gptq3) for n in packed]
+    info.quantized_layers = len(layers)
+    info.bits = _single_or_list([lq.bits for lq in layers])
+    info.group_size = _single_or_list([lq.group_size for lq in layers])
+    nbytes = sum(
+        headers[f"{lq.name}.{k}"].nbytes for lq in layers for k in ("qweight", "qzeros", "scales")
+    )
+    nweights = sum(lq.in_features * lq.out_features for lq in layers)
+    info.bits_per_weight = 8 * nbytes / nweights if nweights else None
+    # Cross-check declared sections against the shapes.
+    declared = qc if fmt.startswith("gptq") else (sec or {})
+    for key, found in (("bits", info.bits), ("group_size", info.group_size)):
+        if key in declared and declared[key] != found:
+            notes.append(f"config declares {key}={declared[key]} but the tensors say {found}")
+    return info
+
+
+def inspect_gguf(file: Path) -> ModelInfo:
+    """GGUF metadata: architecture, tensor types (no tensor data is read)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:  # pragma: no cover - gguf is a core dependency
+        raise BadInputError("reading GGUF metadata needs the 'gguf' package") from e
+    try:
+        reader = GGUFReader(str(file))
+    except Exception as e:
+        raise BadInputError(f"{file}: not a readable GGUF file ({e})") from e
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    info = ModelInfo(str(file), "gguf", _architecture_name(arch), arch)
+    info.size_bytes = file.stat().st_size
+    info.details["tensor_types"] = dict(types)
+    for key in ("eqat.bits", "eqat.group_size"):
+        f = reader.fields.get(key)
+        if f is not None:
+            info.details[key] = f.contents()
+    return info
