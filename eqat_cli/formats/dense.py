@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eqat_cli.formats.native import FORMAT_VERSION, config_dict_for_save, save_state_dict_sharded
+from eqat_cli.formats.native import FORMAT_VERSION, config_dict_for_save, save_state_dict_sharded, write_sidecars
 from eqat_cli.quant.linear import PackedLinear
 
 FORMAT_NAME = "fp16"
@@ -56,12 +56,7 @@ def save_dense(
     save_state_dict_sharded(dense_state_dict(model, dtype), out)
     cfg = config_dict_for_save(model.config, None)
     cfg["eqat"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **(provenance or {})}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    write_sidecars(model, tokenizer, out, cfg)
     n_packed = sum(isinstance(m, PackedLinear) for m in model.modules())
     return {"dequantized_layers": n_packed, "dtype": str(dtype).replace("torch.", "")}
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.formats.native import (
+    write_sidecars,
     config_dict_for_save,
     load_packed_model,
     packed_state_dict,
@@ -184,13 +185,8 @@ def save_gptq(
     qc = quantization_config(bits, group, version, provenance)
     cfg = config_dict_for_save(model.config, None)
     cfg["quantization_config"] = qc
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    write_sidecars(model, tokenizer, out, cfg)
     (out / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
     return {"bits": bits, "group_size": group, "checkpoint_format": version}
 
 

@@ -95,14 +95,9 @@ def model_class_for(config: Any):
 
 
 def _safetensor_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    files = sorted(path.glob("*.safetensors"))
+    from eqat_cli.formats.inspect import safetensor_files
+
+    files = safetensor_files(path)
     if not files:
         raise BadInputError(f"{path} holds no .safetensors weights")
     return files
@@ -207,9 +202,12 @@ def save_native(
     """Write a packed model into ``out_dir`` (an existing, empty, temporary directory)."""
     out = Path(out_dir)
     save_state_dict_sharded(packed_state_dict(model), out)
-    (out / "config.json").write_text(
-        json.dumps(config_dict_for_save(model.config, eqat_meta), indent=2, sort_keys=True)
-    )
+    write_sidecars(model, tokenizer, out, config_dict_for_save(model.config, eqat_meta))
+
+
+def write_sidecars(model: nn.Module, tokenizer: Any, out: Path, config: dict) -> None:
+    """``config.json``, generation config and tokenizer beside the weights."""
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(str(out))
