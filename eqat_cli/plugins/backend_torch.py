@@ -9,9 +9,9 @@ def _available():
 
 
 def _kernel():
-    from eqat_cli.quant.linear import REFERENCE_KERNEL
+    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
 
-    return REFERENCE_KERNEL
+    return TORCH_KERNEL
 
 
 TORCH_BACKEND = BackendSpec(
@@ -21,7 +21,7 @@ TORCH_BACKEND = BackendSpec(
     bits=(2, 3, 4, 8),
     available=_available,
     kernel=_kernel,
-    description="unpack + dequantize + matmul in torch (reference)",
+    description="codes stay packed; chunked unpack + fp32 matmul, custom backward for step sizes",
 )
 
 

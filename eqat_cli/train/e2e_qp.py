@@ -162,9 +162,13 @@ def run_e2e_qp(
         raise BadInputError("E2E-QP needs a quantized model (no packed layers found); run `eqat block-ap` first")
     for p in model.parameters():
         p.requires_grad_(False)
+    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+
+    # The torch kernel differentiates w.r.t. step sizes; float zero points need the reference.
+    kernel = REFERENCE_KERNEL if cfg.train_zeros else TORCH_KERNEL
     params = []
     for m in layers.values():
-        m.set_kernel(REFERENCE_KERNEL)  # differentiable w.r.t. scales and float zeros
+        m.set_kernel(kernel)
         params.extend(m.start_training(cfg.train_zeros))
     model.to(device)
     if cfg.gradient_checkpointing:

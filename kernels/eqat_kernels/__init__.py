@@ -1,0 +1,13 @@
+"""Fused dequantize-matmul kernels for EfficientQAT's packed 2/3/4-bit weights.
+
+* :mod:`eqat_kernels.triton_kernels`: the Triton kernels (dequantize, decode GEMV, prefill GEMM)
+  and their launchers; needs the ``triton`` package, and a CUDA GPU unless
+  ``TRITON_INTERPRET=1`` was set before the import (Triton's CPU interpreter, used by the tests);
+* :mod:`eqat_kernels.backend`: :class:`~eqat_kernels.backend.TritonKernel`, the object the
+  "triton" backend plugs into ``PackedLinear``;
+* :mod:`eqat_kernels.reference`: pure-torch references the kernels are tested against.
+
+Importing this package does not import Triton; the submodules do.
+"""
+
+__all__ = ["backend", "reference", "triton_kernels"]
