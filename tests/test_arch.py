@@ -63,10 +63,10 @@ def test_linear_layers_in_forward_order(tiny_any):
     assert arch.norm(model) is not None and arch.lm_head(model) is not None
 
 
-def test_llava_keeps_vision_in_full_precision(tiny_any):
-    name, model = tiny_any
-    if name != "llava":
-        pytest.skip("llava only")
+def test_llava_keeps_vision_in_full_precision():
+    from conftest import build, tiny_llava_config
+
+    model = build(tiny_llava_config())
     arch = get_registry().architecture_for("llava")
     assert arch.full_precision_paths
     for path in arch.full_precision_paths:
