@@ -205,3 +205,44 @@ def test_cli_block_ap_and_calibrate(llama_dir, tmp_path):
         res = r.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert "error:" in res.output
+
+
+def test_killed_process_resumes_to_same_result(tmp_path):
+    """SIGKILL a real `eqat block-ap` mid-way; re-running the command gives the uninterrupted result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = save_tiny(build(tiny_llama_config(num_hidden_layers=4)), tmp_path / "fp")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT * 3))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def cmd(out):
+        return [sys.executable, "-m", "eqat_cli", "block-ap", str(d), "--bits", "2", "--group", "32",
+                "--dataset", str(corpus), "--samples", "48", "--seqlen", "32", "--val-samples", "2",
+                "--epochs", "3", "--batch-size", "1", "-o", str(out)]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    state = tmp_path / "run.partial" / "blockap_state.json"
+    proc = subprocess.Popen(cmd(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and len(json.loads(state.read_text())["finished"]) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run").exists()
+    finished = json.loads(state.read_text())["finished"]
+    assert 1 <= len(finished) < 4
+    again = subprocess.run(cmd(tmp_path / "run"), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = tensors(tmp_path / "ref"), tensors(tmp_path / "run")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
