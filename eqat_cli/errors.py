@@ -31,7 +31,3 @@ class MissingDependencyError(EqatError):
             f"{purpose} needs the optional package '{package}', which is not installed",
             hint=f"install it with: {install or 'pip install ' + package}",
         )
-
-
-class NotBuiltError(EqatError):
-    """A command whose capability does not exist yet. Never fake its output."""

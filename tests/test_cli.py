@@ -64,12 +64,6 @@ def test_plugins_shows_three_architectures_and_two_backends(tmp_path):
     assert all(a["source"] for a in data["architectures"])
 
 
-def test_not_built_command_refuses_without_fake_output():
-    res = invoke("bench", "--bits", "2")
-    assert res.exit_code == 2
-    assert "not built yet" in res.output and "ms" not in res.output
-
-
 def test_known_error_is_one_line_exit_2_and_debug_shows_traceback(tmp_path, monkeypatch):
     from eqat_cli.cli.common import guarded
     from eqat_cli.errors import BadInputError

@@ -182,3 +182,24 @@ def test_memory_stays_packed():
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
     dense = 1024 * 512 * 4
     assert packed + cached <= dense / 10
+
+
+def test_inference_mode_then_no_grad_and_training():
+    """Buffers first made under inference_mode must not break later no_grad or autograd runs."""
+    from torch import nn
+
+    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+    from eqat_cli.quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear(nn.Linear(4096 + 64, 80, bias=False), 2, 64).to_packed()  # fresh sizes
+    layer.set_kernel(TORCH_KERNEL)
+    x = torch.randn(3, 4096 + 64)
+    with torch.inference_mode():
+        a = layer(x)
+    with torch.no_grad():
+        b = layer(x)
+    torch.testing.assert_close(a, b)
+    layer.start_training()
+    layer(x).sum().backward()
+    assert layer.scales.grad is not None

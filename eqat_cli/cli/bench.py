@@ -148,8 +148,10 @@ def render(r: dict) -> None:
                     _mib(v["rss"]["generate_peak_delta"]),
                 )
             console.print(g)
+            from rich.markup import escape
+
             for name, v in variants.items():
-                console.print(f"[dim]{name}: {v['format']}[/]", soft_wrap=True)
+                console.print(f"[dim]{name}: {escape(v['description'])}[/]", soft_wrap=True)
             console.print("[dim]RSS figures are deltas over the process RSS before loading[/]")
         if "ratios" in gen:
             ra = gen["ratios"]

@@ -171,7 +171,9 @@ class _Scratch(threading.local):
         key = (slot, dtype, device)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor even under inference_mode, so later no_grad/grad runs can reuse it.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=device)
             self.buffers[key] = buf
         return buf if buf.numel() == numel else buf[:numel]
 
@@ -192,8 +194,9 @@ def zero_rows(layer, dtype: torch.dtype) -> torch.Tensor:
     qz = layer.qzeros
     hit = _ZEROS.get(layer)
     if hit is None or hit[0]() is not qz or hit[1] != qz._version:
-        z = packing.unpack_cols(qz, layer.bits, layer.out_features).to(torch.uint8)
-        hit = (weakref.ref(qz), qz._version, torch.stack([z, torch.ones_like(z)], dim=1))
+        with torch.inference_mode(False):  # cached across modes: never an inference tensor
+            z = packing.unpack_cols(qz.clone(), layer.bits, layer.out_features).to(torch.uint8)
+            hit = (weakref.ref(qz), qz._version, torch.stack([z, torch.ones_like(z)], dim=1))
         _ZEROS[layer] = hit
     return hit[2].to(dtype)
 
