@@ -64,6 +64,8 @@ def test_only_scales_train_and_loss_drops(quant_dir, tmp_path):
     assert changed == 14
     cfgj = json.loads((res.output / "config.json").read_text())["eqat"]
     assert cfgj["e2e_qp"]["steps"] == res.steps == 12 and cfgj["e2e_selected"] == "best"
+    assert res.val_loss[0][0] == 0 and res.val_loss[-1][1] < res.val_loss[0][1]  # baseline, then better
+    assert res.val_loss[0][1] == pytest.approx(before, rel=1e-5)
     assert (res.output / "last" / "model.safetensors").exists()
 
 

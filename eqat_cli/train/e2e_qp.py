@@ -229,6 +229,8 @@ def run_e2e_qp(
     model.train()
     tokens_per_step = global_batch * train.input_ids.shape[1]
     progress("start", {"total": total, "step": step, "lr": lr, "global_batch": global_batch})
+    if step == 0:
+        validate()  # the starting point: its loss is the baseline, and "best" if training hurts
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
