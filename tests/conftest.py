@@ -86,6 +86,20 @@ def tiny_llava_config():
     return LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=271)
 
 
+def random_packed_layer(k, n, bits, group, bias=False, seed=0, scales_dtype=torch.float16):
+    """A packed layer with random codes, zero points anywhere in range and varied step sizes."""
+    from eqat_cli.quant.linear import PackedLinear
+    from eqat_cli.quant.primitives import n_groups
+
+    g = torch.Generator().manual_seed(seed)
+    ng = n_groups(k, group)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    scale = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 2**bits, (n, ng), generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    return PackedLinear.from_codes(codes, scale, zero, bits, group, bias=b, scales_dtype=scales_dtype)
+
+
 def build(config, seed: int = 0):
     from eqat_cli.formats.native import model_class_for
 

@@ -22,16 +22,7 @@ from eqat_cli.quant.primitives import expand_groups, n_groups
 KERNEL = TorchKernel()
 
 
-def make_layer(k, n, bits, group, bias=False, seed=0, scales_dtype=torch.float16):
-    g = torch.Generator().manual_seed(seed)
-    ng = n_groups(k, group)
-    codes = torch.randint(0, 2**bits, (n, k), generator=g)
-    scale = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
-    zero = torch.randint(0, 2**bits, (n, ng), generator=g)
-    b = torch.randn(n, generator=g) if bias else None
-    return PackedLinear.from_codes(
-        codes, scale, zero, bits, group, bias=b, scales_dtype=scales_dtype
-    )
+from conftest import random_packed_layer as make_layer  # noqa: E402
 
 
 def magnitude(layer):

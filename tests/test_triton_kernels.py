@@ -37,17 +37,7 @@ if not tk.INTERPRETED:  # imported earlier in this process without TRITON_INTERP
     )
 
 
-def make_layer(k, n, bits, group, bias=False, seed=0, scales_dtype=torch.float16):
-    """A packed layer with random codes, zero points anywhere in range and varied step sizes."""
-    g = torch.Generator().manual_seed(seed)
-    ng = n_groups(k, group)
-    codes = torch.randint(0, 2**bits, (n, k), generator=g)
-    scale = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
-    zero = torch.randint(0, 2**bits, (n, ng), generator=g)
-    b = torch.randn(n, generator=g) if bias else None
-    return PackedLinear.from_codes(
-        codes, scale, zero, bits, group, bias=b, scales_dtype=scales_dtype
-    )
+from conftest import random_packed_layer as make_layer  # noqa: E402
 
 
 def tensors(layer):
