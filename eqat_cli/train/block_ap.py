@@ -125,13 +125,18 @@ class ShardReader:
     def keys(self, prefix: str) -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
 
-    def read(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, prefix: str, dtype: torch.dtype, exclude: str | None = None) -> dict[str, torch.Tensor]:
+        """Tensors whose module path starts with ``prefix`` (minus ``exclude``), prefix stripped.
+
+        Only the requested tensors are read from disk.
+        """
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
         for k in self.keys(prefix):
-            by_file.setdefault(self.weight_map[k][0], []).append(k)
+            if exclude is None or not k.startswith(exclude):
+                by_file.setdefault(self.weight_map[k][0], []).append(k)
         for fname, keys in by_file.items():
             with safe_open(str(self.path / fname), framework="pt") as fh:
                 for k in keys:
@@ -458,8 +463,7 @@ def run_block_ap(
 
     from eqat_cli.fsutil import atomic_file
 
-    rest = {k: v for k, v in reader.read("", torch.float16).items()
-            if not k.startswith(arch.layers_path + ".")}
+    rest = reader.read("", torch.float16, exclude=arch.layers_path + ".")
     rest_file = _block_file(n_layers, n_layers)
     with atomic_file(work / rest_file) as tmp:
         save_file(rest, str(tmp), metadata={"format": "pt"})
