@@ -427,9 +427,14 @@ def run_block_ap(
         else:
             fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
             block.to(device)
-            before = _mse(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device, torch.float32)
-            if before != before:  # no validation windows: report train loss instead
-                before = _mse(block, model, arch, q_in.data[:fwd_batch * 4], fp_out.data[:fwd_batch * 4], fwd_batch, device, torch.float32)
+            def block_loss() -> float:
+                """Validation MSE of the current block; without validation windows, a train slice."""
+                if len(q_in_v):
+                    return _mse(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device, torch.float32)
+                k = fwd_batch * 4
+                return _mse(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch, device, torch.float32)
+
+            before = block_loss()
             history = {"train_loss": [], "val_loss": []}
             if cfg.epochs > 0:
                 history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
@@ -437,9 +442,7 @@ def run_block_ap(
             pack_block(block)
             _round_like_saved(block)
             block.to(device)
-            after = _mse(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device, torch.float32)
-            if after != after:
-                after = _mse(block, model, arch, q_in.data[:fwd_batch * 4], fp_out.data[:fwd_batch * 4], fwd_batch, device, torch.float32)
+            after = block_loss()
             _save_block(block.cpu(), prefix, block_path)
             block.to(device)
             info = {"block": i, "loss_before": before, "loss_after": after,
