@@ -73,16 +73,22 @@ def make_calibration(path: Path, samples: int, seqlen: int, vocab: int) -> None:
 
 
 RUNNER = """
-import sys, torch, resource, json, time
+import sys, torch, json, time
 from pathlib import Path
+from eqat_cli.memory import peak_rss_bytes, rss_bytes
 from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
 from eqat_cli.train.calib import load_calibration
 model, calib, out, epochs, offload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 c = load_calibration(calib)
+trace = []
+def progress(event, info):
+    if event == "block_end":  # RSS once the finished block is freed, and the peak so far
+        trace.append((round(rss_bytes() / 2**20), round(peak_rss_bytes() / 2**20)))
 t = time.time()
 res = run_block_ap(Path(model), None, c.train, c.val, BlockAPConfig(bits=2, group_size=64, epochs=epochs,
-                   offload_to_disk=offload), Path(out), torch.device("cpu"))
-print(json.dumps({"seconds": time.time() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                   offload_to_disk=offload), Path(out), torch.device("cpu"), progress=progress)
+print(json.dumps({"seconds": time.time() - t, "peak_rss_mb": peak_rss_bytes() / 2**20,
+                  "rss_after_block_mb": [r for r, _ in trace], "peak_after_block_mb": [p for _, p in trace]}))
 """
 
 
@@ -117,7 +123,9 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         row = {"layers": n, "hidden": args.hidden, "checkpoint_gb": round(disk / 1e9, 2),
                "fp32_model_gb": round(disk * 2 / 1e9, 2), "peak_rss_mb": round(r["peak_rss_mb"]),
-               "seconds": round(r["seconds"], 1), "samples": args.samples, "seqlen": args.seqlen,
+               "seconds": round(r["seconds"], 1),
+               "rss_after_block_mb": r["rss_after_block_mb"], "peak_after_block_mb": r["peak_after_block_mb"],
+               "samples": args.samples, "seqlen": args.seqlen,
                "epochs": args.epochs, "offload_to_disk": args.offload_to_disk}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -29,7 +29,6 @@ What is measured (and what is not):
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import platform
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.memory import release_memory, rss_bytes
 
 Progress = Callable[[str, str, int, int], None]
 
@@ -402,25 +402,6 @@ def bench_layer(
 # ---------------------------------------------------------------------- process memory
 
 
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _release_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS, so RSS reflects live memory."""
-    gc.collect()
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _read_hwm() -> int | None:
     try:
         m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
@@ -486,7 +467,7 @@ def own_weights(model) -> None:
             for name, buf in list(mod._buffers.items()):
                 if buf is not None:
                     mod._buffers[name] = copies.setdefault(id(buf), buf.clone())
-    _release_memory()
+    release_memory()
 
 
 def model_weight_bytes(model) -> dict:
@@ -585,7 +566,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
     notes: list[str] = []
     variants: dict[str, dict] = {}
     sync = device_sync(device)
-    _release_memory()
+    release_memory()
     baseline = rss_bytes()
 
     def encode(tok):
@@ -595,7 +576,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
         return ids
 
     def run_variant(name: str, lm, load_peak: int, load_s: float, extra: dict) -> None:
-        _release_memory()
+        release_memory()
         after_load = rss_bytes()
         ids = encode(lm.tokenizer)
         with PeakRSS() as peak:
@@ -639,7 +620,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
                 rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
             lm.model.to(device)
             why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type)
-            _release_memory()
+            release_memory()
         run_variant("quant", lm, peak.peak, time.perf_counter() - t0,
                     {"format": "rtn", "bits": cfg.bits, "group": cfg.group, "backend": why,
                      "description": f"w{cfg.bits}g{cfg.group} min-max (RTN) quantized in "
@@ -663,7 +644,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
                      "description": f"{fmt} checkpoint w{q.get('bits')}g{q.get('group_size')} "
                                     f"loaded as is; {q.get('backend')}"})
         del lm
-        _release_memory()
+        release_memory()
         source = _eqat_source(path)
         if source is None:
             notes.append(
@@ -692,7 +673,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
                             {"format": "fp", "source": source, "dtype": dtype,
                              "description": f"full precision source {source}, {dtype}"})
                 del lm
-    _release_memory()
+    release_memory()
     result: dict[str, Any] = {"variants": variants, "notes": notes}
     if "fp" in variants and "quant" in variants:
         fp, qv = variants["fp"], variants["quant"]
@@ -797,7 +778,7 @@ def run(p: Plan, progress: Progress = _noop) -> dict:
                 cfg.warmup, p.device, p.dtype, seed=cfg.seed + i, progress=progress,
             )
         )
-        _release_memory()
+        release_memory()
     progress("shapes", p.shapes.name, len(layers), len(layers))
     per_block_dense = sum(e["weight_bytes"]["dense"] * len(e["names"]) for e in layers)
     per_block_packed = sum(e["weight_bytes"]["packed"] * len(e["names"]) for e in layers)

@@ -87,6 +87,43 @@ def test_training_data_flow_and_loss_drop(llama_dir, tmp_path):
     assert blocks[1]["loss_before"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_block_loss_numbers():
+    from eqat_cli.train.block_ap import block_loss
+
+    out = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[100.0, 0.0], [1.0, 1.0]]])  # token 0 is a "massive activation"
+    assert float(block_loss(out, target, "mse")) == pytest.approx((100.0**2 + 2) / 4)
+    # token-rel: each token's mean squared error / its target's mean square, then the token mean
+    assert float(block_loss(out, target, "token-rel")) == pytest.approx(1.0)
+    out2 = torch.tensor([[[99.0, 0.0], [0.0, 1.0]]])
+    assert float(block_loss(out2, target, "token-rel")) == pytest.approx(((1 / 2) / 5000 + (1 / 2) / 1) / 2)
+    with pytest.raises(BadInputError, match="unknown Block-AP loss"):
+        BlockAPConfig(loss="l1")
+
+
+def test_token_rel_training_uses_its_loss_throughout(llama_dir, tmp_path):
+    """With --loss token-rel the reported before/after/val losses are token-rel, and training lowers it."""
+    from eqat_cli.quantize import fake_quantize_block
+    from eqat_cli.registry import get_registry
+    from eqat_cli.train.block_ap import block_loss
+
+    c = calib()
+    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, quant_lr=1e-3, weight_lr=1e-4, loss="token-rel")
+    res = run(llama_dir, tmp_path / "rel", cfg, c)
+    assert all(b["loss_after"] < b["loss_before"] for b in res.blocks)
+    arch = get_registry().architecture_for("llama")
+    fp = build(tiny_llama_config())
+    with torch.no_grad():
+        h = arch.embed(fp)(c.val)
+        target = arch.layers(fp)[0](h, **arch.block_kwargs(fp, h))
+        b0 = build(tiny_llama_config())
+        blk = arch.layers(b0)[0]
+        fake_quantize_block(blk, arch, 2, 32)
+        start = blk(h, **arch.block_kwargs(b0, h))
+    assert res.blocks[0]["loss_before"] == pytest.approx(float(block_loss(start, target, "token-rel")), rel=1e-4)
+    assert json.loads((res.output / "config.json").read_text())["eqat"]["block_ap"]["loss"] == "token-rel"
+
+
 def test_resume_equals_uninterrupted(llama_dir, tmp_path):
     cfg = BlockAPConfig(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
     full = run(llama_dir, tmp_path / "full", cfg)
@@ -194,11 +231,13 @@ def test_cli_block_ap_and_calibrate(llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["bits"] == 4 and len(summary["blocks"]) == 2
+    assert 50 < summary["peak_rss_mb"] < 64 * 1024  # MiB of this process, not KiB or bytes
     # Bad input: both sources, unsupported bits, tokenizer/file errors -> exit 2, one line.
     for args in (
         ["block-ap", str(llama_dir), "--calib", "x", "--dataset", "c4", "-o", str(tmp_path / "o2")],
         ["block-ap", str(llama_dir), "--bits", "5", "--dataset", "c4", "-o", str(tmp_path / "o3")],
         ["block-ap", str(llama_dir), "--calib", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "o4")],
+        ["block-ap", str(llama_dir), "--loss", "l1", "--dataset", "c4", "-o", str(tmp_path / "o5")],
         ["calibrate", str(llama_dir), "--dataset", str(corpus), "--samples", "5000", "--seqlen", "32",
          "-o", str(tmp_path / "big.safetensors")],
     ):

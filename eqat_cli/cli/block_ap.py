@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         weight_decay: Annotated[float, typer.Option("--wd", help="AdamW weight decay.")] = 0.0,
         max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset).")] = None,
         early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off).")] = 0,
+        loss: Annotated[str, typer.Option("--loss", help="Block reconstruction loss: mse (paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = "mse",
         offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
         seed: SeedOpt = 2,
@@ -103,10 +104,12 @@ def register(app: typer.Typer) -> None:
         from eqat_cli.errors import BadInputError
         from eqat_cli.models import classify, load_tokenizer, local_path
         from eqat_cli.quant.primitives import check_bits, effective_group
-        from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
+        from eqat_cli.train.block_ap import LOSSES, BlockAPConfig, run_block_ap
         from eqat_cli.train.calib import check_tokenizer, load_calibration
 
         check_bits(bits)
+        if loss not in LOSSES:
+            raise BadInputError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if group != -1:
             effective_group(group, 1 << 30)
         if (calib is None) == (dataset is None):
@@ -126,6 +129,7 @@ def register(app: typer.Typer) -> None:
             bits=bits, group_size=group, epochs=epochs, batch_size=batch_size, quant_lr=quant_lr,
             weight_lr=weight_lr, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
+            loss=loss,
         )
         dev = pick_device(device)
         console.print(
@@ -139,13 +143,15 @@ def register(app: typer.Typer) -> None:
                 progress=live, resume=resume, overwrite=overwrite,
             )
         t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
-        for col in ("block", "MSE before (RTN)", "MSE after", "time (s)"):
+        for col in ("block", f"{cfg.loss} before (RTN)", f"{cfg.loss} after", "time (s)"):
             t.add_column(col, justify="right")
         for b in result.blocks:
             t.add_row(str(b["block"]), f"{b['loss_before']:.4g}", f"{b['loss_after']:.4g}", f"{b['seconds']:.1f}")
         console.print(t)
         if result.resumed_from:
             console.print(f"resumed after {result.resumed_from} finished blocks")
+        console.print(f"peak RSS {result.peak_rss_mb:,.0f} MiB")
         console.print(f"wrote {result.output}  next: [bold]eqat eval {result.output} --ppl wikitext2[/]")
         emit_json({"output": str(result.output), "seconds": result.seconds, "resumed_from": result.resumed_from,
+                   "peak_rss_mb": result.peak_rss_mb,
                    "config": cfg.to_json(), "blocks": result.blocks}, json_out)

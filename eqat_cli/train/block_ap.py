@@ -33,12 +33,33 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.memory import peak_rss_bytes, release_memory
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import check_bits
 from eqat_cli.quantize import fake_quantize_block, pack_block
 
 STATE_FILE = "blockap_state.json"
 WORK_SUFFIX = ".partial"
+
+
+LOSSES = ("mse", "token-rel")
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Reconstruction loss of a block's output against its full-precision target.
+
+    ``mse``: the paper's mean squared error over all elements. ``token-rel``: each token's squared
+    error relative to its target's mean square, averaged over tokens. Models with massive
+    activations (one token whose hidden state is 10^3-10^4x the others, as SmolLM2 from block 12 on)
+    make plain MSE spend nearly all of its weight on that token; the next block RMS-normalizes every
+    token, so what it sees is each token's *relative* error, which ``token-rel`` weighs equally.
+    """
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(out, target)
+    err = (out - target).pow(2).mean(-1)
+    scale = target.pow(2).mean(-1).clamp_min(1e-12)
+    return (err / scale).mean()
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,11 @@ class BlockAPConfig:
     early_stop: int = 0
     seed: int = 2
     offload_to_disk: bool = False
+    loss: str = "mse"  # "mse" (paper) or "token-rel" (see block_loss)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise BadInputError(f"unknown Block-AP loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
 
     def resolved_weight_lr(self) -> float:
         if self.weight_lr is not None:
@@ -181,7 +207,7 @@ def _block_kwargs(cache: dict, arch, model, x: torch.Tensor) -> dict:
     return cache[key]
 
 
-def _mse(block, model, arch, inputs, targets, batch, device, dtype) -> float:
+def _eval_loss(block, model, arch, inputs, targets, batch, device, dtype, kind: str = "mse") -> float:
     if len(inputs) == 0:
         return float("nan")
     total, kw_cache = 0.0, {}
@@ -190,7 +216,7 @@ def _mse(block, model, arch, inputs, targets, batch, device, dtype) -> float:
             x = inputs[s : s + batch].to(device=device, dtype=dtype)
             y = targets[s : s + batch].to(device=device, dtype=torch.float32)
             out = block(x, **_block_kwargs(kw_cache, arch, model, x)).float()
-            total += float(torch.nn.functional.mse_loss(out, y)) * len(x)
+            total += float(block_loss(out, y, kind)) * len(x)
     return total / len(inputs)
 
 
@@ -249,7 +275,7 @@ def train_block(
             y = fp_out[idx].to(device=device, dtype=torch.float32)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = block(x, **_block_kwargs(kw_cache, arch, model, x))
-                loss = torch.nn.functional.mse_loss(out.float(), y)
+                loss = block_loss(out, y, cfg.loss)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -268,7 +294,7 @@ def train_block(
             epoch_loss += loss_value
             progress("step", {"block": index, "epoch": epoch + 1, "epochs": cfg.epochs,
                               "step": b + 1, "steps": steps_per_epoch, "loss": loss_value})
-        val = _mse(block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device, torch.float32)
+        val = _eval_loss(block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device, torch.float32, cfg.loss)
         history["train_loss"].append(epoch_loss / steps_per_epoch)
         history["val_loss"].append(val)
         progress("epoch", {"block": index, "epoch": epoch + 1, "train_loss": epoch_loss / steps_per_epoch, "val_loss": val})
@@ -294,6 +320,7 @@ class BlockAPResult:
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    peak_rss_mb: float = 0.0
 
 
 def _block_file(i: int, n: int) -> str:
@@ -427,14 +454,16 @@ def run_block_ap(
         else:
             fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
             block.to(device)
-            def block_loss() -> float:
+            def current_loss() -> float:
                 """Validation MSE of the current block; without validation windows, a train slice."""
                 if len(q_in_v):
-                    return _mse(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device, torch.float32)
+                    return _eval_loss(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device,
+                                      torch.float32, cfg.loss)
                 k = fwd_batch * 4
-                return _mse(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch, device, torch.float32)
+                return _eval_loss(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch, device,
+                                  torch.float32, cfg.loss)
 
-            before = block_loss()
+            before = current_loss()
             history = {"train_loss": [], "val_loss": []}
             if cfg.epochs > 0:
                 history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
@@ -442,7 +471,7 @@ def run_block_ap(
             pack_block(block)
             _round_like_saved(block)
             block.to(device)
-            after = block_loss()
+            after = current_loss()
             _save_block(block.cpu(), prefix, block_path)
             block.to(device)
             info = {"block": i, "loss_before": before, "loss_after": after,
@@ -459,6 +488,8 @@ def run_block_ap(
         fp_in_v, fp_out_v = fp_out_v, fp_in_v
         # Free the block: back to meta, nothing of it stays in memory.
         layers[i] = block.to("meta")
+        del block
+        release_memory()
         progress("block_end", info)
 
     # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
@@ -497,4 +528,5 @@ def run_block_ap(
     if output.exists():
         shutil.rmtree(output)
     os.replace(work, output)
-    return BlockAPResult(output, state["blocks"], time.time() - t0, resumed_from)
+    return BlockAPResult(output, state["blocks"], time.time() - t0, resumed_from,
+                         round(peak_rss_bytes() / 2**20, 1))

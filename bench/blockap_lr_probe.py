@@ -1,0 +1,80 @@
+"""Learning-rate probe for Block-AP: train ONE block under several settings and compare.
+
+Block-AP spends almost all of its time in training, so tuning it on the whole model is slow. This
+probe feeds one block its full-precision inputs (from the calibration file), trains a fresh
+fake-quantized copy under each setting, and prints the validation loss before and after (always
+measured as ``token-rel``, so settings with different training losses compare). A setting is
+``quant_lr,weight_lr,epochs,loss``.
+
+    python bench/blockap_lr_probe.py smollm2 calib.safetensors --block 5 --bits 4 --group 64 \\
+        1e-4,1e-5,2,mse 3e-4,3e-4,2,token-rel --json probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("calib", type=Path)
+    ap.add_argument("settings", nargs="+", help="quant_lr,weight_lr,epochs,loss")
+    ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from eqat_cli.models import classify, load_fp, local_path
+    from eqat_cli.quantize import fake_quantize_block
+    from eqat_cli.registry import get_registry
+    from eqat_cli.train.block_ap import BlockAPConfig, _eval_loss, train_block
+    from eqat_cli.train.calib import load_calibration
+
+    torch.manual_seed(0)
+    model, _ = load_fp(local_path(classify(args.model)), torch.float32)
+    model.eval()
+    arch = get_registry().architecture_for(model.config.model_type)
+    c = load_calibration(args.calib)
+    k = args.block
+
+    def fp_io(ids):
+        with torch.no_grad():
+            h = arch.embed(model)(ids)
+            for i in range(k):
+                h = arch.layers(model)[i](h, **arch.block_kwargs(model, h))
+            return h, arch.layers(model)[k](h, **arch.block_kwargs(model, h))
+
+    pairs = [fp_io(c.train[s : s + 8]) for s in range(0, len(c.train), 8)]
+    x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    xv, yv = fp_io(c.val)
+    cpu = torch.device("cpu")
+    rows = []
+    for setting in args.settings:
+        qlr, wlr, epochs, loss = setting.split(",")
+        block = copy.deepcopy(arch.layers(model)[k])
+        fake_quantize_block(block, arch, args.bits, args.group)
+        cfg = BlockAPConfig(bits=args.bits, group_size=args.group, epochs=int(epochs), quant_lr=float(qlr),
+                            weight_lr=float(wlr), loss=loss)
+        before = _eval_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
+        t = time.time()
+        train_block(block, model, arch, k, cfg, x, y, xv, yv, cpu, lambda *a: None)
+        after = _eval_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
+        row = {"block": k, "bits": args.bits, "group": args.group, "quant_lr": float(qlr), "weight_lr": float(wlr),
+               "epochs": int(epochs), "loss": loss, "val_token_rel_before": before, "val_token_rel_after": after,
+               "ratio": after / before, "seconds": round(time.time() - t, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "calib": str(args.calib), "model": args.model}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
