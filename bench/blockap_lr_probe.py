@@ -35,7 +35,7 @@ def main() -> None:
     from eqat_cli.models import classify, load_fp, local_path
     from eqat_cli.quantize import fake_quantize_block
     from eqat_cli.registry import get_registry
-    from eqat_cli.train.block_ap import BlockAPConfig, _eval_loss, train_block
+    from eqat_cli.train.block_ap import BlockAPConfig, eval_block_loss, train_block
     from eqat_cli.train.calib import load_calibration
 
     torch.manual_seed(0)
@@ -63,10 +63,10 @@ def main() -> None:
         fake_quantize_block(block, arch, args.bits, args.group)
         cfg = BlockAPConfig(bits=args.bits, group_size=args.group, epochs=int(epochs), quant_lr=float(qlr),
                             weight_lr=float(wlr), loss=loss)
-        before = _eval_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
+        before = eval_block_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
         t = time.time()
         train_block(block, model, arch, k, cfg, x, y, xv, yv, cpu, lambda *a: None)
-        after = _eval_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
+        after = eval_block_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
         row = {"block": k, "bits": args.bits, "group": args.group, "quant_lr": float(qlr), "weight_lr": float(wlr),
                "epochs": int(epochs), "loss": loss, "val_token_rel_before": before, "val_token_rel_after": after,
                "ratio": after / before, "seconds": round(time.time() - t, 1)}

@@ -5,7 +5,7 @@ shard by shard (never whole in memory), runs ``eqat block-ap`` on each in a fres
 reports the peak resident set size. Peak RSS should follow the block size and the calibration set,
 not the number of layers.
 
-    python bench/blockap_memory.py --hidden 2048 --layers 8 16 32 --json bench/blockap_memory.json
+    python bench/blockap_memory.py --hidden 2048 --layers 8 32 --json bench/results/blockap_memory.json
 """
 
 from __future__ import annotations

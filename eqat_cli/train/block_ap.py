@@ -5,11 +5,13 @@ For block i (in order):
 * targets ``fp_out = FP_block_i(fp_in)``: the full-precision block on full-precision inputs;
 * inputs ``q_in``: outputs of the already-quantized blocks before it;
 * train weights (lr ``weight_lr``) and step sizes / zero points (lr ``quant_lr``) of the
-  fake-quantized block with AdamW on ``MSE(q_block(q_in), fp_out)``, cosine to lr/min_lr_factor;
+  fake-quantized block with AdamW on ``MSE(q_block(q_in), fp_out)`` (or the ``token-rel`` loss,
+  see :func:`block_loss`), cosine to lr/min_lr_factor;
 * freeze to integers (:class:`PackedLinear`), then ``q_in = packed_block(q_in)``, ``fp_in = fp_out``.
 
 Memory: the model is a meta-device skeleton; each block's weights are read from the safetensors
-shards only when it is its turn, and only that block is on the accelerator. Activations live in
+shards only when it is its turn, and only that block is on the accelerator; once a block is done
+its memory is handed back to the OS, so peak RSS does not grow with depth. Activations live in
 RAM or in memory-mapped files (``offload_to_disk``).
 
 Resume: every finished block is written atomically to the work directory; on restart the inputs of
@@ -207,7 +209,7 @@ def _block_kwargs(cache: dict, arch, model, x: torch.Tensor) -> dict:
     return cache[key]
 
 
-def _eval_loss(block, model, arch, inputs, targets, batch, device, dtype, kind: str = "mse") -> float:
+def eval_block_loss(block, model, arch, inputs, targets, batch, device, dtype, kind: str = "mse") -> float:
     if len(inputs) == 0:
         return float("nan")
     total, kw_cache = 0.0, {}
@@ -294,7 +296,7 @@ def train_block(
             epoch_loss += loss_value
             progress("step", {"block": index, "epoch": epoch + 1, "epochs": cfg.epochs,
                               "step": b + 1, "steps": steps_per_epoch, "loss": loss_value})
-        val = _eval_loss(block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device, torch.float32, cfg.loss)
+        val = eval_block_loss(block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device, torch.float32, cfg.loss)
         history["train_loss"].append(epoch_loss / steps_per_epoch)
         history["val_loss"].append(val)
         progress("epoch", {"block": index, "epoch": epoch + 1, "train_loss": epoch_loss / steps_per_epoch, "val_loss": val})
@@ -455,12 +457,12 @@ def run_block_ap(
             fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
             block.to(device)
             def current_loss() -> float:
-                """Validation MSE of the current block; without validation windows, a train slice."""
+                """Validation loss of the current block; without validation windows, a train slice."""
                 if len(q_in_v):
-                    return _eval_loss(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device,
+                    return eval_block_loss(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device,
                                       torch.float32, cfg.loss)
                 k = fwd_batch * 4
-                return _eval_loss(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch, device,
+                return eval_block_loss(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch, device,
                                   torch.float32, cfg.loss)
 
             before = current_loss()
