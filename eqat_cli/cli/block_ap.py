@@ -104,18 +104,22 @@ def register(app: typer.Typer) -> None:
         from eqat_cli.errors import BadInputError
         from eqat_cli.models import classify, load_tokenizer, local_path
         from eqat_cli.quant.primitives import check_bits, effective_group
-        from eqat_cli.train.block_ap import LOSSES, BlockAPConfig, run_block_ap
+        from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
         from eqat_cli.train.calib import check_tokenizer, load_calibration
 
         check_bits(bits)
-        if loss not in LOSSES:
-            raise BadInputError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if group != -1:
             effective_group(group, 1 << 30)
         if (calib is None) == (dataset is None):
             raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
         if epochs < 0 or batch_size < 1:
             raise BadInputError("--epochs must be >= 0 and --batch-size >= 1")
+        cfg = BlockAPConfig(  # validates --loss before any data is loaded
+            bits=bits, group_size=group, epochs=epochs, batch_size=batch_size, quant_lr=quant_lr,
+            weight_lr=weight_lr, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
+            loss=loss,
+        )
         if calib is not None:
             c = load_calibration(calib)
             path = local_path(classify(model))
@@ -125,12 +129,6 @@ def register(app: typer.Typer) -> None:
             from eqat_cli.cli.calibrate import make_calibration
 
             c, tok, path = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
-        cfg = BlockAPConfig(
-            bits=bits, group_size=group, epochs=epochs, batch_size=batch_size, quant_lr=quant_lr,
-            weight_lr=weight_lr, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
-            loss=loss,
-        )
         dev = pick_device(device)
         console.print(
             f"Block-AP w{bits}g{group} on {dev}: {tuple(c.train.shape)} train / {tuple(c.val.shape)} val windows, "

@@ -459,11 +459,11 @@ def run_block_ap(
             def current_loss() -> float:
                 """Validation loss of the current block; without validation windows, a train slice."""
                 if len(q_in_v):
-                    return eval_block_loss(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch, device,
-                                      torch.float32, cfg.loss)
+                    return eval_block_loss(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch,
+                                           device, torch.float32, cfg.loss)
                 k = fwd_batch * 4
-                return eval_block_loss(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch, device,
-                                  torch.float32, cfg.loss)
+                return eval_block_loss(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch,
+                                       device, torch.float32, cfg.loss)
 
             before = current_loss()
             history = {"train_loss": [], "val_loss": []}
