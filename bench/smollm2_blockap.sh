@@ -5,7 +5,8 @@
 #   e.g. bash bench/smollm2_blockap.sh bap-w4g64 4 64 2 --weight-lr 1e-4
 #
 # Needs EQAT_DATA_DIR (local copies of c4 and wikitext2, e.g. ../shared/data). Calibration:
-# C4, 64 windows x 512 tokens + 8 validation windows, seed 2 (made once, reused). Evaluation:
+# C4, $SAMPLES (64) windows x 512 tokens + $VAL (8) validation windows, seed 2 (made once per
+# size, reused). Evaluation:
 # WikiText-2 test, context 2048, first 32 windows. Writes bench/results/NAME.json (Block-AP
 # summary incl. peak RSS) and bench/results/eval-NAME.json; run directories go to $RUNS (./runs).
 set -euo pipefail
@@ -14,9 +15,11 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 EQAT=${EQAT:-eqat}
 RUNS=${RUNS:-runs}
 mkdir -p "$RUNS"
-CALIB="$RUNS/calib-c4-64x512.safetensors"
+SAMPLES=${SAMPLES:-64}; VAL=${VAL:-8}
+CALIB="$RUNS/calib-c4-${SAMPLES}x512-val${VAL}.safetensors"
 if [ ! -f "$CALIB" ]; then
-  "$EQAT" calibrate smollm2 --dataset c4 --samples 64 --seqlen 512 --val-samples 8 --seed 2 -o "$CALIB"
+  "$EQAT" calibrate smollm2 --dataset c4 --samples "$SAMPLES" --seqlen 512 --val-samples "$VAL" --seed 2 \
+    -o "$CALIB"
 fi
 "$EQAT" block-ap smollm2 --bits "$BITS" --group "$GROUP" --epochs "$EPOCHS" --calib "$CALIB" \
   -o "$RUNS/$NAME" --overwrite --json "$HERE/results/$NAME.json" "$@" > "$RUNS/$NAME.log"
