@@ -7,6 +7,7 @@ This module does not import torch.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,9 +104,12 @@ class ArchitectureSpec:
             if getattr(config, "sliding_window", None)
             else masking_utils.create_causal_mask
         )
+        # transformers renamed the cache argument (past_key_values -> cache, old name removed in
+        # 5.40); use whichever this version's mask builder takes.
+        cache_kw = "cache" if "cache" in inspect.signature(make_mask).parameters else "past_key_values"
         mask = make_mask(
-            config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-            position_ids=position_ids,
+            config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+            **{cache_kw: None},
         )
         return {
             "attention_mask": mask,

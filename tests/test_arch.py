@@ -22,6 +22,8 @@ def _capture(model, layers, input_ids):
     return ins, outs
 
 
+# A deprecated transformers argument would be an error once it is removed: keep the call clean.
+@pytest.mark.filterwarnings("error::FutureWarning")
 def test_block_runner_reproduces_model(tiny_any):
     name, model = tiny_any
     arch = get_registry().architecture_for(model.config.model_type)
