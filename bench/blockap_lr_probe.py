@@ -2,12 +2,13 @@
 
 Block-AP spends almost all of its time in training, so tuning it on the whole model is slow. This
 probe feeds one block its full-precision inputs (from the calibration file), trains a fresh
-fake-quantized copy under each setting, and prints the validation loss before and after (always
+fake-quantized copy under each setting, and prints the validation loss before and after, and after relative to min-max (RTN) (always
 measured as ``token-rel``, so settings with different training losses compare). A setting is
-``quant_lr,weight_lr,epochs,loss``.
+``quant_lr,weight_lr,epochs,loss[,init]`` with init ``minmax`` (default) or ``gptq`` (GPTQ from the
+block's training inputs, as ``eqat block-ap --init gptq``).
 
     python bench/blockap_lr_probe.py smollm2 calib.safetensors --block 5 --bits 4 --group 64 \\
-        1e-4,1e-5,2,mse 3e-4,3e-4,2,token-rel --json probe.json
+        1e-4,1e-5,2,mse 3e-4,3e-4,2,token-rel 1e-4,1e-4,2,token-rel,gptq --json probe.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("calib", type=Path)
-    ap.add_argument("settings", nargs="+", help="quant_lr,weight_lr,epochs,loss")
+    ap.add_argument("settings", nargs="+", help="quant_lr,weight_lr,epochs,loss[,init]")
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
@@ -35,7 +36,7 @@ def main() -> None:
     from eqat_cli.models import classify, load_fp, local_path
     from eqat_cli.quantize import fake_quantize_block
     from eqat_cli.registry import get_registry
-    from eqat_cli.train.block_ap import BlockAPConfig, eval_block_loss, train_block
+    from eqat_cli.train.block_ap import BlockAPConfig, collect_hessians, eval_block_loss, gptq_init_block, train_block
     from eqat_cli.train.calib import load_calibration
 
     torch.manual_seed(0)
@@ -57,19 +58,28 @@ def main() -> None:
     xv, yv = fp_io(c.val)
     cpu = torch.device("cpu")
     rows = []
+    rtn = copy.deepcopy(arch.layers(model)[k])
+    fake_quantize_block(rtn, arch, args.bits, args.group)
+    rtn_loss = eval_block_loss(rtn, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
+    del rtn
     for setting in args.settings:
-        qlr, wlr, epochs, loss = setting.split(",")
-        block = copy.deepcopy(arch.layers(model)[k])
-        fake_quantize_block(block, arch, args.bits, args.group)
+        qlr, wlr, epochs, loss, *rest = setting.split(",")
+        init = rest[0] if rest else "minmax"
         cfg = BlockAPConfig(bits=args.bits, group_size=args.group, epochs=int(epochs), quant_lr=float(qlr),
-                            weight_lr=float(wlr), loss=loss)
+                            weight_lr=float(wlr), loss=loss, init=init)
+        block = copy.deepcopy(arch.layers(model)[k])
+        hessians = collect_hessians(block, model, arch, x, 2, cpu, torch.float32) if init == "gptq" else None
+        quantized = fake_quantize_block(block, arch, args.bits, args.group)
+        if hessians is not None:
+            gptq_init_block(quantized, hessians, args.bits, args.group, cfg.gptq_damp)
         before = eval_block_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
         t = time.time()
-        train_block(block, model, arch, k, cfg, x, y, xv, yv, cpu, lambda *a: None)
+        if cfg.epochs:
+            train_block(block, model, arch, k, cfg, x, y, xv, yv, cpu, lambda *a: None)
         after = eval_block_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
         row = {"block": k, "bits": args.bits, "group": args.group, "quant_lr": float(qlr), "weight_lr": float(wlr),
-               "epochs": int(epochs), "loss": loss, "val_token_rel_before": before, "val_token_rel_after": after,
-               "ratio": after / before, "seconds": round(time.time() - t, 1)}
+               "epochs": int(epochs), "loss": loss, "init": init, "val_token_rel_before": before, "val_token_rel_after": after,
+               "ratio": after / before, "after_vs_rtn": after / rtn_loss, "seconds": round(time.time() - t, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

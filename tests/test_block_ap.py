@@ -227,10 +227,12 @@ def test_cli_block_ap_and_calibrate(llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     res = r.invoke(app, ["block-ap", str(llama_dir), "--bits", "4", "--group", "32", "--epochs", "1",
                          "--calib", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "out"),
-                         "--json", str(tmp_path / "s.json")])
+                         "--init", "gptq", "--keep-best", "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["bits"] == 4 and len(summary["blocks"]) == 2
+    assert summary["config"]["init"] == "gptq" and summary["config"]["keep_best"] is True
+    assert all("best_epoch" in b["history"] for b in summary["blocks"])
     assert 50 < summary["peak_rss_mb"] < 64 * 1024  # MiB of this process, not KiB or bytes
     # Bad input: both sources, unsupported bits, tokenizer/file errors -> exit 2, one line.
     for args in (
@@ -238,6 +240,7 @@ def test_cli_block_ap_and_calibrate(llama_dir, tmp_path):
         ["block-ap", str(llama_dir), "--bits", "5", "--dataset", "c4", "-o", str(tmp_path / "o3")],
         ["block-ap", str(llama_dir), "--calib", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "o4")],
         ["block-ap", str(llama_dir), "--loss", "l1", "--dataset", "c4", "-o", str(tmp_path / "o5")],
+        ["block-ap", str(llama_dir), "--init", "awq", "--dataset", "c4", "-o", str(tmp_path / "o6")],
         ["calibrate", str(llama_dir), "--dataset", str(corpus), "--samples", "5000", "--seqlen", "32",
          "-o", str(tmp_path / "big.safetensors")],
     ):

@@ -51,6 +51,9 @@ class _LiveProgress:
                      info=f"loss {info['loss']:.3g}")
         elif event == "epoch":
             p.update(self.blocks, info=f"epoch {info['epoch']}: train {info['train_loss']:.3g} val {info['val_loss']:.3g}")
+        elif event == "restored":
+            where = "its start" if info["epoch"] == 0 else f"epoch {info['epoch']}"
+            console.print(f"block {info['block']}: kept {where} (best validation loss {info['val_loss']:.4g})")
         elif event == "block_end":
             p.update(self.blocks, advance=1,
                      info=f"loss {info['loss_before']:.3g} -> {info['loss_after']:.3g}")
@@ -78,6 +81,9 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset).")] = None,
         early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off).")] = 0,
         loss: Annotated[str, typer.Option("--loss", help="Block reconstruction loss: mse (paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = "mse",
+        init: Annotated[str, typer.Option("--init", help="Starting point of each block: minmax (paper: round-to-nearest) or gptq (GPTQ codes from the block's inputs; a better start for small budgets). With --epochs 0 this is the result: RTN or GPTQ.")] = "minmax",
+        gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq).")] = 0.01,
+        keep_best: Annotated[bool, typer.Option("--keep-best", help="End each block at its best validation loss, its starting point included (never worse than RTN/GPTQ on validation; needs validation windows).")] = False,
         offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
         seed: SeedOpt = 2,
@@ -97,6 +103,8 @@ def register(app: typer.Typer) -> None:
           [bold]eqat block-ap meta-llama/Llama-2-70b --bits 2 --group 64 --calib calib.safetensors -o out/70b-w2g64[/]
 
           [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
+
+          [bold]eqat block-ap smollm2 --bits 4 --group 64 --init gptq --dataset c4 -o out/w4g64[/]  (start from GPTQ)
         """
         from rich.table import Table
 
@@ -118,7 +126,7 @@ def register(app: typer.Typer) -> None:
             bits=bits, group_size=group, epochs=epochs, batch_size=batch_size, quant_lr=quant_lr,
             weight_lr=weight_lr, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
-            loss=loss,
+            loss=loss, init=init, gptq_damp=gptq_damp, keep_best=keep_best,
         )
         if calib is not None:
             c = load_calibration(calib)
@@ -141,7 +149,7 @@ def register(app: typer.Typer) -> None:
                 progress=live, resume=resume, overwrite=overwrite,
             )
         t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
-        for col in ("block", f"{cfg.loss} before (RTN)", f"{cfg.loss} after", "time (s)"):
+        for col in ("block", f"{cfg.loss} before ({'RTN' if cfg.init == 'minmax' else 'GPTQ'})", f"{cfg.loss} after", "time (s)"):
             t.add_column(col, justify="right")
         for b in result.blocks:
             t.add_row(str(b["block"]), f"{b['loss_before']:.4g}", f"{b['loss_after']:.4g}", f"{b['seconds']:.1f}")

@@ -45,6 +45,7 @@ WORK_SUFFIX = ".partial"
 
 
 LOSSES = ("mse", "token-rel")
+INITS = ("minmax", "gptq")
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -79,10 +80,17 @@ class BlockAPConfig:
     seed: int = 2
     offload_to_disk: bool = False
     loss: str = "mse"  # "mse" (paper) or "token-rel" (see block_loss)
+    init: str = "minmax"  # "minmax" (paper) or "gptq" (see gptq_init_block)
+    gptq_damp: float = 0.01
+    keep_best: bool = False  # end each block at its best validation loss, its starting point included
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise BadInputError(f"unknown Block-AP loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.init not in INITS:
+            raise BadInputError(f"unknown Block-AP init {self.init!r}; choose one of {', '.join(INITS)}")
+        if not 0 < self.gptq_damp < 1:
+            raise BadInputError(f"--gptq-damp must be in (0, 1), got {self.gptq_damp:g}")
 
     def resolved_weight_lr(self) -> float:
         if self.weight_lr is not None:
@@ -222,6 +230,56 @@ def eval_block_loss(block, model, arch, inputs, targets, batch, device, dtype, k
     return total / len(inputs)
 
 
+def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, device, dtype) -> dict:
+    """Input Hessians of every quantizable linear of ``block`` over ``inputs`` (one pass, no grad)."""
+    from eqat_cli.quant.gptq import HessianAccumulator
+
+    acc, hooks = {}, []
+    grams: dict = {}  # per batch: q/k/v (and gate/up) see the same input tensor; multiply once
+
+    def hook(mod, args, out, a):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        # Keyed by identity, and the tensor is kept alive with its product, so no other tensor can
+        # take its id (or its memory) while the entry exists.
+        if id(args[0]) not in grams:
+            grams[id(args[0])] = (args[0], x.float().T @ x.float())
+        a.add_gram(grams[id(args[0])][1], x.shape[0])
+
+    for name in arch.linear_names:
+        lin = block.get_submodule(name)
+        acc[name] = HessianAccumulator(lin.in_features, device=lin.weight.device)
+        hooks.append(lin.register_forward_hook(lambda mod, args, out, a=acc[name]: hook(mod, args, out, a)))
+    try:
+        kw_cache: dict = {}
+        with torch.no_grad():
+            for s in range(0, len(inputs), batch):
+                x = inputs[s : s + batch].to(device=device, dtype=dtype)
+                grams.clear()
+                block(x, **_block_kwargs(kw_cache, arch, model, x))
+                grams.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: a.h for name, a in acc.items()}
+
+
+def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp: float) -> None:
+    """Set each :class:`QuantLinear` to its GPTQ solution: GPTQ's step sizes and zero points, and
+    weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell
+    where GPTQ rounded it (see :func:`gptq_quantize_with_residue`). Block-AP then trains all three
+    from this point instead of from min-max."""
+    from eqat_cli.quant.gptq import gptq_quantize_with_residue
+    from eqat_cli.quant.primitives import dequantize_codes
+
+    with torch.no_grad():
+        for name, q in quantized.items():
+            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], bits, group, damp)
+            w = dequantize_codes(codes.float() + frac, scale, zero, group)
+            q.weight.copy_(w.to(device=q.weight.device, dtype=q.weight.dtype))
+            q.quantizer.scale.copy_(scale.to(q.quantizer.scale.device))
+            q.quantizer.zero.copy_(zero.to(q.quantizer.zero.device))
+
+
 def train_block(
     block: nn.Module,
     model: nn.Module,
@@ -253,9 +311,15 @@ def train_block(
     else:
         for p in weight_params:
             p.requires_grad_(False)
-    history = {"train_loss": [], "val_loss": []}
+    history: dict = {"train_loss": [], "val_loss": []}
     if not groups:
         return history
+    best_state, best_epoch, best_keep = None, 0, float("inf")
+    if cfg.keep_best:
+        _check_keep_best(cfg, len(q_in_val))
+        best_keep = eval_block_loss(block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device,
+                                    torch.float32, cfg.loss)
+        best_state = _snapshot(block)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     n = len(q_in)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -300,6 +364,9 @@ def train_block(
         history["train_loss"].append(epoch_loss / steps_per_epoch)
         history["val_loss"].append(val)
         progress("epoch", {"block": index, "epoch": epoch + 1, "train_loss": epoch_loss / steps_per_epoch, "val_loss": val})
+        if cfg.keep_best and val < best_keep:
+            best_keep, best_epoch = val, epoch + 1
+            best_state = _snapshot(block) if epoch + 1 < cfg.epochs else None  # last epoch: it is the block
         if cfg.early_stop and not math.isnan(val):
             if val < best_val:
                 best_val, since_best = val, 0
@@ -308,9 +375,30 @@ def train_block(
                 if since_best >= cfg.early_stop:
                     progress("early_stop", {"block": index, "epoch": epoch + 1})
                     break
+    if cfg.keep_best:
+        history["best_epoch"] = best_epoch  # 0: training never beat the starting point
+        if best_epoch != len(history["val_loss"]):
+            _restore(block, best_state)
+            progress("restored", {"block": index, "epoch": best_epoch, "val_loss": best_keep})
     for p in block.parameters():
         p.requires_grad_(False)
     return history
+
+
+def _check_keep_best(cfg: BlockAPConfig, n_val: int) -> None:
+    if cfg.keep_best and cfg.epochs > 0 and n_val == 0:
+        raise BadInputError("--keep-best needs validation windows (--val-samples > 0)")
+
+
+def _snapshot(block: nn.Module) -> dict[str, torch.Tensor]:
+    """A host-memory copy of the block's parameters (keeps the accelerator free)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in block.named_parameters()}
+
+
+def _restore(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in block.named_parameters():
+            p.copy_(state[n].to(p.device))
 
 
 # ---------------------------------------------------------------------- driver
@@ -382,6 +470,7 @@ def run_block_ap(
     from eqat_cli.registry import get_registry
 
     check_bits(cfg.bits)
+    _check_keep_best(cfg, calib_val.shape[0])
     t0 = time.time()
     output = Path(output)
     if output.exists():
@@ -454,7 +543,13 @@ def run_block_ap(
             block = _packed_block_from_file(block, prefix, block_path, torch.float32).to(device)
             info = state["blocks"][i]
         else:
-            fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
+            hessians = None
+            if cfg.init == "gptq":  # from the quantized chain's inputs, as the block will see them
+                hessians = collect_hessians(block, model, arch, q_in.data, fwd_batch, device, torch.float32)
+            quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
+            if hessians is not None:
+                gptq_init_block(quantized, hessians, cfg.bits, cfg.group_size, cfg.gptq_damp)
+                del hessians
             block.to(device)
             def current_loss() -> float:
                 """Validation loss of the current block; without validation windows, a train slice."""
@@ -515,7 +610,7 @@ def run_block_ap(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
     )
     meta = {"bits": cfg.bits, "group_size": cfg.group_size, "architecture": arch.name,
-            "method": "block-ap" if cfg.epochs > 0 else "rtn", "block_ap": cfg.to_json(),
+            "method": "block-ap" if cfg.epochs > 0 else ("gptq" if cfg.init == "gptq" else "rtn"), "block_ap": cfg.to_json(),
             "source_model": str(model_path), **(extra_meta or {})}
     (work / "config.json").write_text(json.dumps(config_dict_for_save(config, meta), indent=2, sort_keys=True))
     if tokenizer is not None:
