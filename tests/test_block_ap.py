@@ -1,6 +1,7 @@
 """Block-AP on tiny models: data flow as published, RTN baseline, resume, calibration files."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,6 +144,29 @@ def test_resume_equals_uninterrupted(llama_dir, tmp_path):
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_across_an_upgrade_that_added_options(llama_dir, tmp_path):
+    """A work directory written before --init/--keep-best existed resumes; a real change restarts."""
+    cfg = BlockAPConfig(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
+
+    def stop_at_block_1(event, info):
+        if event == "block_start" and info["block"] == 1:
+            raise KeyboardInterrupt
+
+    state_path = tmp_path / "out.partial" / "blockap_state.json"
+    for drop, resumed in ((("init", "gptq_damp", "keep_best"), 1), (("init",), 1), ((), 0)):
+        with pytest.raises(KeyboardInterrupt):
+            run(llama_dir, tmp_path / "out", cfg, progress=stop_at_block_1)
+        state = json.loads(state_path.read_text())
+        for k in drop:
+            del state["run_key"]["config"][k]
+        if not drop:  # a different setting, not a missing one
+            state["run_key"]["config"]["init"] = "gptq"
+        state_path.write_text(json.dumps(state))
+        res = run(llama_dir, tmp_path / "out", cfg)
+        assert res.resumed_from == resumed, drop
+        shutil.rmtree(res.output)
 
 
 def test_offload_to_disk_same_result(llama_dir, tmp_path):

@@ -385,6 +385,16 @@ def train_block(
     return history
 
 
+def _same_run(old: dict | None, new: dict) -> bool:
+    """Whether a work directory's run key describes this run. Options added in a later eqat
+    version are missing from an older key; they count as their defaults, so upgrading eqat in the
+    middle of a run does not throw finished blocks away."""
+    if not old or not isinstance(old.get("config"), dict):
+        return False
+    defaults = dataclasses.asdict(BlockAPConfig())
+    return {**old, "config": {**defaults, **old["config"]}} == new
+
+
 def _check_keep_best(cfg: BlockAPConfig, n_val: int) -> None:
     if cfg.keep_best and cfg.epochs > 0 and n_val == 0:
         raise BadInputError("--keep-best needs validation windows (--val-samples > 0)")
@@ -494,7 +504,7 @@ def run_block_ap(
     state = {"finished": [], "blocks": []}
     if work.exists() and resume and state_path.exists():
         old = json.loads(state_path.read_text())
-        if old.get("run_key") == run_key:
+        if _same_run(old.get("run_key"), run_key):
             state = old
         else:
             shutil.rmtree(work)
