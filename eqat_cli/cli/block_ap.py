@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset).")] = None,
         early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off).")] = 0,
         loss: Annotated[str, typer.Option("--loss", help="Block reconstruction loss: mse (paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = "mse",
-        init: Annotated[str, typer.Option("--init", help="Starting point of each block: minmax (paper: round-to-nearest) or gptq (GPTQ codes from the block's inputs; a better start for small budgets). With --epochs 0 this is the result: RTN or GPTQ.")] = "minmax",
+        init: Annotated[str, typer.Option("--init", help="Starting point of each block: minmax (paper: round-to-nearest) or gptq (GPTQ codes from the block's inputs; on SmolLM2 a better start at 2 bits, not at 4). With --epochs 0 this is the result: RTN or GPTQ.")] = "minmax",
         gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq).")] = 0.01,
         keep_best: Annotated[bool, typer.Option("--keep-best", help="End each block at its best validation loss, its starting point included (never worse than RTN/GPTQ on validation; needs validation windows).")] = False,
         offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
 
           [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
 
-          [bold]eqat block-ap smollm2 --bits 4 --group 64 --init gptq --dataset c4 -o out/w4g64[/]  (start from GPTQ)
+          [bold]eqat block-ap smollm2 --bits 2 --group 64 --init gptq --dataset c4 -o out/w2g64[/]  (start from GPTQ)
         """
         from rich.table import Table
 

@@ -3,8 +3,8 @@
 EfficientQAT starts every block from min-max (round-to-nearest) codes. GPTQ instead quantizes a
 layer's weight columns one at a time and spreads each column's rounding error over the columns not
 yet quantized, weighted by the inverse Hessian ``H = X^T X`` of the layer's inputs; the result is a
-grid point of the same format (per-group asymmetric, integer zero points) with a much lower output
-error ``||X W^T - X W_q^T||``. Block-AP then trains weights, step sizes and zero points from there.
+grid point of the same format (per-group asymmetric, integer zero points) with a lower output
+error ``||X W^T - X W_q^T||`` on the calibration inputs. Block-AP then trains weights, step sizes and zero points from there.
 
 This is the Cholesky / lazy-batch form of the algorithm. Two deliberate differences from the
 reference code:
