@@ -37,42 +37,22 @@ def main() -> None:
 
     import torch
 
-    from eqat_cli.models import classify, load_fp, local_path
+    from _probe_common import fp_block_io, load_model_and_calib
     from eqat_cli.quantize import fake_quantize_block
-    from eqat_cli.registry import get_registry
     from eqat_cli.train.block_ap import BlockAPConfig, eval_block_loss, train_block
-    from eqat_cli.train.calib import load_calibration
 
-    torch.manual_seed(0)
-    model, _ = load_fp(local_path(classify(args.model)), torch.float32)
-    model.eval()
-    arch = get_registry().architecture_for(model.config.model_type)
-    c = load_calibration(args.calib)
+    model, arch, c = load_model_and_calib(args.model, args.calib)
     cpu = torch.device("cpu")
     n_max = max(args.sizes)
     held = 32
     if n_max + held > len(c.train):
         raise SystemExit(f"need {n_max + held} training windows in {args.calib}, it has {len(c.train)}")
 
-    def fp_io(ids):
-        """FP inputs and outputs of every probed block for windows ``ids``."""
-        out = {}
-        with torch.no_grad():
-            h = arch.embed(model)(ids)
-            for i in range(max(args.blocks) + 1):
-                o = arch.layers(model)[i](h, **arch.block_kwargs(model, h))
-                if i in args.blocks:
-                    out[i] = (h, o)
-                h = o
-        return out
-
-    ids = c.train[: n_max + held]
-    parts = [fp_io(ids[s : s + 8]) for s in range(0, len(ids), 8)]
-    val = fp_io(c.val)
+    train_io = fp_block_io(model, arch, c.train[: n_max + held], args.blocks)
+    val = fp_block_io(model, arch, c.val, args.blocks, chunk=len(c.val))
     rows = []
     for k in args.blocks:
-        x = torch.cat([p[k][0] for p in parts])
-        y = torch.cat([p[k][1] for p in parts])
+        x, y = train_io[k]
         xh, yh = x[n_max:], y[n_max:]
         xv, yv = val[k]
         for n in args.sizes:

@@ -33,29 +33,14 @@ def main() -> None:
 
     import torch
 
-    from eqat_cli.models import classify, load_fp, local_path
+    from _probe_common import fp_block_io, load_model_and_calib
     from eqat_cli.quantize import fake_quantize_block
-    from eqat_cli.registry import get_registry
     from eqat_cli.train.block_ap import BlockAPConfig, collect_hessians, eval_block_loss, gptq_init_block, train_block
-    from eqat_cli.train.calib import load_calibration
 
-    torch.manual_seed(0)
-    model, _ = load_fp(local_path(classify(args.model)), torch.float32)
-    model.eval()
-    arch = get_registry().architecture_for(model.config.model_type)
-    c = load_calibration(args.calib)
+    model, arch, c = load_model_and_calib(args.model, args.calib)
     k = args.block
-
-    def fp_io(ids):
-        with torch.no_grad():
-            h = arch.embed(model)(ids)
-            for i in range(k):
-                h = arch.layers(model)[i](h, **arch.block_kwargs(model, h))
-            return h, arch.layers(model)[k](h, **arch.block_kwargs(model, h))
-
-    pairs = [fp_io(c.train[s : s + 8]) for s in range(0, len(c.train), 8)]
-    x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    xv, yv = fp_io(c.val)
+    x, y = fp_block_io(model, arch, c.train, [k])[k]
+    xv, yv = fp_block_io(model, arch, c.val, [k], chunk=len(c.val))[k]
     cpu = torch.device("cpu")
     rows = []
     rtn = copy.deepcopy(arch.layers(model)[k])
