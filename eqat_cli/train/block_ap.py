@@ -292,8 +292,12 @@ def train_block(
     fp_out_val: torch.Tensor,
     device: torch.device,
     progress: Progress,
+    start_val: float | None = None,
 ) -> dict:
-    """Train one fake-quantized block in place. Returns its loss history."""
+    """Train one fake-quantized block in place. Returns its loss history.
+
+    ``start_val``: the block's validation loss before training, if the caller has measured it
+    (``keep_best`` needs it; otherwise it is measured here)."""
     quant_params = [p for n, p in block.named_parameters() if n.endswith(("quantizer.scale", "quantizer.zero"))]
     quant_ids = {id(p) for p in quant_params}
     weight_params = [p for p in block.parameters() if id(p) not in quant_ids]
@@ -317,8 +321,8 @@ def train_block(
     best_state, best_epoch, best_keep = None, 0, float("inf")
     if cfg.keep_best:
         _check_keep_best(cfg, len(q_in_val))
-        best_keep = eval_block_loss(block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device,
-                                    torch.float32, cfg.loss)
+        best_keep = start_val if start_val is not None else eval_block_loss(
+            block, model, arch, q_in_val, fp_out_val, cfg.batch_size, device, torch.float32, cfg.loss)
         best_state = _snapshot(block)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     n = len(q_in)
@@ -574,7 +578,8 @@ def run_block_ap(
             history = {"train_loss": [], "val_loss": []}
             if cfg.epochs > 0:
                 history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
-                                      q_in_v.data, fp_out_v.data, device, progress)
+                                      q_in_v.data, fp_out_v.data, device, progress,
+                                      start_val=before if len(q_in_v) else None)
             pack_block(block)
             _round_like_saved(block)
             block.to(device)
