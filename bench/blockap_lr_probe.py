@@ -35,7 +35,7 @@ def main() -> None:
 
     from _probe_common import fp_block_io, load_model_and_calib
     from eqat_cli.quantize import fake_quantize_block
-    from eqat_cli.train.block_ap import BlockAPConfig, collect_hessians, eval_block_loss, gptq_init_block, train_block
+    from eqat_cli.train.block_ap import BlockAPConfig, eval_block_loss, quantize_block_start, train_block
 
     model, arch, c = load_model_and_calib(args.model, args.calib)
     k = args.block
@@ -53,10 +53,7 @@ def main() -> None:
         cfg = BlockAPConfig(bits=args.bits, group_size=args.group, epochs=int(epochs), quant_lr=float(qlr),
                             weight_lr=float(wlr), loss=loss, init=init)
         block = copy.deepcopy(arch.layers(model)[k])
-        hessians = collect_hessians(block, model, arch, x, 2, cpu, torch.float32) if init == "gptq" else None
-        quantized = fake_quantize_block(block, arch, args.bits, args.group)
-        if hessians is not None:
-            gptq_init_block(quantized, hessians, args.bits, args.group, cfg.gptq_damp)
+        quantize_block_start(block, model, arch, cfg, x, 2, cpu)
         before = eval_block_loss(block, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
         t = time.time()
         if cfg.epochs:

@@ -280,6 +280,18 @@ def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp
             q.quantizer.zero.copy_(zero.to(q.quantizer.zero.device))
 
 
+def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device) -> dict:
+    """Turn ``block`` into its fake-quantized starting point: min-max, or GPTQ with the Hessians of
+    ``inputs`` (the inputs the block will train on). Returns the :class:`QuantLinear` modules by name."""
+    hessians = None
+    if cfg.init == "gptq":
+        hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
+    quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
+    if hessians is not None:
+        gptq_init_block(quantized, hessians, cfg.bits, cfg.group_size, cfg.gptq_damp)
+    return quantized
+
+
 def train_block(
     block: nn.Module,
     model: nn.Module,
@@ -557,13 +569,8 @@ def run_block_ap(
             block = _packed_block_from_file(block, prefix, block_path, torch.float32).to(device)
             info = state["blocks"][i]
         else:
-            hessians = None
-            if cfg.init == "gptq":  # from the quantized chain's inputs, as the block will see them
-                hessians = collect_hessians(block, model, arch, q_in.data, fwd_batch, device, torch.float32)
-            quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
-            if hessians is not None:
-                gptq_init_block(quantized, hessians, cfg.bits, cfg.group_size, cfg.gptq_damp)
-                del hessians
+            # GPTQ Hessians from the quantized chain's inputs, as the block will see them.
+            quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
             block.to(device)
             def current_loss() -> float:
                 """Validation loss of the current block; without validation windows, a train slice."""
