@@ -50,7 +50,7 @@ def main() -> None:
     for setting in args.settings:
         qlr, wlr, epochs, loss, *rest = setting.split(",")
         init = rest[0] if rest else "minmax"
-        cfg = BlockAPConfig(bits=args.bits, group_size=args.group, epochs=int(epochs), quant_lr=float(qlr),
+        cfg = BlockAPConfig.paper(bits=args.bits, group_size=args.group, epochs=int(epochs), quant_lr=float(qlr),
                             weight_lr=float(wlr), loss=loss, init=init)
         block = copy.deepcopy(arch.layers(model)[k])
         quantize_block_start(block, model, arch, cfg, x, 2, cpu)
