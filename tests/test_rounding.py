@@ -123,13 +123,15 @@ def test_default_recipe_without_steps_is_exactly_gptq(llama_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_default_recipe_trains_keeps_best_step_and_resumes(llama_dir, tmp_path):
+def test_default_recipe_trains_keeps_best_state_and_resumes(llama_dir, tmp_path):
     cfg = BlockAPConfig(bits=2, group_size=32, steps=12, batch_size=2)
     full = run(llama_dir, tmp_path / "full", cfg)
     for b in full.blocks:
         h = b["history"]
-        assert 0 <= h["best_step"] < 12 and h["best_train_loss"] <= min(h["train_loss"]) * 1.5
-        assert b["loss_after"] < b["loss_before"]
+        assert len(h["val_loss"]) == 3 and 0 <= h["best_epoch"] <= 3
+        # Never worse on validation than the GPTQ start (up to the fp16 storage of the result).
+        assert b["loss_after"] <= b["loss_before"] * 1.001
+        assert b["loss_after"] <= min(h["val_loss"]) * 1.001
     meta = json.loads((full.output / "config.json").read_text())["eqat"]
     assert meta["block_ap"]["param"] == "round" and meta["block_ap"]["recipe"] == "default"
 

@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
         gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq).")] = 0.01,
         best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: train (lowest training-batch loss at any step; default), val (best validation loss at an epoch end, the start included) or last (paper).")] = None,
         keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val.")] = False,
+        precision: Annotated[str, typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling).")] = "auto",
         offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
         seed: SeedOpt = 2,
@@ -131,7 +132,7 @@ def register(app: typer.Typer) -> None:
         cfg = BlockAPConfig.from_recipe(  # validates every option before any data is loaded
             recipe, bits=bits, group_size=group, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
-            gptq_damp=gptq_damp, keep_best=keep_best, **{k: v for k, v in given.items() if v is not None},
+            gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, **{k: v for k, v in given.items() if v is not None},
         )
         if calib is not None:
             c = load_calibration(calib)

@@ -15,6 +15,7 @@ OPTIMIZERS = ("adamw", "sign")
 SCHEDULES = ("cosine", "linear")
 BESTS = ("last", "val", "train")
 RECIPES = ("default", "paper")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class BlockAPConfig:
     * ``quant_lr`` / ``weight_lr``: ``None`` means the recipe's value: the paper's 1e-4 and
       2e-5 (2-bit) / 1e-5 for ``free``; ``1 / steps`` for ``round`` (offsets then travel at most half
       a step under the linear schedule, the whole range they are allowed).
+    * ``precision``: autocast of the training forwards: ``auto`` is bf16 on GPUs and on CPUs with
+      bf16 units (AVX512-BF16, AMX), fp16 on GPUs without bf16 (with loss scaling), else fp32.
+      Targets, the quantized chain and every loss stay fp32.
     * ``best``: which parameters a block ends with: ``last``; ``val``, the best validation loss at
       an epoch end, the start included; ``train``, the lowest training-batch loss seen at any step.
     """
@@ -55,12 +59,14 @@ class BlockAPConfig:
     loss: str = "mse"
     init: str = "gptq"
     gptq_damp: float = 0.01
-    best: str = "train"
+    best: str = "val"
     keep_best: bool = False  # the older spelling of best="val"
+    precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
 
     def __post_init__(self) -> None:
         for name, allowed in (("loss", LOSSES), ("init", INITS), ("param", PARAMS), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES), ("best", BESTS), ("recipe", RECIPES)):
+                              ("schedule", SCHEDULES), ("best", BESTS), ("recipe", RECIPES),
+                             ("precision", PRECISIONS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise BadInputError(f"unknown Block-AP {name} {value!r}; choose one of {', '.join(allowed)}")
