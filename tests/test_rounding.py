@@ -115,9 +115,12 @@ def llama_dir(tmp_path):
     return save_tiny(build(tiny_llama_config()), tmp_path / "fp")
 
 
-def test_default_recipe_without_steps_is_exactly_gptq(llama_dir, tmp_path):
-    a = tensors(run(llama_dir, tmp_path / "a", BlockAPConfig(bits=2, group_size=32, epochs=0, batch_size=2)).output)
-    b = tensors(run(llama_dir, tmp_path / "b", BlockAPConfig.paper(bits=2, group_size=32, epochs=0, init="gptq")).output)
+@pytest.mark.parametrize("init", ["minmax", "gptq"])
+def test_default_recipe_without_steps_is_exactly_its_start(llama_dir, tmp_path, init):
+    """No steps: the round parametrisation packs exactly RTN (min-max) or GPTQ."""
+    a = tensors(run(llama_dir, tmp_path / "a", BlockAPConfig(bits=2, group_size=32, epochs=0, batch_size=2,
+                                                            init=init)).output)
+    b = tensors(run(llama_dir, tmp_path / "b", BlockAPConfig.paper(bits=2, group_size=32, epochs=0, init=init)).output)
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -72,10 +72,10 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset).")] = 4096,
         seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset).")] = 2048,
         val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset).")] = 64,
-        recipe: Annotated[str, typer.Option("--recipe", help="default: eqat's recipe (GPTQ start, learned rounding offsets and clipping factors, signed gradient descent, best step kept); paper: EfficientQAT's Block-AP exactly as published (min-max start, weights/step sizes/zero points with AdamW, 2 epochs of batch 2, cosine). Options given below override the recipe's values.")] = "default",
+        recipe: Annotated[str, typer.Option("--recipe", help="default: eqat's recipe (min-max start; learned rounding offsets and clipping factors; signed gradient descent, linear schedule; 4 epochs of batch 8; each block ends at its best validation state); paper: EfficientQAT's Block-AP exactly as published (min-max start; weights, step sizes and zero points with AdamW; 2 epochs of batch 2; cosine). Options given below override the recipe's values.")] = "default",
         epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs per block (default: 4; paper: 2); 0 with --steps 0 = the starting point only (RTN, or GPTQ with --init gptq).")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per block, instead of --epochs (0 = use --epochs).")] = None,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows per step (default 4; paper 2).")] = None,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows per step (default 8; paper 2).")] = None,
         param: Annotated[Optional[str], typer.Option("--param", help="What trains: round (rounding offsets in [-0.5, 0.5] and per-group clipping factors; default) or free (weights, step sizes, zero points; paper).")] = None,
         optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sign (signed gradient descent; default) or adamw (paper).")] = None,
         schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule: linear to 0 (default) or cosine to lr/--min-lr-factor (paper).")] = None,
@@ -86,10 +86,10 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset).")] = None,
         early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off).")] = 0,
         loss: Annotated[Optional[str], typer.Option("--loss", help="Block reconstruction loss: mse (default and paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = None,
-        init: Annotated[Optional[str], typer.Option("--init", help="Starting point of each block: gptq (GPTQ codes from the block's own inputs; default) or minmax (round-to-nearest; paper). With no training steps this is the result: GPTQ or RTN.")] = None,
+        init: Annotated[Optional[str], typer.Option("--init", help="Starting point of each block: minmax (round-to-nearest; default and paper) or gptq (GPTQ codes from the block's own inputs). With no training steps this is the result: RTN or GPTQ.")] = None,
         gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq).")] = 0.01,
-        best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: train (lowest training-batch loss at any step; default), val (best validation loss at an epoch end, the start included) or last (paper).")] = None,
-        keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val.")] = False,
+        best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
+        keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
         precision: Annotated[str, typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling).")] = "auto",
         offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
 
           [bold]eqat block-ap meta-llama/Llama-2-70b --bits 2 --group 64 --calib calib.safetensors -o out/70b-w2g64[/]
 
-          [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --init minmax --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
+          [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
 
           [bold]eqat block-ap smollm2 --bits 2 --group 64 --recipe paper --dataset c4 -o out/w2g64-paper[/]  (the paper's recipe)
         """

@@ -47,7 +47,7 @@ class BlockAPConfig:
     schedule: str = "linear"
     epochs: int = 4
     steps: int = 0
-    batch_size: int = 4
+    batch_size: int = 8
     quant_lr: float | None = None
     weight_lr: float | None = None
     min_lr_factor: float = 20.0
@@ -57,7 +57,7 @@ class BlockAPConfig:
     seed: int = 2
     offload_to_disk: bool = False
     loss: str = "mse"
-    init: str = "gptq"
+    init: str = "minmax"
     gptq_damp: float = 0.01
     best: str = "val"
     keep_best: bool = False  # the older spelling of best="val"
