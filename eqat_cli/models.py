@@ -53,7 +53,7 @@ class ModelSource:
 class LoadedModel:
     model: Any
     tokenizer: Any
-    arch: Any
+    arch: Any  # the registry's ArchitectureSpec; None when no plugin knows the model (eval only)
     source: ModelSource
     format: str  # "fp", "eqat", "gptq", "gptq_v2"
     quant: dict = field(default_factory=dict)  # {"bits", "group_size", "layers": {...}}
@@ -239,8 +239,13 @@ def resolve(
     dtype: str | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    require_arch: bool = True,
 ) -> LoadedModel:
-    """Load any model spec onto ``device`` with precision following the device."""
+    """Load any model spec onto ``device`` with precision following the device.
+
+    ``require_arch=False`` loads models no architecture plugin describes (``arch`` is then None):
+    evaluating needs only what transformers can load; quantizing and packing need the plugin.
+    """
     from eqat_cli.device import parse_dtype, pick_device
     from eqat_cli.registry import get_registry
 
@@ -265,7 +270,11 @@ def resolve(
             model, layers = load_packed_model(path, torch_dtype, zero_offset=offset, gptq3=gptq3)
             tok = load_tokenizer(path)
             quant = summarize_layers(layers)
-    arch = get_registry().architecture_for(model.config.model_type)
+    registry = get_registry()
+    if require_arch:
+        arch = registry.architecture_for(model.config.model_type)
+    else:
+        arch = registry.find_architecture(model.config.model_type)
     model.to(dev)
     model.eval()
     if quant:

@@ -206,14 +206,14 @@ def _forward_all(block, model, arch, inputs: torch.Tensor, outputs: torch.Tensor
     with torch.no_grad():
         for s in range(0, len(inputs), batch):
             x = inputs[s : s + batch].to(device=device, dtype=dtype)
-            kw = _block_kwargs(kw_cache, arch, model, x)
+            kw = _block_kwargs(kw_cache, arch, model, x, block)
             outputs[s : s + batch] = block(x, **kw).to(outputs.dtype).cpu()
 
 
-def _block_kwargs(cache: dict, arch, model, x: torch.Tensor) -> dict:
-    key = (tuple(x.shape), x.device, x.dtype)
+def _block_kwargs(cache: dict, arch, model, x: torch.Tensor, block: nn.Module) -> dict:
+    key = (tuple(x.shape), x.device, x.dtype, id(block))
     if key not in cache:
-        cache[key] = arch.block_kwargs(model, x)
+        cache[key] = arch.block_kwargs(model, x, block)
     return cache[key]
 
 
@@ -225,7 +225,7 @@ def eval_block_loss(block, model, arch, inputs, targets, batch, device, dtype, k
         for s in range(0, len(inputs), batch):
             x = inputs[s : s + batch].to(device=device, dtype=dtype)
             y = targets[s : s + batch].to(device=device, dtype=torch.float32)
-            out = block(x, **_block_kwargs(kw_cache, arch, model, x)).float()
+            out = block(x, **_block_kwargs(kw_cache, arch, model, x, block)).float()
             total += float(block_loss(out, y, kind)) * len(x)
     return total / len(inputs)
 
@@ -255,7 +255,7 @@ def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, devic
             for s in range(0, len(inputs), batch):
                 x = inputs[s : s + batch].to(device=device, dtype=dtype)
                 grams.clear()
-                block(x, **_block_kwargs(kw_cache, arch, model, x))
+                block(x, **_block_kwargs(kw_cache, arch, model, x, block))
                 grams.clear()
     finally:
         for h in hooks:
@@ -356,7 +356,7 @@ def train_block(
             x = q_in[idx].to(device=device, dtype=torch.float32)
             y = fp_out[idx].to(device=device, dtype=torch.float32)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                out = block(x, **_block_kwargs(kw_cache, arch, model, x))
+                out = block(x, **_block_kwargs(kw_cache, arch, model, x, block))
                 loss = block_loss(out, y, cfg.loss)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
