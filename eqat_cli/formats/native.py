@@ -95,7 +95,7 @@ def model_class_for(config: Any):
 
 
 def _safetensor_files(path: Path) -> list[Path]:
-    from eqat_cli.formats.inspect import safetensor_files
+    from eqat_cli.formats.detect import safetensor_files
 
     files = safetensor_files(path)
     if not files:
