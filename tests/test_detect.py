@@ -96,3 +96,25 @@ def test_a_directory_without_safetensors_is_left_to_transformers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     assert detect_format(tmp_path) == "fp"
+
+
+def test_shard_reader_reads_by_prefix_from_one_file_or_an_index(tmp_path):
+    """Block-AP's reader lives with the formats (and is still importable from the trainer)."""
+    from eqat_cli.formats.native import save_state_dict_sharded
+    from eqat_cli.formats.shards import ShardReader
+    from eqat_cli.train.block_ap import ShardReader as FromTrainer
+
+    assert FromTrainer is ShardReader
+    sd = {f"model.layers.{i}.w": torch.full((64,), float(i)) for i in range(3)}
+    sd["lm_head.weight"] = torch.ones(4, 4, dtype=torch.float16)
+    for name, shard_bytes in (("one", 10**9), ("sharded", 300)):
+        d = tmp_path / name
+        d.mkdir()
+        save_state_dict_sharded(sd, d, max_shard_bytes=shard_bytes)
+        assert (d / "model.safetensors.index.json").exists() == (name == "sharded")
+        reader = ShardReader(d)
+        assert reader.keys("model.layers.1.") == ["model.layers.1.w"]
+        got = reader.read("model.layers.2.", torch.float64)
+        assert set(got) == {"w"} and got["w"].dtype == torch.float64 and float(got["w"][0]) == 2.0
+        rest = reader.read("", torch.float32, exclude="model.layers.")
+        assert set(rest) == {"lm_head.weight"} and rest["lm_head.weight"].dtype == torch.float32

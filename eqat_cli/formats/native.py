@@ -19,6 +19,7 @@ from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.formats.detect import layer_quant, quantized_layer_names, read_config_dict, safetensor_files
+from eqat_cli.formats.shards import write_index
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear, set_submodule
 
@@ -111,9 +112,7 @@ def save_state_dict_sharded(sd: dict, out_dir: Path, max_shard_bytes: int = SHAR
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({k: v.cpu() for k, v in shard.items()}, str(out_dir / fname), metadata=meta)
         weight_map.update({k: fname for k in shard})
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_index(out_dir, weight_map, total)
 
 
 def config_dict_for_save(config: Any, eqat_meta: dict | None) -> dict:

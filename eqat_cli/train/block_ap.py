@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.formats.shards import ShardReader  # moved to formats/; importable from here too, for now
 from eqat_cli.memory import peak_rss_bytes, release_memory
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import check_bits
@@ -134,51 +135,6 @@ class ActivationStore:
 
 
 # ---------------------------------------------------------------------- weights, block by block
-
-
-class ShardReader:
-    """Reads tensors by name prefix from a model's safetensors shards (never the whole model)."""
-
-    def __init__(self, path: Path, arch: Any = None):
-        from safetensors import safe_open
-
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else sorted(path.glob("*.safetensors"))
-            if not files:
-                raise BadInputError(f"{path} holds no .safetensors weights")
-            weight_map = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as fh:
-                    weight_map.update({k: f.name for k in fh.keys()})
-        self.path = path
-        # module path -> (file, key on disk)
-        rename = arch.module_key if arch is not None else (lambda k: k)
-        self.weight_map = {rename(k): (f, k) for k, f in weight_map.items()}
-
-    def keys(self, prefix: str) -> list[str]:
-        return [k for k in self.weight_map if k.startswith(prefix)]
-
-    def read(self, prefix: str, dtype: torch.dtype, exclude: str | None = None) -> dict[str, torch.Tensor]:
-        """Tensors whose module path starts with ``prefix`` (minus ``exclude``), prefix stripped.
-
-        Only the requested tensors are read from disk.
-        """
-        from safetensors import safe_open
-
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[str, list[str]] = {}
-        for k in self.keys(prefix):
-            if exclude is None or not k.startswith(exclude):
-                by_file.setdefault(self.weight_map[k][0], []).append(k)
-        for fname, keys in by_file.items():
-            with safe_open(str(self.path / fname), framework="pt") as fh:
-                for k in keys:
-                    t = fh.get_tensor(self.weight_map[k][1])
-                    out[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
-        return out
 
 
 def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
