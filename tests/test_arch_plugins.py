@@ -246,3 +246,26 @@ def test_readme_third_party_plugin_example_works():
                 assert isinstance(layer.get_submodule(name), torch.nn.Linear)
             h = layer(h, **arch.block_kwargs(model, h, i))
             torch.testing.assert_close(h, want[i], rtol=0, atol=1e-5)
+
+
+def test_gemma2_needs_only_data():
+    """Gemma-2 (sliding and global layers alternating 1:1, one RoPE) is not built in, but a spec
+    that is Llama's under another name runs it block by block exactly: the hook's layer argument is
+    all its alternating layers need."""
+    from transformers import Gemma2Config
+
+    from eqat_cli.plugins.llama import LLAMA
+    from eqat_cli.registry import replace
+
+    arch = replace(LLAMA, name="gemma2", model_types=("gemma2",))
+    model = build(Gemma2Config(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               sliding_window=8, query_pre_attn_scalar=16))
+    assert [arch.layer_type(model, i) for i in range(4)] == ["sliding_attention", "full_attention"] * 2
+    ids = torch.randint(0, 200, (1, 24))
+    want = layer_outputs(model, arch.layers(model), ids)
+    h = arch.embed(model)(ids)
+    with torch.no_grad():
+        for i, layer in enumerate(arch.layers(model)):
+            h = layer(h, **arch.block_kwargs(model, h, i))
+            torch.testing.assert_close(h, want[i], rtol=0, atol=1e-5)
