@@ -561,7 +561,8 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
     """
     import torch
 
-    from eqat_cli.models import attach_backend, detect_format, resolve
+    from eqat_cli.formats.detect import detect_format
+    from eqat_cli.models import attach_backend, resolve
 
     notes: list[str] = []
     variants: dict[str, dict] = {}

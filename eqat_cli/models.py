@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
+from eqat_cli.formats.detect import detect_layout
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -53,9 +54,9 @@ class ModelSource:
 class LoadedModel:
     model: Any
     tokenizer: Any
-    arch: Any
+    arch: Any  # the registry's ArchitectureSpec; None when no plugin knows the model (eval only)
     source: ModelSource
-    format: str  # "fp", "eqat", "gptq", "gptq_v2"
+    format: str  # "fp", "eqat", "gptq", "gptq_v2" or "other (METHOD)" (see formats.detect)
     quant: dict = field(default_factory=dict)  # {"bits", "group_size", "layers": {...}}
     path: Path | None = None
 
@@ -201,20 +202,6 @@ def local_path(source: ModelSource, revision: str | None = None) -> Path:
     return source.path
 
 
-def detect_format(path: Path) -> str:
-    """``fp``, ``eqat`` (native, incl. EfficientQAT releases), ``gptq`` or ``gptq_v2``."""
-    from eqat_cli.formats.native import quantized_layer_names, read_config_dict, tensor_names
-
-    cfg = read_config_dict(path)
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "gptq":
-        fmt = qc.get("checkpoint_format", "gptq")
-        return "gptq_v2" if fmt == "gptq_v2" else "gptq"
-    if quantized_layer_names(tensor_names(path)):
-        return "eqat"
-    return "fp"
-
-
 def load_fp(path: Path, dtype) -> tuple[Any, Any]:
     from eqat_cli.formats.native import model_class_for
     from transformers import AutoConfig
@@ -239,8 +226,13 @@ def resolve(
     dtype: str | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    require_arch: bool = True,
 ) -> LoadedModel:
-    """Load any model spec onto ``device`` with precision following the device."""
+    """Load any model spec onto ``device`` with precision following the device.
+
+    ``require_arch=False`` loads models no architecture plugin describes (``arch`` is then None):
+    evaluating needs only what transformers can load; quantizing and packing need the plugin.
+    """
     from eqat_cli.device import parse_dtype, pick_device
     from eqat_cli.registry import get_registry
 
@@ -253,19 +245,23 @@ def resolve(
         fmt, path = "fp", source.path
     else:
         path = local_path(source, revision)
-        fmt = detect_format(path)
-        if fmt == "fp":
-            model, tok = load_fp(path, torch_dtype)
-        else:
+        layout = detect_layout(path)
+        fmt = layout.format
+        if layout.packed:
             from eqat_cli.formats.native import load_packed_model
 
-            offset = 1 if fmt == "gptq" else 0
-            qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-            gptq3 = fmt.startswith("gptq") and qc.get("bits") == 3
-            model, layers = load_packed_model(path, torch_dtype, zero_offset=offset, gptq3=gptq3)
+            model, layers = load_packed_model(
+                path, torch_dtype, zero_offset=layout.zero_offset, gptq3=layout.gptq3
+            )
             tok = load_tokenizer(path)
             quant = summarize_layers(layers)
-    arch = get_registry().architecture_for(model.config.model_type)
+        else:  # full precision, or a quantization method transformers itself may load
+            model, tok = load_fp(path, torch_dtype)
+    registry = get_registry()
+    if require_arch:
+        arch = registry.architecture_for(model.config.model_type)
+    else:
+        arch = registry.find_architecture(model.config.model_type)
     model.to(dev)
     model.eval()
     if quant:

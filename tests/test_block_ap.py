@@ -76,14 +76,14 @@ def test_training_data_flow_and_loss_drop(llama_dir, tmp_path):
     val = c.val
     with torch.no_grad():
         h_fp = arch.embed(fp)(val)
-        h_fp = arch.layers(fp)[0](h_fp, **arch.block_kwargs(fp, h_fp))
-        target = arch.layers(fp)[1](h_fp, **arch.block_kwargs(fp, h_fp))
+        h_fp = arch.layers(fp)[0](h_fp, **arch.block_kwargs(fp, h_fp, 0))
+        target = arch.layers(fp)[1](h_fp, **arch.block_kwargs(fp, h_fp, 1))
         h_q = arch.embed(fp)(val)
-        h_q = arch.layers(qmodel)[0](h_q, **arch.block_kwargs(qmodel, h_q))
+        h_q = arch.layers(qmodel)[0](h_q, **arch.block_kwargs(qmodel, h_q, 0))
         rtn1 = build(tiny_llama_config())
         b1 = arch.layers(rtn1)[1]
         fake_quantize_block(b1, arch, 2, 32)
-        start = b1(h_q, **arch.block_kwargs(rtn1, h_q))
+        start = b1(h_q, **arch.block_kwargs(rtn1, h_q, b1))
     expected = float(torch.nn.functional.mse_loss(start, target))
     assert blocks[1]["loss_before"] == pytest.approx(expected, rel=1e-4)
 
@@ -116,11 +116,11 @@ def test_token_rel_training_uses_its_loss_throughout(llama_dir, tmp_path):
     fp = build(tiny_llama_config())
     with torch.no_grad():
         h = arch.embed(fp)(c.val)
-        target = arch.layers(fp)[0](h, **arch.block_kwargs(fp, h))
+        target = arch.layers(fp)[0](h, **arch.block_kwargs(fp, h, 0))
         b0 = build(tiny_llama_config())
         blk = arch.layers(b0)[0]
         fake_quantize_block(blk, arch, 2, 32)
-        start = blk(h, **arch.block_kwargs(b0, h))
+        start = blk(h, **arch.block_kwargs(b0, h, blk))
     assert res.blocks[0]["loss_before"] == pytest.approx(float(block_loss(start, target, "token-rel")), rel=1e-4)
     assert json.loads((res.output / "config.json").read_text())["eqat"]["block_ap"]["loss"] == "token-rel"
 

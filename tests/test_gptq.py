@@ -136,7 +136,7 @@ def test_block_ap_gptq_init_uses_the_blocks_inputs(llama_dir, tmp_path):
         hooks.append(lin.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add(a[0])))
     with torch.no_grad():
         h = arch.embed(fp)(c.train)
-        layer0(h, **arch.block_kwargs(fp, h))
+        layer0(h, **arch.block_kwargs(fp, h, layer0))
     for hk in hooks:
         hk.remove()
     model, _ = load_packed_model(res.output)

@@ -169,7 +169,7 @@ def test_best_step_is_the_lowest_training_loss():
     def trained(best):
         block = build(tiny_llama_config()).model.layers[0]
         with torch.no_grad():
-            y, yv = (block(t, **arch.block_kwargs(model, t)) for t in (x, xv))
+            y, yv = (block(t, **arch.block_kwargs(model, t, 0)) for t in (x, xv))
         cfg = BlockAPConfig(bits=2, group_size=32, steps=9, batch_size=2, best=best)
         quantize_block_start(block, model, arch, cfg, x, 2, cpu)
         states, losses = [snapshot(block)], []

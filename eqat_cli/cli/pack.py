@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
 
         Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
         """
-        from eqat_cli.formats.inspect import human_bytes
+        from eqat_cli.formats.detect import human_bytes
 
         summary = pack_model(model, fmt, output, overwrite)
         console.print(f"[green]wrote[/] {summary['output']} ({summary['format']}, "

@@ -80,7 +80,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
     )
     from rich.text import Text
 
-    from eqat_cli.formats.inspect import inspect_path
+    from eqat_cli.formats.detect import inspect_path
     from eqat_cli.models import download
 
     class AmountColumn(ProgressColumn):

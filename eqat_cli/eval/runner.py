@@ -161,7 +161,7 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: EvalProgre
         plans = validate(cfg)
     if progress:
         progress("load", cfg.model, 0, 1)
-    loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend)
+    loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend, require_arch=False)
     if progress:
         progress("load", cfg.model, 1, 1)
     model, tok = loaded.model, loaded.tokenizer

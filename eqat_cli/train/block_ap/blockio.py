@@ -3,7 +3,6 @@ forwards and the reconstruction losses."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.formats.shards import ShardReader  # noqa: F401  (re-exported: the trainer reads weights block by block)
 from eqat_cli.quant.linear import PackedLinear
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -54,51 +54,6 @@ class ActivationStore:
 # ---------------------------------------------------------------------- weights, block by block
 
 
-class ShardReader:
-    """Reads tensors by name prefix from a model's safetensors shards (never the whole model)."""
-
-    def __init__(self, path: Path, arch: Any = None):
-        from safetensors import safe_open
-
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else sorted(path.glob("*.safetensors"))
-            if not files:
-                raise BadInputError(f"{path} holds no .safetensors weights")
-            weight_map = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as fh:
-                    weight_map.update({k: f.name for k in fh.keys()})
-        self.path = path
-        # module path -> (file, key on disk)
-        rename = arch.module_key if arch is not None else (lambda k: k)
-        self.weight_map = {rename(k): (f, k) for k, f in weight_map.items()}
-
-    def keys(self, prefix: str) -> list[str]:
-        return [k for k in self.weight_map if k.startswith(prefix)]
-
-    def read(self, prefix: str, dtype: torch.dtype, exclude: str | None = None) -> dict[str, torch.Tensor]:
-        """Tensors whose module path starts with ``prefix`` (minus ``exclude``), prefix stripped.
-
-        Only the requested tensors are read from disk.
-        """
-        from safetensors import safe_open
-
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[str, list[str]] = {}
-        for k in self.keys(prefix):
-            if exclude is None or not k.startswith(exclude):
-                by_file.setdefault(self.weight_map[k][0], []).append(k)
-        for fname, keys in by_file.items():
-            with safe_open(str(self.path / fname), framework="pt") as fh:
-                for k in keys:
-                    t = fh.get_tensor(self.weight_map[k][1])
-                    out[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
-        return out
-
-
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """Load ``sd`` into ``module`` (assigning tensors); every non-packed tensor must be there."""
     res = module.load_state_dict(sd, strict=False, assign=True)
@@ -115,14 +70,14 @@ def forward_all(block, model, arch, inputs: torch.Tensor, outputs: torch.Tensor,
     with torch.no_grad():
         for s in range(0, len(inputs), batch):
             x = inputs[s : s + batch].to(device=device, dtype=dtype)
-            kw = block_kwargs_cached(kw_cache, arch, model, x)
+            kw = block_kwargs_cached(kw_cache, arch, model, x, block)
             outputs[s : s + batch] = block(x, **kw).to(outputs.dtype).cpu()
 
 
-def block_kwargs_cached(cache: dict, arch, model, x: torch.Tensor) -> dict:
-    key = (tuple(x.shape), x.device, x.dtype)
+def block_kwargs_cached(cache: dict, arch, model, x: torch.Tensor, block: nn.Module) -> dict:
+    key = (tuple(x.shape), x.device, x.dtype, id(block))
     if key not in cache:
-        cache[key] = arch.block_kwargs(model, x)
+        cache[key] = arch.block_kwargs(model, x, block)
     return cache[key]
 
 
@@ -134,7 +89,7 @@ def eval_block_loss(block, model, arch, inputs, targets, batch, device, dtype, k
         for s in range(0, len(inputs), batch):
             x = inputs[s : s + batch].to(device=device, dtype=dtype)
             y = targets[s : s + batch].to(device=device, dtype=torch.float32)
-            out = block(x, **block_kwargs_cached(kw_cache, arch, model, x)).float()
+            out = block(x, **block_kwargs_cached(kw_cache, arch, model, x, block)).float()
             total += float(block_loss(out, y, kind)) * len(x)
     return total / len(inputs)
 

@@ -17,7 +17,8 @@ from eqat_cli.errors import BadInputError
 from eqat_cli.memory import peak_rss_bytes, release_memory
 from eqat_cli.quant.primitives import check_bits
 from eqat_cli.quantize import pack_block
-from eqat_cli.train.block_ap.blockio import ActivationStore, ShardReader, eval_block_loss, forward_all, load_into
+from eqat_cli.formats.shards import ShardReader
+from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start
 from eqat_cli.train.block_ap.train import check_keep_best, train_block

@@ -34,7 +34,7 @@ def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, devic
             for s in range(0, len(inputs), batch):
                 x = inputs[s : s + batch].to(device=device, dtype=dtype)
                 grams.clear()
-                block(x, **block_kwargs_cached(kw_cache, arch, model, x))
+                block(x, **block_kwargs_cached(kw_cache, arch, model, x, block))
                 grams.clear()
     finally:
         for h in hooks:

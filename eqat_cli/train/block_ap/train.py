@@ -127,7 +127,7 @@ def train_block(
         x = q_in[idx].to(device=device, dtype=torch.float32)
         y = fp_out[idx].to(device=device, dtype=torch.float32)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-            out = block(x, **block_kwargs_cached(kw_cache, arch, model, x))
+            out = block(x, **block_kwargs_cached(kw_cache, arch, model, x, block))
             loss = block_loss(out, y, cfg.loss)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
