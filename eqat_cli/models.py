@@ -114,8 +114,10 @@ def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
         raise MissingDependencyError("gguf", "loading a .gguf model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    from eqat_cli.readers import hf_load
+
+    model = hf_load(AutoModelForCausalLM.from_pretrained, directory, "GGUF model", gguf_file=gguf_file, dtype=dtype)
+    tok = hf_load(AutoTokenizer.from_pretrained, directory, "GGUF tokenizer", gguf_file=gguf_file)
     _drop_gguf_quantizer(model)
     return model, tok
 
@@ -167,9 +169,14 @@ def download(
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
+    from eqat_cli.data import hub_access
+
     kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
     try:
-        path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
+        with hub_access():  # no network: offline mode, cached copies only (no retries)
+            path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
+    except hf_errors.HFValidationError as e:
+        raise BadInputError(f"{repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]})") from e
     except hf_errors.RepositoryNotFoundError as e:
         raise EqatError(f"repository {repo_id!r} was not found on the Hub (or is private)") from e
     except hf_errors.RevisionNotFoundError as e:
@@ -217,20 +224,18 @@ def detect_format(path: Path) -> str:
 
 def load_fp(path: Path, dtype) -> tuple[Any, Any]:
     from eqat_cli.formats.native import model_class_for
-    from transformers import AutoConfig
+    from eqat_cli.readers import check_model_weights, hf_load, load_config
 
-    config = AutoConfig.from_pretrained(str(path))
-    model = model_class_for(config).from_pretrained(str(path), dtype=dtype)
+    config = load_config(path)
+    check_model_weights(path)
+    model = hf_load(model_class_for(config).from_pretrained, path, "model weights", dtype=dtype)
     return model, load_tokenizer(path)
 
 
 def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from eqat_cli.readers import load_tokenizer as read_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+    return read_tokenizer(path)
 
 
 def resolve(
@@ -260,7 +265,9 @@ def resolve(
             from eqat_cli.formats.native import load_packed_model
 
             offset = 1 if fmt == "gptq" else 0
-            qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+            from eqat_cli.readers import read_model_config
+
+            qc = read_model_config(path).get("quantization_config") or {}
             gptq3 = fmt.startswith("gptq") and qc.get("bits") == 3
             model, layers = load_packed_model(path, torch_dtype, zero_offset=offset, gptq3=gptq3)
             tok = load_tokenizer(path)

@@ -150,20 +150,12 @@ class TensorMeta:
 
 def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
     """Tensor name -> dtype/shape/offsets, from the JSON header only."""
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise BadInputError(f"{file}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise BadInputError(f"{file}: safetensors header of {n} bytes is not plausible")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as e:
-            raise BadInputError(f"{file}: unreadable safetensors header ({e})") from e
+    from eqat_cli.readers import safetensors_header
+
+    header, data_start = safetensors_header(file, "safetensors weight shard")
     header.pop("__metadata__", None)
     return {
-        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), 8 + n)
+        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), data_start)
         for k, v in header.items()
     }
 
@@ -182,8 +174,9 @@ def read_small_tensor(meta: TensorMeta) -> list[int]:
 def safetensor_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+        from eqat_cli.readers import check_model_weights
+
+        return check_model_weights(path)
     single = path / "model.safetensors"
     if single.exists():
         return [single]
@@ -303,7 +296,9 @@ def inspect_path(path: str | os.PathLike) -> ModelInfo:
                 info.notes.append(f"{len(ggufs)} .gguf files here; described {ggufs[0].name}")
             return info
         raise BadInputError(f"{path} is not a model directory (no config.json)")
-    cfg = json.loads(cfg_file.read_text())
+    from eqat_cli.readers import read_json
+
+    cfg = read_json(cfg_file, "model config (config.json)")
     text_cfg = cfg.get("text_config") or {}
     model_type = cfg.get("model_type") or text_cfg.get("model_type")
     headers = read_headers(p)

@@ -104,12 +104,11 @@ def _safetensor_files(path: Path) -> list[Path]:
 
 
 def tensor_names(path: str | os.PathLike) -> list[str]:
-    from safetensors import safe_open
+    from eqat_cli.readers import check_safetensors
 
     names = []
     for f in _safetensor_files(Path(path)):
-        with safe_open(str(f), framework="pt") as fh:
-            names.extend(fh.keys())
+        names.extend(check_safetensors(f, "safetensors weight shard"))
     return names
 
 
@@ -118,10 +117,11 @@ def quantized_layer_names(names: Iterable[str]) -> list[str]:
 
 
 def read_config_dict(path: str | os.PathLike) -> dict:
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
+    from eqat_cli.readers import read_model_config
+
+    if not (Path(path) / "config.json").exists():
         raise BadInputError(f"{path} has no config.json")
-    return json.loads(cfg.read_text())
+    return read_model_config(path)
 
 
 def eqat_section(path: str | os.PathLike) -> dict | None:
@@ -219,11 +219,11 @@ def write_sidecars(model: nn.Module, tokenizer: Any, out: Path, config: dict) ->
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from eqat_cli.readers import load_safetensors
 
     sd = {}
     for f in _safetensor_files(path):
-        sd.update(load_file(str(f)))
+        sd.update(load_safetensors(f, "safetensors weight shard"))
     return sd
 
 
@@ -290,10 +290,10 @@ def load_packed_model(
     gptq3: bool = False,
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
     """Load a packed checkpoint (native or GPTQ-style tensors) into a transformers model."""
-    from transformers import AutoConfig
+    from eqat_cli.readers import load_config
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config)

@@ -140,18 +140,19 @@ class ShardReader:
     """Reads tensors by name prefix from a model's safetensors shards (never the whole model)."""
 
     def __init__(self, path: Path, arch: Any = None):
-        from safetensors import safe_open
+        from eqat_cli.readers import check_model_weights, open_safetensors as safe_open, read_json
 
         index = path / "model.safetensors.index.json"
+        check_model_weights(path)
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "safetensors index")["weight_map"]
         else:
             files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else sorted(path.glob("*.safetensors"))
             if not files:
                 raise BadInputError(f"{path} holds no .safetensors weights")
             weight_map = {}
             for f in files:
-                with safe_open(str(f), framework="pt") as fh:
+                with safe_open(f, "safetensors weight shard") as fh:
                     weight_map.update({k: f.name for k in fh.keys()})
         self.path = path
         # module path -> (file, key on disk)
@@ -166,7 +167,7 @@ class ShardReader:
 
         Only the requested tensors are read from disk.
         """
-        from safetensors import safe_open
+        from eqat_cli.readers import open_safetensors as safe_open
 
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
@@ -174,7 +175,7 @@ class ShardReader:
             if exclude is None or not k.startswith(exclude):
                 by_file.setdefault(self.weight_map[k][0], []).append(k)
         for fname, keys in by_file.items():
-            with safe_open(str(self.path / fname), framework="pt") as fh:
+            with safe_open(self.path / fname, "safetensors weight shard") as fh:
                 for k in keys:
                     t = fh.get_tensor(self.weight_map[k][1])
                     out[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
@@ -465,11 +466,10 @@ def _round_like_saved(block: nn.Module) -> None:
 
 def _packed_block_from_file(block: nn.Module, prefix: str, path: Path, dtype) -> nn.Module:
     """Rebuild a finished block (packed layers + fp params) from its saved shard."""
-    from safetensors.torch import load_file
-
     from eqat_cli.formats.native import install_packed_layers
+    from eqat_cli.readers import load_safetensors as load_file
 
-    sd = {k[len(prefix):]: v for k, v in load_file(str(path)).items()}
+    sd = {k[len(prefix):]: v for k, v in load_file(path, "finished block file").items()}
     install_packed_layers(block, sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     _load_into(block, sd, f"finished block file {path.name}")
@@ -490,9 +490,8 @@ def run_block_ap(
     overwrite: bool = False,
 ) -> BlockAPResult:
     """Quantize the full-precision model at ``model_path`` and write a packed checkpoint."""
-    from transformers import AutoConfig
-
     from eqat_cli.formats.native import build_skeleton, config_dict_for_save
+    from eqat_cli.readers import load_config, read_json
     from eqat_cli.registry import get_registry
 
     check_bits(cfg.bits)
@@ -503,7 +502,7 @@ def run_block_ap(
         if not overwrite:
             raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
     work = output.with_name(output.name + WORK_SUFFIX)
-    config = AutoConfig.from_pretrained(str(model_path))
+    config = load_config(model_path)
     if getattr(config, "quantization_config", None) is not None:
         raise BadInputError(f"{model_path} is already quantized; Block-AP needs a full-precision model")
     arch = get_registry().architecture_for(config.model_type)
@@ -519,7 +518,7 @@ def run_block_ap(
     state_path = work / STATE_FILE
     state = {"finished": [], "blocks": []}
     if work.exists() and resume and state_path.exists():
-        old = json.loads(state_path.read_text())
+        old = read_json(state_path, "Block-AP resume state")
         if _same_run(old.get("run_key"), run_key):
             state = old
         else:
@@ -621,10 +620,10 @@ def run_block_ap(
     with atomic_file(work / rest_file) as tmp:
         save_file(rest, str(tmp), metadata={"format": "pt"})
     weight_map = {k: rest_file for k in rest}
-    from safetensors import safe_open
+    from eqat_cli.readers import open_safetensors as safe_open
 
     for i in range(n_layers):
-        with safe_open(str(work / _block_file(i, n_layers)), "pt") as fh:
+        with safe_open(work / _block_file(i, n_layers), "finished block file") as fh:
             for k in fh.keys():
                 weight_map[k] = _block_file(i, n_layers)
     total = sum(f.stat().st_size for f in work.glob("model-*.safetensors"))
