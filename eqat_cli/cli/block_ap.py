@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt,
-    console, emit_json, guarded,
+    AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, POSITIVE, BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt,
+    ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, guarded,
 )
 
 
@@ -69,20 +69,20 @@ def register(app: typer.Typer) -> None:
         group: GroupOpt = 64,
         calib: Annotated[Optional[Path], typer.Option("--calib", help="File from `eqat calibrate`.")] = None,
         dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibrate on the fly from this corpus.")] = None,
-        samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset).")] = 4096,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset).")] = 2048,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset).")] = 64,
-        epochs: Annotated[int, typer.Option("--epochs", help="Epochs per block; 0 = min-max (RTN) only.")] = 2,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 2,
-        quant_lr: Annotated[float, typer.Option("--quant-lr", help="Learning rate of step sizes and zero points.")] = 1e-4,
-        weight_lr: Annotated[Optional[float], typer.Option("--weight-lr", help="Weight learning rate (default 2e-5 at 2 bits, else 1e-5).")] = None,
-        min_lr_factor: Annotated[float, typer.Option("--min-lr-factor", help="Cosine schedule ends at lr / this.")] = 20.0,
-        weight_decay: Annotated[float, typer.Option("--wd", help="AdamW weight decay.")] = 0.0,
-        max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset).")] = None,
-        early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off).")] = 0,
+        samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset)."), AT_LEAST_1] = 4096,
+        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset)."), Range(ge=2)] = 2048,
+        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset)."), NON_NEGATIVE] = 64,
+        epochs: Annotated[int, typer.Option("--epochs", help="Epochs per block; 0 = min-max (RTN) only."), NON_NEGATIVE] = 2,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step."), AT_LEAST_1] = 2,
+        quant_lr: Annotated[float, typer.Option("--quant-lr", help="Learning rate of step sizes and zero points."), LEARNING_RATE] = 1e-4,
+        weight_lr: Annotated[Optional[float], typer.Option("--weight-lr", help="Weight learning rate (default 2e-5 at 2 bits, else 1e-5)."), LEARNING_RATE] = None,
+        min_lr_factor: Annotated[float, typer.Option("--min-lr-factor", help="Cosine schedule ends at lr / this."), Range(ge=1)] = 20.0,
+        weight_decay: Annotated[float, typer.Option("--wd", help="AdamW weight decay."), NON_NEGATIVE] = 0.0,
+        max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset)."), POSITIVE] = None,
+        early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off)."), NON_NEGATIVE] = 0,
         loss: Annotated[str, typer.Option("--loss", help="Block reconstruction loss: mse (paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = "mse",
         init: Annotated[str, typer.Option("--init", help="Starting point of each block: minmax (paper: round-to-nearest) or gptq (GPTQ codes from the block's inputs; on SmolLM2 a better start at 2 bits, not at 4). With --epochs 0 this is the result: RTN or GPTQ.")] = "minmax",
-        gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq).")] = 0.01,
+        gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
         keep_best: Annotated[bool, typer.Option("--keep-best", help="End each block at its best validation loss, its starting point included (never worse than RTN/GPTQ on validation; needs validation windows).")] = False,
         offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         data_dir: DataDirOpt = None,
         overwrite: OverwriteOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
         json_out: JsonOpt = None,
     ):
         """Block-AP: train each decoder block's weights, step sizes and zero points (MSE to FP).
@@ -111,6 +112,8 @@ def register(app: typer.Typer) -> None:
         from eqat_cli.device import pick_device
         from eqat_cli.errors import BadInputError
         from eqat_cli.models import classify, load_tokenizer, local_path
+        from eqat_cli.fsutil import check_output
+        from eqat_cli.readers import check_full_precision_model, preflight_model
         from eqat_cli.quant.primitives import check_bits, effective_group
         from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
         from eqat_cli.train.calib import check_tokenizer, load_calibration
@@ -128,6 +131,8 @@ def register(app: typer.Typer) -> None:
             max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
             loss=loss, init=init, gptq_damp=gptq_damp, keep_best=keep_best,
         )
+        check_output(output, overwrite)
+        preflight_model(model)
         if calib is not None:
             c = load_calibration(calib)
             path = local_path(classify(model))
@@ -137,6 +142,7 @@ def register(app: typer.Typer) -> None:
             from eqat_cli.cli.calibrate import make_calibration
 
             c, tok, path = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+        check_full_precision_model(path)
         dev = pick_device(device)
         console.print(
             f"Block-AP w{bits}g{group} on {dev}: {tuple(c.train.shape)} train / {tuple(c.val.shape)} val windows, "
