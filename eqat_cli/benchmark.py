@@ -222,9 +222,9 @@ def resolve_shapes(spec: str) -> ShapeSet:
             f"{', '.join(sorted(ALIASES))})"
         ) from None
     path = local_path(source)
-    from transformers import AutoConfig
+    from eqat_cli.readers import load_config
 
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     return shapes_from_config(config, spec, "model", path)
 
 

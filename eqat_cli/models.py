@@ -115,8 +115,10 @@ def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
         raise MissingDependencyError("gguf", "loading a .gguf model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    from eqat_cli.readers import hf_load
+
+    model = hf_load(AutoModelForCausalLM.from_pretrained, directory, "GGUF model", gguf_file=gguf_file, dtype=dtype)
+    tok = hf_load(AutoTokenizer.from_pretrained, directory, "GGUF tokenizer", gguf_file=gguf_file)
     _drop_gguf_quantizer(model)
     return model, tok
 
@@ -168,9 +170,14 @@ def download(
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
+    from eqat_cli.data import hub_access
+
     kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
     try:
-        path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
+        with hub_access():  # no network: offline mode, cached copies only (no retries)
+            path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
+    except hf_errors.HFValidationError as e:
+        raise BadInputError(f"{repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]})") from e
     except hf_errors.RepositoryNotFoundError as e:
         raise EqatError(f"repository {repo_id!r} was not found on the Hub (or is private)") from e
     except hf_errors.RevisionNotFoundError as e:
@@ -204,20 +211,18 @@ def local_path(source: ModelSource, revision: str | None = None) -> Path:
 
 def load_fp(path: Path, dtype) -> tuple[Any, Any]:
     from eqat_cli.formats.native import model_class_for
-    from transformers import AutoConfig
+    from eqat_cli.readers import check_model_weights, hf_load, load_config
 
-    config = AutoConfig.from_pretrained(str(path))
-    model = model_class_for(config).from_pretrained(str(path), dtype=dtype)
+    config = load_config(path)
+    check_model_weights(path)
+    model = hf_load(model_class_for(config).from_pretrained, path, "model weights", dtype=dtype)
     return model, load_tokenizer(path)
 
 
 def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from eqat_cli.readers import load_tokenizer as read_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+    return read_tokenizer(path)
 
 
 def resolve(

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, console, emit_json, guarded,
+    AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, Range,
+    SeedOpt, TrustRemoteCodeOpt, console, emit_json, guarded,
 )
 
 
@@ -19,18 +20,18 @@ def register(app: typer.Typer) -> None:
         dataset: Annotated[str, typer.Option("--dataset", "-d", help="Corpus name or file (.txt/.jsonl/.parquet); instruction .jsonl with --format instruct.")],
         output: OutOpt,
         data_format: Annotated[str, typer.Option("--format", help="pt (pre-training text) or instruct (prompt masked).")] = "pt",
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example.")] = 4096,
-        samples: Annotated[int, typer.Option("--samples", help="Training examples.")] = 4096,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Held-out examples.")] = 64,
-        epochs: Annotated[int, typer.Option("--epochs")] = 1,
-        lr: Annotated[Optional[float], typer.Option("--lr", help="Default 2e-5 at 2 bits, else 1e-5.")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per process per micro-step.")] = 1,
-        grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step.")] = 1,
-        warmup_ratio: Annotated[float, typer.Option("--warmup-ratio")] = 0.03,
-        max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="0 disables clipping.")] = 0.3,
-        weight_decay: Annotated[float, typer.Option("--wd")] = 0.0,
-        eval_steps: Annotated[int, typer.Option("--eval-steps", help="Held-out loss every K steps (0 = per epoch).")] = 0,
-        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps.")] = 50,
+        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example."), Range(ge=2)] = 4096,
+        samples: Annotated[int, typer.Option("--samples", help="Training examples."), AT_LEAST_1] = 4096,
+        val_samples: Annotated[int, typer.Option("--val-samples", help="Held-out examples."), NON_NEGATIVE] = 64,
+        epochs: Annotated[int, typer.Option("--epochs"), AT_LEAST_1] = 1,
+        lr: Annotated[Optional[float], typer.Option("--lr", help="Default 2e-5 at 2 bits, else 1e-5."), LEARNING_RATE] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per process per micro-step."), AT_LEAST_1] = 1,
+        grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step."), AT_LEAST_1] = 1,
+        warmup_ratio: Annotated[float, typer.Option("--warmup-ratio"), Range(ge=0, lt=1)] = 0.03,
+        max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="0 disables clipping."), NON_NEGATIVE] = 0.3,
+        weight_decay: Annotated[float, typer.Option("--wd"), NON_NEGATIVE] = 0.0,
+        eval_steps: Annotated[int, typer.Option("--eval-steps", help="Held-out loss every K steps (0 = per epoch)."), NON_NEGATIVE] = 0,
+        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps."), AT_LEAST_1] = 50,
         train_zeros: Annotated[bool, typer.Option("--train-zeros", help="Also train zero points.")] = False,
         gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last saved step.")] = True,
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         data_dir: DataDirOpt = None,
         overwrite: OverwriteOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
         json_out: JsonOpt = None,
     ):
         """E2E-QP: train step sizes end to end on next-token loss (codes stay frozen).
@@ -53,10 +55,17 @@ def register(app: typer.Typer) -> None:
         from eqat_cli.models import resolve
         from eqat_cli.train.e2e_qp import E2EConfig, init_distributed, run_e2e_qp, world
 
+        from eqat_cli.fsutil import check_output
+        from eqat_cli.readers import preflight_model, read_jsonl
+
         if data_format not in ("pt", "instruct"):
             raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
-        if min(seqlen, samples, epochs, batch_size, grad_accum) < 1 or val_samples < 0:
-            raise BadInputError("--seqlen, --samples, --epochs, --batch-size and --grad-accum must be >= 1")
+        check_output(output, overwrite)
+        if preflight_model(model) is False:
+            raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
+        if data_format == "instruct":  # every line readable before the model is loaded
+            for _ in read_jsonl(dataset, "instruction data file"):
+                pass
         init_distributed()
         rank, ws = world()
         lm = resolve(model, device=device)

@@ -63,9 +63,8 @@ def save_dense(
 
 def load_dense(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Read it back the way any user would: plain transformers (the class ``architectures`` names)."""
-    from transformers import AutoConfig
-
     from eqat_cli.formats.native import model_class_for
+    from eqat_cli.readers import hf_load, load_config
 
-    config = AutoConfig.from_pretrained(str(path))
-    return model_class_for(config).from_pretrained(str(path), dtype=dtype).eval()
+    config = load_config(path)
+    return hf_load(model_class_for(config).from_pretrained, path, "model weights", dtype=dtype).eval()

@@ -150,20 +150,12 @@ class TensorMeta:
 
 def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
     """Tensor name -> dtype/shape/offsets, from the JSON header only."""
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise BadInputError(f"{file}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise BadInputError(f"{file}: safetensors header of {n} bytes is not plausible")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as e:
-            raise BadInputError(f"{file}: unreadable safetensors header ({e})") from e
+    from eqat_cli.readers import safetensors_header
+
+    header, data_start = safetensors_header(file, "safetensors weight shard")
     header.pop("__metadata__", None)
     return {
-        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), 8 + n)
+        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), data_start)
         for k, v in header.items()
     }
 
@@ -182,8 +174,9 @@ def read_small_tensor(meta: TensorMeta) -> list[int]:
 def safetensor_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+        from eqat_cli.readers import check_model_weights
+
+        return check_model_weights(path)
     single = path / "model.safetensors"
     if single.exists():
         return [single]
@@ -217,10 +210,11 @@ class Layout:
 
 
 def read_config_dict(path: str | os.PathLike) -> dict:
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
+    from eqat_cli.readers import read_model_config
+
+    if not (Path(path) / "config.json").exists():
         raise BadInputError(f"{path} has no config.json")
-    return json.loads(cfg.read_text())
+    return read_model_config(path)
 
 
 def quantized_layer_names(names: Iterable[str]) -> list[str]:

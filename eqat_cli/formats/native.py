@@ -147,11 +147,11 @@ def write_sidecars(model: nn.Module, tokenizer: Any, out: Path, config: dict) ->
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from eqat_cli.readers import load_safetensors
 
     sd = {}
     for f in _safetensor_files(path):
-        sd.update(load_file(str(f)))
+        sd.update(load_safetensors(f, "safetensors weight shard"))
     return sd
 
 
@@ -217,10 +217,10 @@ def load_packed_model(
     gptq3: bool = False,
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
     """Load a packed checkpoint (native or GPTQ-style tensors) into a transformers model."""
-    from transformers import AutoConfig
+    from eqat_cli.readers import load_config
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config)

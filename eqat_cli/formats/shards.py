@@ -23,10 +23,13 @@ class ShardReader:
     """
 
     def __init__(self, path: Path, arch: Any = None):
+        from eqat_cli.readers import check_model_weights, read_json
+
         path = Path(path)
         index = path / INDEX_FILE
+        check_model_weights(path)
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "safetensors index")["weight_map"]
         else:
             files = safetensor_files(path)
             if not files:
@@ -45,7 +48,7 @@ class ShardReader:
 
         Only the requested tensors are read from disk.
         """
-        from safetensors import safe_open
+        from eqat_cli.readers import open_safetensors
 
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
@@ -53,7 +56,7 @@ class ShardReader:
             if exclude is None or not k.startswith(exclude):
                 by_file.setdefault(self.weight_map[k][0], []).append(k)
         for fname, keys in by_file.items():
-            with safe_open(str(self.path / fname), framework="pt") as fh:
+            with open_safetensors(self.path / fname, "safetensors weight shard") as fh:
                 for k in keys:
                     t = fh.get_tensor(self.weight_map[k][1])
                     out[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t

@@ -76,11 +76,10 @@ def _round_like_saved(block: nn.Module) -> None:
 
 def _packed_block_from_file(block: nn.Module, prefix: str, path: Path, dtype) -> nn.Module:
     """Rebuild a finished block (packed layers + fp params) from its saved shard."""
-    from safetensors.torch import load_file
-
     from eqat_cli.formats.native import install_packed_layers
+    from eqat_cli.readers import load_safetensors
 
-    sd = {k[len(prefix):]: v for k, v in load_file(str(path)).items()}
+    sd = {k[len(prefix):]: v for k, v in load_safetensors(path, "finished block file").items()}
     install_packed_layers(block, sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     load_into(block, sd, f"finished block file {path.name}")
@@ -101,9 +100,8 @@ def run_block_ap(
     overwrite: bool = False,
 ) -> BlockAPResult:
     """Quantize the full-precision model at ``model_path`` and write a packed checkpoint."""
-    from transformers import AutoConfig
-
     from eqat_cli.formats.native import build_skeleton, config_dict_for_save
+    from eqat_cli.readers import load_config, read_json
     from eqat_cli.registry import get_registry
 
     check_bits(cfg.bits)
@@ -114,7 +112,7 @@ def run_block_ap(
         if not overwrite:
             raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
     work = output.with_name(output.name + WORK_SUFFIX)
-    config = AutoConfig.from_pretrained(str(model_path))
+    config = load_config(model_path)
     if getattr(config, "quantization_config", None) is not None:
         raise BadInputError(f"{model_path} is already quantized; Block-AP needs a full-precision model")
     arch = get_registry().architecture_for(config.model_type)
@@ -130,7 +128,7 @@ def run_block_ap(
     state_path = work / STATE_FILE
     state = {"finished": [], "blocks": []}
     if work.exists() and resume and state_path.exists():
-        old = json.loads(state_path.read_text())
+        old = read_json(state_path, "Block-AP resume state")
         if _same_run(old.get("run_key"), run_key):
             state = old
         else:
@@ -232,10 +230,10 @@ def run_block_ap(
     with atomic_file(work / rest_file) as tmp:
         save_file(rest, str(tmp), metadata={"format": "pt"})
     weight_map = {k: rest_file for k in rest}
-    from safetensors import safe_open
+    from eqat_cli.readers import open_safetensors
 
     for i in range(n_layers):
-        with safe_open(str(work / _block_file(i, n_layers)), "pt") as fh:
+        with open_safetensors(work / _block_file(i, n_layers), "finished block file") as fh:
             for k in fh.keys():
                 weight_map[k] = _block_file(i, n_layers)
     total = sum(f.stat().st_size for f in work.glob("model-*.safetensors"))
