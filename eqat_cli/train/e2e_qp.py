@@ -1,17 +1,30 @@
 """E2E-QP: end-to-end training of step sizes with frozen integer codes (EfficientQAT, phase 2).
 
 Only ``scales`` of every :class:`PackedLinear` train (``train_zeros`` adds zero points); codes stay
-packed. Next-token loss, AdamW, linear warmup then cosine, gradient clipping, gradient
-accumulation, gradient checkpointing, bf16 autocast on GPUs. Held-out loss every ``eval_steps``;
-the best and the last step sizes are both kept.
+packed. AdamW, linear warmup then cosine, gradient clipping, gradient checkpointing, autocast on
+GPUs (bf16, or fp16 with loss scaling: :mod:`eqat_cli.train.amp`). Held-out loss every
+``eval_steps``; the best and the last step sizes are both kept.
 
-Data parallel over ``torch.distributed`` (``torchrun``): each rank takes its slice of every global
-batch and gradients are averaged with ``all_reduce`` before the step, so N processes follow the
-same trajectory as one process with the same global batch.
+Objectives (``loss``):
 
-Resumable: every ``save_steps`` the trainable tensors, optimizer, scheduler, best-so-far and step
-are written atomically; data order is a pure function of (seed, epoch), so a resumed run sees the
-same batches.
+* ``ntp``: next-token cross-entropy on the learned tokens.
+* ``kd``: distillation, ``KL(teacher || student)`` between the full-precision teacher's next-token
+  distribution and the student's, on the same learned tokens (temperature 1). The teacher runs
+  alongside (no gradient) on each micro-batch; see ``docs/RESULTS.md`` for why that was chosen
+  over cached top-k logits or a block-streamed teacher.
+
+Both are sums over the learned tokens of the whole *global* batch divided by their count, so
+gradient accumulation and N processes give the gradient of one big batch however the batch is
+split. Logits are only formed at learned positions, a chunk of tokens at a time.
+
+Global batch: ``global_batch`` examples per optimizer step (the paper's 32), split over the
+processes and into micro-batches of at most ``batch_size``; the accumulation count follows.
+Data parallel over ``torch.distributed`` (``torchrun``): gradients are summed with ``all_reduce``.
+
+Resumable: every ``save_steps`` the trainable tensors, optimizer moments, loss scale, best-so-far,
+history and step are written atomically to one safetensors file (the scalars as JSON in its
+header: nothing is unpickled on resume); data order and learning rate are pure functions of
+(seed, step), so a resumed run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,34 +41,54 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from eqat_cli.errors import BadInputError, EqatError
 from eqat_cli.quant.linear import REFERENCE_KERNEL, PackedLinear
-from eqat_cli.train.sft_data import Examples
+from eqat_cli.train.amp import Amp
+from eqat_cli.train.sft_data import IGNORE, Examples
 
-STATE_FILE = "e2e_state.pt"
+STATE_FILE = "e2e_state.safetensors"
+STATE_KEY = "eqat_e2e_state"
 WORK_SUFFIX = ".partial"
+LOSSES = ("ntp", "kd")
+# Learned positions whose logits are formed at once (chunks beyond the first are recomputed in
+# the backward instead of keeping [tokens, vocab] logits alive).
+LOGIT_CHUNK = 2048
 
 
 @dataclass(frozen=True)
 class E2EConfig:
     epochs: int = 1
     lr: float | None = None  # paper: 2e-5 at 2 bits, 1e-5 otherwise
-    batch_size: int = 1  # per process, per micro-step
-    grad_accum: int = 1
+    global_batch: int = 32  # examples per optimizer step over all processes (paper: 4 x 8 accumulation)
+    batch_size: int = 4  # at most this many examples per process per micro-step
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 0.3
     weight_decay: float = 0.0
-    eval_steps: int = 0  # 0: evaluate at the end of each epoch only
+    eval_steps: int = 64  # 0: evaluate at the end of each epoch only
     save_steps: int = 50
     train_zeros: bool = False
     gradient_checkpointing: bool = True
     seed: int = 2
+    loss: str = "kd"
 
     def resolved_lr(self, bits: int) -> float:
         if self.lr is not None:
             return self.lr
         return 2e-5 if bits == 2 else 1e-5
+
+    def micro_batches(self, world_size: int) -> tuple[int, int]:
+        """``(micro_batch, accumulation)`` per process so that ``micro * accum * world == global``."""
+        if self.global_batch % world_size:
+            raise BadInputError(f"--global-batch {self.global_batch} is not divisible by the {world_size} processes")
+        share = self.global_batch // world_size
+        micro = min(self.batch_size, share)
+        if share % micro:
+            raise BadInputError(f"--global-batch {self.global_batch} over {world_size} process(es) gives {share} "
+                                f"examples each, not a multiple of --batch-size {micro}")
+        return micro, share // micro
 
 
 class NonFiniteLossError(EqatError):
@@ -77,11 +110,16 @@ def init_distributed() -> bool:
     return True
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup ``(step + 1) / warmup``, then cosine to 0 at ``total``."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps(ratio: float, total: int) -> int:
+    return math.ceil(ratio * total)  # as transformers' Trainer (the paper's scripts)
 
 
 def trainable_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
@@ -105,22 +143,140 @@ def _load_trainable(layers: dict[str, PackedLinear], state: dict[str, torch.Tens
                 m.zeros_fp.copy_(state[f"{n}.zeros_fp"])
 
 
-def evaluate(model, data: Examples, batch: int, device) -> float:
-    if len(data.input_ids) == 0:
-        return float("nan")
+# ---------------------------------------------------------------------- losses
+
+
+def _hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[batch, seq, hidden]`` (the body of the model, no LM head)."""
+    out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _chunk_terms(head, h, targets, t_logp):
+    """Per-chunk sums: (objective, next-token NLL). ``t_logp``: teacher log-probs or None (ntp)."""
+    logp = F.log_softmax(head(h).float(), dim=-1)
+    nll = -logp.gather(1, targets[:, None]).sum()
+    if t_logp is None:
+        return nll, nll.detach()
+    return F.kl_div(logp, t_logp, log_target=True, reduction="sum"), nll.detach()
+
+
+def loss_sums(model, ids, labels, mask, teacher=None, amp: Amp | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(objective sum, NLL sum, learned tokens)`` over one micro-batch.
+
+    Objective: NLL without a teacher, else ``sum KL(teacher || student)`` over the positions whose
+    next token is learned (label not IGNORE), i.e. masked like the LM loss.
+    """
+    amp = amp or Amp("cpu", None)
+    sel = labels[:, 1:] != IGNORE
+    targets = labels[:, 1:][sel]
+    n = int(targets.numel())
+    with amp.autocast():
+        h = _hidden(model, ids, mask)[:, :-1][sel]
+        t_h = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_h = _hidden(teacher, ids, mask)[:, :-1][sel]
+    head = model.get_output_embeddings()
+    t_head = teacher.get_output_embeddings() if teacher is not None else None
+    obj = h.new_zeros((), dtype=torch.float32)
+    nll = torch.zeros((), dtype=torch.float32)
+    for a in range(0, n, LOGIT_CHUNK):
+        hc, tc = h[a : a + LOGIT_CHUNK], targets[a : a + LOGIT_CHUNK]
+        t_logp = None
+        if teacher is not None:
+            with torch.no_grad(), amp.autocast():
+                t_logp = F.log_softmax(t_head(t_h[a : a + LOGIT_CHUNK]).float(), dim=-1)
+
+        def terms(hc=hc, tc=tc, t_logp=t_logp):
+            with amp.autocast():
+                return _chunk_terms(head, hc, tc, t_logp)
+
+        o, l = checkpoint(terms, use_reentrant=False) if n > LOGIT_CHUNK and hc.requires_grad else terms()
+        obj, nll = obj + o, nll + l.cpu()
+    return obj, nll, n
+
+
+def evaluate(model, data: Examples, batch: int, device, teacher=None, amp: Amp | None = None) -> dict:
+    """Held-out mean next-token NLL (and KL to the teacher when given) over all learned tokens."""
+    if len(data) == 0:
+        return {"nll": float("nan"), **({"kl": float("nan")} if teacher is not None else {})}
     rank, ws = world()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(3, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        for s in range(rank * batch, len(data.input_ids), batch * ws):
-            sl = slice(s, s + batch)
-            out = model(input_ids=data.input_ids[sl].to(device), attention_mask=data.attention_mask[sl].to(device),
-                        labels=data.labels[sl].to(device))
-            n_tok = int((data.labels[sl][:, 1:] != -100).sum())
-            total += torch.tensor([float(out.loss) * n_tok, n_tok], dtype=torch.float64)
+        for s in range(rank * batch, len(data), batch * ws):
+            ids, labels, mask = data.collate(range(s, min(s + batch, len(data))))
+            obj, nll, n = loss_sums(model, ids.to(device), labels.to(device), mask.to(device), teacher, amp)
+            total += torch.tensor([float(nll), float(obj), n], dtype=torch.float64)
     if ws > 1:
         dist.all_reduce(total)
-    return float(total[0] / max(total[1], 1))
+    count = max(float(total[2]), 1.0)
+    out = {"nll": float(total[0]) / count}
+    if teacher is not None:
+        out["kl"] = float(total[1]) / count
+    return out
+
+
+def evaluate_loss(model, data: Examples, batch: int, device) -> float:
+    """Held-out next-token loss (the tests' and benchmarks' yardstick)."""
+    return evaluate(model, data, batch, device)["nll"]
+
+
+# ---------------------------------------------------------------------- resume state
+
+
+def _save_state(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from eqat_cli.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={STATE_KEY: json.dumps(meta)})
+
+
+def _read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON header and tensors of a resume file; a damaged file is a one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[STATE_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any damage: name the file, say what to do
+        raise BadInputError(
+            f"{path}: damaged E2E-QP resume state ({type(e).__name__}: {str(e)[:120]}); "
+            f"delete it or pass --no-resume to start over") from None
+    if not isinstance(meta, dict) or meta.get("format") != "eqat-e2e-state":
+        raise BadInputError(f"{path}: not an E2E-QP resume state; delete it or pass --no-resume")
+    return meta, tensors
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for pid, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{pid}.{name}"] = v
+            else:
+                scalars[f"{pid}.{name}"] = v
+    return tensors, scalars
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optimizer."):
+            pid, name = key[len("optimizer."):].split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in scalars.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+# ---------------------------------------------------------------------- training
 
 
 @dataclass
@@ -133,6 +289,42 @@ class E2EResult:
     seconds: float
     tokens_per_second: float
     resumed_from_step: int
+    global_batch: int = 0
+    micro_batch: int = 0
+    grad_accum: int = 0
+
+
+def _enable_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _disable_checkpointing(model) -> None:
+    off = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    if off is not None:
+        off()
+
+
+def prepare_student(model: torch.nn.Module, train_zeros: bool, checkpointing: bool) -> list[torch.nn.Parameter]:
+    """Freeze everything but the packed layers' step sizes (and zero points); return those."""
+    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # The torch kernel differentiates w.r.t. step sizes; float zero points need the reference.
+    kernel = REFERENCE_KERNEL if train_zeros else TORCH_KERNEL
+    params = []
+    for m in trainable_layers(model).values():
+        m.set_kernel(kernel)
+        params.extend(m.start_training(train_zeros))
+    if checkpointing:
+        _enable_checkpointing(model)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return params
 
 
 def run_e2e_qp(
@@ -148,60 +340,58 @@ def run_e2e_qp(
     progress: Callable[[str, dict], None] = lambda e, i: None,
     resume: bool = True,
     overwrite: bool = False,
+    teacher: torch.nn.Module | None = None,
+    amp: Amp | None = None,
 ) -> E2EResult:
     from eqat_cli.formats.native import save_native
-    from eqat_cli.fsutil import atomic_dir, atomic_file
+    from eqat_cli.fsutil import atomic_dir
 
     rank, ws = world()
     output = Path(output)
     if output.exists() and not overwrite:
         raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
+    if cfg.loss not in LOSSES:
+        raise BadInputError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.loss == "kd" and teacher is None:
+        raise BadInputError("--loss kd needs the full-precision teacher (--teacher MODEL)")
+    teacher = teacher if cfg.loss == "kd" else None
     work = output.with_name(output.name + WORK_SUFFIX)
     layers = trainable_layers(model)
     if not layers:
         raise BadInputError("E2E-QP needs a quantized model (no packed layers found); run `eqat block-ap` first")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
-
-    # The torch kernel differentiates w.r.t. step sizes; float zero points need the reference.
-    kernel = REFERENCE_KERNEL if cfg.train_zeros else TORCH_KERNEL
-    params = []
-    for m in layers.values():
-        m.set_kernel(kernel)
-        params.extend(m.start_training(cfg.train_zeros))
+    micro, accum = cfg.micro_batches(ws)
+    n = len(train)
+    if n < cfg.global_batch:
+        raise BadInputError(f"{n} training examples are fewer than one global batch ({cfg.global_batch})")
+    params = prepare_student(model, cfg.train_zeros, cfg.gradient_checkpointing)
     model.to(device)
-    if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    amp = amp or Amp.for_device(device)
 
     lr = cfg.resolved_lr(bits)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    n = len(train.input_ids)
-    global_batch = cfg.batch_size * cfg.grad_accum * ws
-    if n < global_batch:
-        raise BadInputError(f"{n} training examples are fewer than one global batch ({global_batch})")
-    steps_per_epoch = n // global_batch
+    steps_per_epoch = n // cfg.global_batch
     total = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    warmup = warmup_steps(cfg.warmup_ratio, total)
 
-    run_key = {"cfg": dataclasses.asdict(cfg), "n": n, "world": ws, "sum": int(train.input_ids.sum())}
+    run_key = {"cfg": dataclasses.asdict(cfg), "n": n, "world": ws, "data": train.fingerprint(),
+               "teacher": None if teacher is None else sum(p.numel() for p in teacher.parameters())}
+    run_key = json.loads(json.dumps(run_key))  # as it reads back from the JSON header
     step, best_val, best_state = 0, None, None
-    history = {"train_loss": [], "val_loss": []}
+    history: dict = {"train_loss": [], "val_loss": []}
     state_path = work / STATE_FILE
     if resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        if st["run_key"] == run_key:
-            _load_trainable(layers, st["trainable"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            step, best_val, best_state, history = st["step"], st["best_val"], st["best"], st["history"]
+        meta, tensors = _read_state(state_path)
+        if meta["run_key"] == run_key:
+            _load_trainable(layers, {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")})
+            _load_optimizer(opt, tensors, meta["optimizer_scalars"])
+            amp.load_state_dict(meta["scaler"])
+            step, best_val, history = meta["step"], meta["best_val"], meta["history"]
+            if meta["has_best"]:
+                best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     resumed_from = step
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
@@ -209,70 +399,72 @@ def run_e2e_qp(
     def save_state():
         if rank != 0:
             return
-        with atomic_file(state_path) as tmp:
-            torch.save({"run_key": run_key, "trainable": _trainable_state(layers), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step, "best_val": best_val, "best": best_state,
-                        "history": history}, tmp)
+        opt_tensors, opt_scalars = _optimizer_tensors(opt)
+        tensors = {f"trainable.{k}": v for k, v in _trainable_state(layers).items()}
+        tensors.update(opt_tensors)
+        if best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in best_state.items()})
+        meta = {"format": "eqat-e2e-state", "version": 1, "run_key": run_key, "step": step, "best_val": best_val,
+                "has_best": best_state is not None, "history": history, "scaler": amp.state_dict(),
+                "optimizer_scalars": opt_scalars}
+        _save_state(state_path, meta, tensors)
+
+    objective = "kl" if teacher is not None else "nll"
 
     def validate():
         nonlocal best_val, best_state
-        v = evaluate(model, val, cfg.batch_size, device)
-        history["val_loss"].append([step, v])
-        if not math.isnan(v) and (best_val is None or v < best_val):
-            best_val, best_state = v, _trainable_state(layers)
-        progress("eval", {"step": step, "val_loss": v, "best": best_val})
+        v = evaluate(model, val, micro, device, teacher, amp)
+        history["val_loss"].append([step, v[objective], *([v["nll"]] if teacher is not None else [])])
+        if not math.isnan(v[objective]) and (best_val is None or v[objective] < best_val):
+            best_val, best_state = v[objective], _trainable_state(layers)
+        progress("eval", {"step": step, "val_loss": v[objective], "best": best_val, **v})
         model.train()
 
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     t0, tokens = time.time(), 0
     model.train()
-    tokens_per_step = global_batch * train.input_ids.shape[1]
-    progress("start", {"total": total, "step": step, "lr": lr, "global_batch": global_batch})
+    progress("start", {"total": total, "step": step, "lr": lr, "global_batch": cfg.global_batch,
+                       "micro_batch": micro, "grad_accum": accum, "amp": amp.name, "loss": cfg.loss})
     if step == 0:
         validate()  # the starting point: its loss is the baseline, and "best" if training hurts
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        gb = perm[in_epoch * global_batch : (in_epoch + 1) * global_batch]
+        gb = perm[in_epoch * cfg.global_batch : (in_epoch + 1) * cfg.global_batch]
+        count = train.n_targets(gb)  # learned tokens of the whole global batch: the loss divisor
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, total, warmup)
         opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for a in range(cfg.grad_accum):
-            start = (a * ws + rank) * cfg.batch_size
-            idx = gb[start : start + cfg.batch_size]
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                out = model(input_ids=train.input_ids[idx].to(device),
-                            attention_mask=train.attention_mask[idx].to(device),
-                            labels=train.labels[idx].to(device))
-            loss = out.loss / cfg.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
+        step_loss = torch.zeros(2, dtype=torch.float64)  # objective, NLL (sums over this rank)
+        for a in range(accum):
+            start = (a * ws + rank) * micro
+            ids, labels, mask = train.collate(gb[start : start + micro])
+            obj, nll, _ = loss_sums(model, ids.to(device), labels.to(device), mask.to(device), teacher, amp)
+            amp.backward(obj / max(count, 1))
+            step_loss += torch.tensor([float(obj.detach()), float(nll)], dtype=torch.float64)
         if ws > 1:
             for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= ws
-            t = torch.tensor([step_loss], dtype=torch.float64)
-            dist.all_reduce(t)
-            step_loss = float(t) / ws
-        if not math.isfinite(step_loss):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            dist.all_reduce(step_loss)
+        step_loss /= max(count, 1)
+        loss_value = float(step_loss[0])
+        if not math.isfinite(loss_value):
             save_state()
             raise NonFiniteLossError(
-                f"E2E-QP: loss became {step_loss} at step {step + 1}; the last saved state is kept in {work}"
+                f"E2E-QP: loss became {loss_value} at step {step + 1}; the last saved state is kept in {work}"
             )
+        amp.unscale_(opt)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
+        amp.step(opt)
         step += 1
-        tokens += tokens_per_step
-        history["train_loss"].append([step, step_loss])
+        tokens += train.n_tokens(gb)
+        history["train_loss"].append([step, loss_value, *([float(step_loss[1])] if teacher is not None else [])])
         elapsed = time.time() - t0
-        progress("step", {"step": step, "total": total, "loss": step_loss, "lr": sched.get_last_lr()[0],
+        progress("step", {"step": step, "total": total, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
                           "tokens_per_second": tokens / max(elapsed, 1e-9)})
-        if cfg.eval_steps and step % cfg.eval_steps == 0:
-            validate()
-        elif step % steps_per_epoch == 0:
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step % steps_per_epoch == 0:
             validate()
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
             save_state()
@@ -281,11 +473,10 @@ def run_e2e_qp(
     seconds = time.time() - t0
 
     model.eval()
-    ckpt_off = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
-    if ckpt_off is not None:
-        ckpt_off()
+    _disable_checkpointing(model)
     meta = dict(eqat_meta)
-    meta["e2e_qp"] = {**dataclasses.asdict(cfg), "lr": lr, "world_size": ws, "steps": step,
+    meta["e2e_qp"] = {**dataclasses.asdict(cfg), "lr": lr, "world_size": ws, "micro_batch": micro,
+                      "grad_accum": accum, "steps": step, "warmup_steps": warmup, "amp": amp.name,
                       "best_val_loss": best_val, "data": train.meta}
     if rank == 0:
         last_state = _trainable_state(layers)
@@ -305,4 +496,4 @@ def run_e2e_qp(
     if ws > 1:
         dist.barrier()
     return E2EResult(output, step, history["train_loss"], history["val_loss"], best_val, seconds,
-                     (step - resumed_from) * tokens_per_step / max(seconds, 1e-9), resumed_from)
+                     tokens / max(seconds, 1e-9), resumed_from, cfg.global_batch, micro, accum)
