@@ -107,13 +107,9 @@ def train_block(
         best_state = snapshot(block, trainable)
     opt = make_optimizer(groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
-    from eqat_cli.device import train_autocast_dtype
+    from eqat_cli.train.amp import Amp
 
-    amp_dtype = train_autocast_dtype(device, cfg.precision)
-    use_amp = amp_dtype is not None
-    # fp16 gradients underflow without loss scaling (signed descent only needs their signs, but
-    # those vanish too when they underflow to 0).
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    amp = Amp.for_device(device, precision=cfg.precision)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + index)
     best_val, since_best = float("inf"), 0
     kw_cache: dict = {}
@@ -126,7 +122,7 @@ def train_block(
         idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         x = q_in[idx].to(device=device, dtype=torch.float32)
         y = fp_out[idx].to(device=device, dtype=torch.float32)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+        with amp.autocast():
             out = block(x, **block_kwargs_cached(kw_cache, arch, model, x, block))
             loss = block_loss(out, y, cfg.loss)
         loss_value = float(loss.detach())
@@ -139,12 +135,11 @@ def train_block(
             # The loss of the parameters *before* this step: they are the ones to keep.
             best_loss, best_at, best_state = loss_value, step, snapshot(block, trainable)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        amp.backward(loss)  # fp16 (GPUs without bf16) scales the loss: its gradients would underflow
         if cfg.max_grad_norm is not None:
-            scaler.unscale_(opt)
+            amp.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
+        amp.step(opt)
         for m in projected:
             m.project()
         sched.step()
