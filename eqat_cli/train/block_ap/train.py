@@ -175,8 +175,8 @@ def train_block(
             history["best_train_loss"] = best_loss
         if best_state is not None and best_at != finished_at:
             restore(block, best_state)
-            progress("restored", {"block": index, "epoch": best_at if cfg.best == "val" else None,
-                                  "step": best_at if cfg.best == "train" else None, "val_loss": best_loss})
+            where = {"epoch": best_at} if cfg.best == "val" else {"step": best_at}
+            progress("restored", {"block": index, **where, "val_loss": best_loss})
     for p in block.parameters():
         p.requires_grad_(False)
     return history
