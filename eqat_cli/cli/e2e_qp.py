@@ -77,18 +77,18 @@ def register(app: typer.Typer) -> None:
 
         if data_format not in ("pt", "instruct"):
             raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
-        check_output(output, overwrite)
-        if preflight_model(model) is False:
-            raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
-        if data_format == "instruct":  # every line readable before the model is loaded
-            for _ in read_jsonl(dataset, "instruction data file"):
-                pass
         if loss not in LOSSES:
             raise BadInputError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         cfg = E2EConfig(epochs=epochs, lr=lr, global_batch=global_batch, batch_size=batch_size,
                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
                         eval_steps=eval_steps, save_steps=save_steps, train_zeros=train_zeros,
                         gradient_checkpointing=gradient_checkpointing, seed=seed, loss=loss)
+        check_output(output, overwrite)
+        if preflight_model(model) is False:
+            raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
+        if data_format == "instruct":  # every line readable before the model is loaded
+            for _ in read_jsonl(dataset, "instruction data file"):
+                pass
         init_distributed()
         rank, ws = world()
         micro, accum = cfg.micro_batches(ws)
