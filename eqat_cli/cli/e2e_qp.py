@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="0 disables clipping."), NON_NEGATIVE] = 0.3,
         weight_decay: Annotated[float, typer.Option("--wd"), NON_NEGATIVE] = 0.0,
         eval_steps: Annotated[int, typer.Option("--eval-steps", help="Held-out loss every K steps (0 = per epoch)."), NON_NEGATIVE] = 64,
-        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps."), NON_NEGATIVE] = 50,
+        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps."), AT_LEAST_1] = 50,
         train_zeros: Annotated[bool, typer.Option("--train-zeros", help="Also train zero points.")] = False,
         gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last saved step.")] = True,
@@ -83,15 +83,15 @@ def register(app: typer.Typer) -> None:
                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
                         eval_steps=eval_steps, save_steps=save_steps, train_zeros=train_zeros,
                         gradient_checkpointing=gradient_checkpointing, seed=seed, loss=loss)
+        init_distributed()
+        rank, ws = world()
+        micro, accum = cfg.micro_batches(ws)
         check_output(output, overwrite)
         if preflight_model(model) is False:
             raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
         if data_format == "instruct":  # every line readable before the model is loaded
             for _ in read_jsonl(dataset, "instruction data file"):
                 pass
-        init_distributed()
-        rank, ws = world()
-        micro, accum = cfg.micro_batches(ws)
         lm = resolve(model, device=device)
         if lm.format == "fp":
             raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
