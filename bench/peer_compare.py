@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 # method -> (tool, extra flags). Flags may use {samples} and {seqlen} (the calibration budget).
 # "block-ap" and "e2e-qp" are eqat commands; "autoround" is bench/peer_autoround_run.py in the peer venv.
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "rtn": ("block-ap", ["--epochs", "0"]),
+    "rtn": ("block-ap", ["--epochs", "0", "--init", "minmax"]),
     "gptq": ("block-ap", ["--init", "gptq", "--epochs", "0"]),
     "paper": ("block-ap", ["--recipe", "paper"]),
     "default": ("block-ap", []),
