@@ -107,14 +107,6 @@ class PplCorpus:
 # ---------------------------------------------------------------------- resolution
 
 
-def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """``data_dir`` if given, else ``$EQAT_DATA_DIR`` if set, else None (= the Hub)."""
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).expanduser() if env else None
-
-
 def is_file_spec(name_or_path: str) -> bool:
     """A path to a local file (by suffix or existence) rather than a registered name."""
     p = Path(name_or_path).expanduser()
@@ -180,7 +172,7 @@ def wikitext_rows(text: str) -> list[str]:
     """Rows of a WikiText ``*.raw`` file, identical to the Hugging Face ``wikitext`` rows.
 
     Each line keeps its line end; a blank line (``" \\n"``) becomes an empty row
-    (``/work/shared/data/PROVENANCE.md``, "Standard LLM perplexity protocol").
+    (the shared data folder's ``PROVENANCE.md``, "Standard LLM perplexity protocol").
     """
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
@@ -354,9 +346,6 @@ def read_corpus(name_or_path: str, split: str = "train", data_dir: Path | None =
     """
     return read_source(text_source(name_or_path, split, data_dir))
 
-
-# Alias under the name the eval issue used.
-load_text_rows = read_corpus
 
 
 # ---------------------------------------------------------------------- perplexity text

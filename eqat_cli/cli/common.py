@@ -267,9 +267,6 @@ JsonOpt = Annotated[
     typer.Option("--json", help="Write machine-readable results to FILE ('-' = stdout)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Compute precision: auto (fp32 on CPU, bf16/fp16 on GPU).")
-]
 BackendOpt = Annotated[
     str, typer.Option("--backend", help="Kernel backend for packed layers: auto, torch, triton.")
 ]

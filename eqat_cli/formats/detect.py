@@ -28,9 +28,6 @@ from eqat_cli.errors import BadInputError
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # mirrors eqat_cli.quant.primitives (which imports torch)
 _COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-_ST_ITEMSIZE = {"I32": 4, "I64": 8, "I16": 2, "I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4,
-                "F64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 @dataclass
 class LayerQuant:

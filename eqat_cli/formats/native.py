@@ -23,7 +23,6 @@ from eqat_cli.formats.shards import write_index
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear, set_submodule
 
-QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_NAME = "eqat"
 FORMAT_VERSION = 1
 SHARD_BYTES = 4 * 1024**3

@@ -24,7 +24,8 @@ the next block are recomputed by replaying the finished blocks (deterministic), 
 equals an uninterrupted one. No printing here: progress goes through a callback.
 """
 
-from eqat_cli.train.block_ap.blockio import ActivationStore, ShardReader, block_loss, eval_block_loss
+from eqat_cli.formats.shards import ShardReader
+from eqat_cli.train.block_ap.blockio import ActivationStore, block_loss, eval_block_loss
 from eqat_cli.train.block_ap.config import (
     BESTS, INITS, LOSSES, OPTIMIZERS, PARAMS, RECIPES, SCHEDULES, BlockAPConfig, NonFiniteLossError, Progress,
 )

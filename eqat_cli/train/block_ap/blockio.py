@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.formats.shards import ShardReader  # noqa: F401  (re-exported: the trainer reads weights block by block)
 from eqat_cli.quant.linear import PackedLinear
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
