@@ -181,16 +181,16 @@ def run_block_ap(
             # GPTQ Hessians from the quantized chain's inputs, as the block will see them.
             quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
             block.to(device)
-            def current_loss() -> float:
-                """Validation loss of the current block; without validation windows, a train slice."""
+            def current_loss(blk) -> float:
+                """Validation loss of ``blk``; without validation windows, a train slice."""
                 if len(q_in_v):
-                    return eval_block_loss(block, model, arch, q_in_v.data, fp_out_v.data, fwd_batch,
+                    return eval_block_loss(blk, model, arch, q_in_v.data, fp_out_v.data, fwd_batch,
                                            device, torch.float32, cfg.loss)
                 k = fwd_batch * 4
-                return eval_block_loss(block, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch,
+                return eval_block_loss(blk, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch,
                                        device, torch.float32, cfg.loss)
 
-            before = current_loss()
+            before = current_loss(block)
             history = {"train_loss": [], "val_loss": []}
             if cfg.trains:
                 history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
@@ -199,7 +199,7 @@ def run_block_ap(
             pack_block(block)
             _round_like_saved(block)
             block.to(device)
-            after = current_loss()
+            after = current_loss(block)
             _save_block(block.cpu(), prefix, block_path)
             block.to(device)
             info = {"block": i, "loss_before": before, "loss_after": after,
