@@ -17,7 +17,7 @@ from eqat_cli.errors import BadInputError
 from eqat_cli.memory import peak_rss_bytes, release_memory
 from eqat_cli.quant.primitives import check_bits
 from eqat_cli.quantize import pack_block
-from eqat_cli.formats.shards import ShardReader
+from eqat_cli.formats.shards import ShardReader, write_index
 from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start
@@ -237,9 +237,7 @@ def run_block_ap(
             for k in fh.keys():
                 weight_map[k] = _block_file(i, n_layers)
     total = sum(f.stat().st_size for f in work.glob("model-*.safetensors"))
-    (work / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
-    )
+    write_index(work, weight_map, total)
     meta = {"bits": cfg.bits, "group_size": cfg.group_size, "architecture": arch.name,
             "method": "block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"), "block_ap": cfg.to_json(),
             "source_model": str(model_path), **(extra_meta or {})}
