@@ -10,7 +10,9 @@ Times, on the same random token batch and the same machine, one after the other:
 * ``topk_cache``: bytes per token of a cached top-k teacher distribution, and the time to read
   every block's weights from the checkpoint (what a block-streamed teacher pays per micro-batch).
 
-Prints a table and writes JSON (``--json``). Speeds are training tokens per second.
+Steps of the four kinds are interleaved and the median is reported, so that a changing load on a
+shared machine affects all alike. Prints a table and writes JSON (``--json``). Speeds are training
+tokens per second.
 
     python bench/e2e_speed.py smollm2 --bits 4 --group 64 --seqlen 512 --json bench/results/e2e_speed.json
 """
@@ -22,6 +24,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,15 +32,19 @@ from pathlib import Path
 import torch
 
 
-def _timed(name: str, fn, steps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _interleaved(fns: dict, steps: int) -> dict:
+    """Median seconds per call of each function, calls interleaved (A B C A B C ...) after one
+    warm-up call each, so that a load change on a shared machine hits every kind alike."""
+    for fn in fns.values():
         fn()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sec = (time.perf_counter() - t) / steps
-    print(f"  ({name}: {sec:.3f} s/step)", file=sys.stderr, flush=True)
-    return sec
+    times: dict = {k: [] for k in fns}
+    for r in range(steps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+            print(f"  (round {r + 1}: {k} {times[k][-1]:.3f} s)", file=sys.stderr, flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _read_all_weights(path: Path) -> float:
@@ -85,18 +92,13 @@ def run(spec: str, bits: int, group: int, seqlen: int, batch: int, steps: int, c
                  "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                  "parameters": sum(p.numel() for p in fp.parameters()),
                  "trainable_step_sizes": sum(p.numel() for p in params)}
-    res = {}
-    res["e2e_ntp"] = _timed("e2e_ntp", e2e_step, steps)
-    fp.eval()
-    for p in fp.parameters():
+    teacher = copy.deepcopy(fp).eval()
+    for p in teacher.parameters():
         p.requires_grad_(False)
-    res["e2e_kd"] = _timed("e2e_kd", lambda: e2e_step(fp), steps)
 
     def teacher_forward():
         with torch.no_grad():
-            fp(input_ids=ids, attention_mask=mask)
-
-    res["teacher_forward"] = _timed("teacher_forward", teacher_forward, steps)
+            teacher(input_ids=ids, attention_mask=mask)
 
     dense = fp
     for p in dense.parameters():
@@ -113,12 +115,13 @@ def run(spec: str, bits: int, group: int, seqlen: int, batch: int, steps: int, c
         torch.nn.utils.clip_grad_norm_(list(dense.parameters()), 0.3)
         dense_opt.step()
 
-    res["dense"] = _timed("dense", dense_step, steps)
+    res = _interleaved({"dense": dense_step, "e2e_ntp": e2e_step, "e2e_kd": lambda: e2e_step(teacher),
+                        "teacher_forward": teacher_forward}, steps)
     out["seconds_per_step"] = res
     out["tokens_per_second"] = {k: tokens / v for k, v in res.items()}
     out["e2e_ntp_vs_dense"] = res["dense"] / res["e2e_ntp"]
     out["teacher"] = {
-        "alongside_extra_bytes": sum(p.numel() * p.element_size() for p in fp.parameters()),
+        "alongside_extra_bytes": sum(p.numel() * p.element_size() for p in teacher.parameters()),
         "alongside_extra_seconds_per_step": res["e2e_kd"] - res["e2e_ntp"],
         f"top{topk}_cache_bytes_per_token": topk * (4 + 4),  # fp32 log-prob + int32 index
         "block_streamed_read_seconds_per_micro_batch": _read_all_weights(lm.path) if lm.path else None,
