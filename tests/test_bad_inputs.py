@@ -243,6 +243,7 @@ CASES = [
     Case("e2e-qp-lr-negative", lambda s: e2e(s, None, "--lr", "-1e-5"), "--lr must be"),
     Case("e2e-qp-warmup-ratio", lambda s: e2e(s, None, "--warmup-ratio", "1"), "--warmup-ratio must be"),
     Case("e2e-qp-global-batch-zero", lambda s: e2e(s, None, "--global-batch", "0"), "--global-batch must be"),
+    Case("e2e-qp-epochs-zero", lambda s: e2e(s, None, "--epochs", "0"), "--epochs must be"),
     Case("e2e-qp-save-steps-zero", lambda s: e2e(s, None, "--save-steps", "0"), "--save-steps must be"),
     Case("e2e-qp-bad-format", lambda s: e2e(s, None, "--format", "chat"), "--format"),
     Case("e2e-qp-full-precision", lambda s: e2e(s, s.world["fp"]), "not quantized"),
