@@ -6,15 +6,13 @@ import json
 import pytest
 import torch
 
-from conftest import build, save_tiny, tiny_llama_config, tiny_tokenizer
+from conftest import build, tiny_llama_config
+from test_block_ap import llama_dir, run, tensors  # noqa: F401  (llama_dir is a fixture)
 from eqat_cli.quant.gptq import gptq_quantize
 from eqat_cli.quant.linear import QuantLinear
 from eqat_cli.quant.primitives import expand_groups, qmax
 from eqat_cli.quant.rounding import CLIP_LO, OFFSET_MAX, RoundQuantLinear
-from eqat_cli.train.block_ap import BlockAPConfig, SignSGD, run_block_ap
-from eqat_cli.train.calib import build_windows
-
-TEXT = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(60)) for i in range(40)]
+from eqat_cli.train.block_ap import BlockAPConfig, SignSGD
 
 
 def linear(out_f=24, in_f=80, seed=0, bias=True):
@@ -90,29 +88,6 @@ def test_sign_sgd_moves_every_parameter_by_the_lr():
     p.grad = torch.tensor([1e-9, -5.0, 0.0])
     SignSGD([p], lr=0.25).step()
     assert torch.equal(p.data, torch.tensor([0.75, 2.25, 3.0]))
-
-
-def calib():
-    return build_windows(TEXT, tiny_tokenizer(), 8, 32, 2, 0, source="synthetic")
-
-
-def run(model_dir, out, cfg, **kw):
-    c = calib()
-    return run_block_ap(model_dir, tiny_tokenizer(), c.train, c.val, cfg, out, torch.device("cpu"), **kw)
-
-
-def tensors(path):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-@pytest.fixture
-def llama_dir(tmp_path):
-    return save_tiny(build(tiny_llama_config()), tmp_path / "fp")
 
 
 @pytest.mark.parametrize("init", ["minmax", "gptq"])
