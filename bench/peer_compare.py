@@ -62,7 +62,7 @@ def measure(cmd: list[str], log: Path) -> dict:
                 peak = max(peak, sum(p.memory_info().rss for p in tree))
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.5)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}: {shlex.join(cmd)} (log: {log})")
