@@ -124,8 +124,9 @@ class Bench:
     def quantize(self, method: str, bits: int, out: Path, base: dict | None) -> dict:
         tool, flags = METHODS[method]
         flags = [f.format(samples=self.a.samples, seqlen=self.a.seqlen) for f in flags]
-        if out.exists():  # unfinished (no row): start over, never time a resumed run
-            shutil.rmtree(out)
+        for stale in (out, out.with_name(out.name + ".partial")):  # eqat's and the runner's work dir
+            if stale.exists():  # unfinished (no row): start over, never time a resumed run
+                shutil.rmtree(stale)
         log = out.with_name(out.name + ".log")
         if tool == "autoround":
             from eqat_cli.models import classify, local_path
