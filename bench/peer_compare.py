@@ -62,7 +62,7 @@ def measure(cmd: list[str], log: Path) -> dict:
                 peak = max(peak, sum(p.memory_info().rss for p in tree))
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.5)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}: {shlex.join(cmd)} (log: {log})")
@@ -124,8 +124,9 @@ class Bench:
     def quantize(self, method: str, bits: int, out: Path, base: dict | None) -> dict:
         tool, flags = METHODS[method]
         flags = [f.format(samples=self.a.samples, seqlen=self.a.seqlen) for f in flags]
-        if out.exists():  # unfinished (no row): start over, never time a resumed run
-            shutil.rmtree(out)
+        for stale in (out, out.with_name(out.name + ".partial")):  # eqat's and the runner's work dir
+            if stale.exists():  # unfinished (no row): start over, never time a resumed run
+                shutil.rmtree(stale)
         log = out.with_name(out.name + ".log")
         if tool == "autoround":
             from eqat_cli.models import classify, local_path
