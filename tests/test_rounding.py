@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import build, tiny_llama_config
-from test_block_ap import llama_dir, run, tensors  # noqa: F401  (llama_dir is a fixture)
+from test_block_ap import calib, llama_dir, run, tensors  # noqa: F401  (llama_dir is a fixture)
 from eqat_cli.quant.gptq import gptq_quantize
 from eqat_cli.quant.linear import QuantLinear
 from eqat_cli.quant.primitives import expand_groups, qmax
@@ -184,3 +184,17 @@ def test_recipes_and_bad_options():
             BlockAPConfig(**bad)
     with pytest.raises(BadInputError):
         BlockAPConfig.from_recipe("fast")
+
+
+def test_default_recipe_without_validation_windows(llama_dir, tmp_path):
+    """No validation windows: the default recipe's best-state choice uses a slice of the training
+    windows (as the reported losses do) instead of refusing; --keep-best still asks for them."""
+    from eqat_cli.errors import BadInputError
+
+    c = calib(val=0)
+    res = run(llama_dir, tmp_path / "a", BlockAPConfig(bits=2, group_size=32, steps=8, batch_size=2), c)
+    for b in res.blocks:
+        assert b["loss_after"] <= b["loss_before"] * 1.001
+        assert all(v == v for v in b["history"]["val_loss"])  # measured, not NaN
+    with pytest.raises(BadInputError, match="--keep-best needs validation windows"):
+        run(llama_dir, tmp_path / "b", BlockAPConfig(bits=2, group_size=32, steps=8, keep_best=True), c)

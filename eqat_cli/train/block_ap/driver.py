@@ -181,21 +181,19 @@ def run_block_ap(
             # GPTQ Hessians from the quantized chain's inputs, as the block will see them.
             quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
             block.to(device)
+            # Validation windows; without them, a slice of the training windows stands in (for the
+            # losses reported before and after, and for the default recipe's best-state choice).
+            k = fwd_batch * 4
+            val_in, val_out = (q_in_v.data, fp_out_v.data) if len(q_in_v) else (q_in.data[:k], fp_out.data[:k])
+
             def current_loss(blk) -> float:
-                """Validation loss of ``blk``; without validation windows, a train slice."""
-                if len(q_in_v):
-                    return eval_block_loss(blk, model, arch, q_in_v.data, fp_out_v.data, fwd_batch,
-                                           device, torch.float32, cfg.loss)
-                k = fwd_batch * 4
-                return eval_block_loss(blk, model, arch, q_in.data[:k], fp_out.data[:k], fwd_batch,
-                                       device, torch.float32, cfg.loss)
+                return eval_block_loss(blk, model, arch, val_in, val_out, fwd_batch, device, torch.float32, cfg.loss)
 
             before = current_loss(block)
             history = {"train_loss": [], "val_loss": []}
             if cfg.trains:
                 history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
-                                      q_in_v.data, fp_out_v.data, device, progress,
-                                      start_val=before if len(q_in_v) else None)
+                                      val_in, val_out, device, progress, start_val=before)
             pack_block(block)
             _round_like_saved(block)
             block.to(device)

@@ -183,8 +183,10 @@ def train_block(
 
 
 def check_keep_best(cfg: BlockAPConfig, n_val: int) -> None:
-    if cfg.best == "val" and cfg.trains and n_val == 0:
-        raise BadInputError("--keep-best (--best val) needs validation windows (--val-samples > 0)")
+    """``--keep-best`` asks for validation windows explicitly; the default recipe's ``best="val"``
+    falls back to a slice of the training windows when there are none (see the driver)."""
+    if cfg.keep_best and cfg.trains and n_val == 0:
+        raise BadInputError("--keep-best needs validation windows (--val-samples > 0)")
 
 
 def snapshot(block: nn.Module, params: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
