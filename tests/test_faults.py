@@ -1,4 +1,4 @@
-"""Faults (issue #16): disk full during Block-AP and pack, SIGKILL during pack, no network.
+"""Faults (issue #16): disk full during Block-AP, E2E-QP and pack, SIGKILL during pack, no network.
 
 Disk full is a real small file system (a tmpfs mounted for the test, when this process may
 mount) and, always, an ``OSError(ENOSPC)`` injected at the write. Either way the run stops with
@@ -188,6 +188,57 @@ def test_block_ap_on_a_full_tmpfs_keeps_blocks_and_resumes(inputs, tmp_path):
         res = invoke(*block_ap_args(inputs, out))
         assert res.exit_code == 0, res.output
         assert_same_tensors(out, ref)
+
+
+# ---------------------------------------------------------------------- E2E-QP
+
+
+def e2e_args(w, out: Path) -> list:
+    corpus = w["root"] / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(TEXT)
+    return ["e2e-qp", w["q"], "--dataset", corpus, "--seqlen", "16", "--samples", "8", "--val-samples", "2",
+            "--loss", "ntp", "--lr", "5e-3", "--global-batch", "1", "--batch-size", "1", "--save-steps", "2",
+            "--eval-steps", "40", "--no-gradient-checkpointing", "--device", "cpu", "-o", out]
+
+
+def test_e2e_qp_disk_full_keeps_saved_steps_and_resumes(inputs, tmp_path, monkeypatch):
+    """ENOSPC at the third resume-state write (step 6): one line, exit 1, the step-4 state is kept,
+    and the re-run resumes from it to the uninterrupted result."""
+    import safetensors.torch as st
+
+    from eqat_cli.train.e2e_qp import STATE_KEY
+
+    ref = tmp_path / "ref"
+    res = invoke(*e2e_args(inputs, ref))
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    real, calls = st.save_file, {"n": 0}
+
+    def save_file(tensors, filename, metadata=None):
+        if "e2e_state" in str(filename):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", save_file)
+    res = invoke(*e2e_args(inputs, out))
+    monkeypatch.setattr(st, "save_file", real)
+    assert res.exit_code == 1, res.output
+    errs = error_lines(res.output)
+    assert len(errs) == 1 and errs[0].startswith("error: disk full while writing"), res.output
+    work = tmp_path / "run.partial"
+    assert not out.exists() and not [p for p in work.iterdir() if p.name.startswith(".")]
+    from safetensors import safe_open
+
+    with safe_open(str(work / "e2e_state.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()[STATE_KEY])["step"] == 4
+    res = invoke(*e2e_args(inputs, out), "--json", tmp_path / "again.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "again.json").read_text())["resumed_from_step"] == 4
+    assert_same_tensors(out, ref)
+    assert_same_tensors(out / "last", ref / "last")
 
 
 # ---------------------------------------------------------------------- pack
