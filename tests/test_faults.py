@@ -351,35 +351,3 @@ def test_no_network_fails_at_once_for_a_named_data_set(inputs, tmp_path, monkeyp
     assert not [w for w in waits if w >= 1], f"retried with waits {waits}"
     assert took < 60, f"took {took:.1f} s"
     assert not (tmp_path / "c.safetensors").exists()
-
-
-# ---------------------------------------------------------------------- E2E-QP
-
-
-def e2e_args(w, out: Path) -> list:
-    corpus = w["root"] / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_text(TEXT)
-    return ["e2e-qp", w["q"], "--dataset", corpus, "--seqlen", "16", "--samples", "8", "--val-samples", "1",
-            "--loss", "ntp", "--global-batch", "2", "--batch-size", "2", "--save-steps", "1", "-o", out]
-
-
-def test_e2e_qp_disk_full_injected_keeps_steps_and_resumes(inputs, tmp_path, monkeypatch):
-    """A full disk while E2E-QP saves its resume state: one line, exit 1, the last complete
-    state kept; once there is room, the same command resumes to the uninterrupted result."""
-    ref = tmp_path / "ref"
-    res = invoke(*e2e_args(inputs, ref))
-    assert res.exit_code == 0, res.output
-    out = tmp_path / "out"
-    with enospc_at_save(monkeypatch, fail_call=3) as calls:  # steps 1 and 2 saved, step 3 is not
-        res = invoke(*e2e_args(inputs, out))
-    assert calls["n"] == 3
-    assert res.exit_code == 1, res.output
-    errs = error_lines(res.output)
-    assert len(errs) == 1 and errs[0].startswith("error: disk full while writing"), res.output
-    assert not out.exists()
-    work = out.with_name(out.name + ".partial")
-    assert work.exists() and not [p for p in work.rglob(".*") if p.is_file()], "temporary file left behind"
-    res = invoke(*e2e_args(inputs, out))
-    assert res.exit_code == 0, res.output
-    assert_same_tensors(out, ref)
