@@ -53,7 +53,8 @@ if [[ " $STAGES " == *" train "* ]]; then
     run "$OUT/bap-w${B}g64$SUFFIX.json" $EQAT block-ap smollm2 --bits "$B" --group 64 --epochs "$BASE_EPOCHS" \
       "${calib[@]}" -o "$base" --quant-lr 3e-4 --weight-lr 3e-4 --loss token-rel
     for L in kd ntp; do
-      run "$OUT/e2e-w${B}g64$SUFFIX-$L.json" $EQAT e2e-qp "$base" --loss "$L" --dataset c4 --seqlen "$E2E_SEQLEN" \
+      # --teacher: the ntp run also reports the held-out KL to the FP model (evaluation only)
+      run "$OUT/e2e-w${B}g64$SUFFIX-$L.json" $EQAT e2e-qp "$base" --loss "$L" --teacher smollm2 --dataset c4 --seqlen "$E2E_SEQLEN" \
         --samples "$SAMPLES" --val-samples 8 --global-batch "$GLOBAL_BATCH" --batch-size "$GLOBAL_BATCH" --lr "$LR" \
         --eval-steps 0 --no-gradient-checkpointing -o "$RUNS/e2e-w${B}g64$SUFFIX-$L"
     done
