@@ -30,7 +30,7 @@ def fp_block_io(model, arch, ids, blocks, chunk: int = 8) -> dict:
             h = arch.embed(model)(ids[s : s + chunk])
             out = {}
             for i in range(max(blocks) + 1):
-                o = arch.layers(model)[i](h, **arch.block_kwargs(model, h))
+                o = arch.layers(model)[i](h, **arch.block_kwargs(model, h, i))
                 if i in blocks:
                     out[i] = (h, o)
                 h = o

@@ -63,7 +63,7 @@ def main() -> None:
                 return eval_block_loss(blk, model, arch, a, b, 2, cpu, torch.float32, "token-rel")
 
             before = {"train16": loss(x[:16], y[:16]), "heldout_train_slots": loss(xh, yh), "val": loss(xv, yv)}
-            cfg = BlockAPConfig(bits=args.bits, group_size=args.group, epochs=args.epochs,
+            cfg = BlockAPConfig.paper(bits=args.bits, group_size=args.group, epochs=args.epochs,
                                 quant_lr=args.quant_lr, weight_lr=args.weight_lr, loss="token-rel")
             t = time.time()
             train_block(blk, model, arch, k, cfg, x[:n], y[:n], xv, yv, cpu, lambda *a: None)

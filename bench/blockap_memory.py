@@ -85,7 +85,7 @@ def progress(event, info):
     if event == "block_end":  # RSS once the finished block is freed, and the peak so far
         trace.append((round(rss_bytes() / 2**20), round(peak_rss_bytes() / 2**20)))
 t = time.time()
-res = run_block_ap(Path(model), None, c.train, c.val, BlockAPConfig(bits=2, group_size=64, epochs=epochs,
+res = run_block_ap(Path(model), None, c.train, c.val, BlockAPConfig.paper(bits=2, group_size=64, epochs=epochs,
                    offload_to_disk=offload), Path(out), torch.device("cpu"), progress=progress)
 print(json.dumps({"seconds": time.time() - t, "peak_rss_mb": peak_rss_bytes() / 2**20,
                   "rss_after_block_mb": [r for r, _ in trace], "peak_after_block_mb": [p for _, p in trace]}))

@@ -222,9 +222,9 @@ def resolve_shapes(spec: str) -> ShapeSet:
             f"{', '.join(sorted(ALIASES))})"
         ) from None
     path = local_path(source)
-    from transformers import AutoConfig
+    from eqat_cli.readers import load_config
 
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     return shapes_from_config(config, spec, "model", path)
 
 
@@ -561,7 +561,8 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
     """
     import torch
 
-    from eqat_cli.models import attach_backend, detect_format, resolve
+    from eqat_cli.formats.detect import detect_format
+    from eqat_cli.models import attach_backend, resolve
 
     notes: list[str] = []
     variants: dict[str, dict] = {}

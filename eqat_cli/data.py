@@ -22,10 +22,11 @@ This module does not import torch; ``datasets`` / ``pyarrow`` are imported only 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from eqat_cli.errors import BadInputError, EqatError
 
@@ -106,14 +107,6 @@ class PplCorpus:
 # ---------------------------------------------------------------------- resolution
 
 
-def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """``data_dir`` if given, else ``$EQAT_DATA_DIR`` if set, else None (= the Hub)."""
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).expanduser() if env else None
-
-
 def is_file_spec(name_or_path: str) -> bool:
     """A path to a local file (by suffix or existence) rather than a registered name."""
     p = Path(name_or_path).expanduser()
@@ -137,6 +130,10 @@ def text_source(name_or_path: str, split: str, data_dir: Path | None) -> TextSou
                 f"{name_or_path}: unsupported data file type {p.suffix!r}; "
                 f"use one of {', '.join(FILE_SUFFIXES)}"
             )
+        if p.suffix.lower() != ".parquet":
+            from eqat_cli.readers import sniff_text
+
+            sniff_text(p, "data file")  # a binary file fails here, before any model is loaded
         return TextSource(name_or_path, "file", path=p)
     spec = _spec(name_or_path)
     if spec.kind != "text":
@@ -175,7 +172,7 @@ def wikitext_rows(text: str) -> list[str]:
     """Rows of a WikiText ``*.raw`` file, identical to the Hugging Face ``wikitext`` rows.
 
     Each line keeps its line end; a blank line (``" \\n"``) becomes an empty row
-    (``/work/shared/data/PROVENANCE.md``, "Standard LLM perplexity protocol").
+    (the shared data folder's ``PROVENANCE.md``, "Standard LLM perplexity protocol").
     """
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
@@ -195,18 +192,13 @@ def blank_line_docs(text: str) -> list[str]:
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
+    from eqat_cli.readers import read_jsonl
+
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise BadInputError(f"{path}:{i}: no {field!r} field")
-            out.append(str(obj[field]))
+    for i, obj in read_jsonl(path, "data file"):
+        if field not in obj:
+            raise BadInputError(f"{path}:{i}: no {field!r} field")
+        out.append(str(obj[field]))
     return out
 
 
@@ -236,28 +228,102 @@ def read_file(path: Path, field: str = "text") -> list[str]:
         return _read_parquet(path, field)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, field)
-    text = path.read_text(encoding="utf-8")
+    from eqat_cli.readers import read_text
+
+    text = read_text(path, "data file")
     if suffix == ".raw":
         return wikitext_rows(text)
     return blank_line_docs(text)
+
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds to wait for a TCP connection to the Hub
+_hub_probe: dict[str, str | None] = {}
+
+
+def hub_offline_reason(datasets: bool = False) -> str | None:
+    """Why the Hub cannot be used right now (``HF_HUB_OFFLINE``, for data sets also
+    ``HF_DATASETS_OFFLINE``; no route), or None.
+
+    The network is probed once per process with one short TCP connection to ``HF_ENDPOINT``, so
+    a machine without network fails at once instead of after ~30 s of retries.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    if datasets and os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline mode is on (HF_DATASETS_OFFLINE)"
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if endpoint not in _hub_probe:
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(endpoint)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            with socket.create_connection((u.hostname or "", port), timeout=HUB_PROBE_TIMEOUT):
+                _hub_probe[endpoint] = None
+        except OSError as e:
+            _hub_probe[endpoint] = f"the Hub ({u.hostname}) is unreachable: {e.strerror or e}"
+    return _hub_probe[endpoint]
+
+
+@contextlib.contextmanager
+def hub_access(datasets: bool = False) -> Iterator[str | None]:
+    """Yield :func:`hub_offline_reason`; while the Hub is unreachable, huggingface_hub and datasets
+    run in offline mode (cached copies only), so a missing copy fails at once."""
+    reason = hub_offline_reason(datasets)
+    if reason is None:
+        yield None
+        return
+    import sys
+
+    from huggingface_hub import constants
+
+    saved = [(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)]
+    dconfig = sys.modules.get("datasets.config")
+    if dconfig is None:
+        try:
+            import datasets.config as dconfig
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            dconfig = None
+    if dconfig is not None:
+        saved += [(dconfig, k, getattr(dconfig, k)) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(dconfig, k)]
+    try:
+        for mod, k, _ in saved:
+            setattr(mod, k, True)
+        yield reason
+    finally:
+        for mod, k, v in saved:
+            setattr(mod, k, v)
 
 
 def _read_hub(src: TextSource) -> list[str]:
     import datasets
 
     target = src.hub_target or ""
-    try:
-        if "/" in target or target.endswith((".json.gz", ".json", ".jsonl", ".parquet")):
-            # A file inside the repo (C4 shards): the GPTQ way of reading C4.
-            ds = datasets.load_dataset(src.hub_path, data_files={"data": target}, split="data")
-        else:
-            ds = datasets.load_dataset(src.hub_path, src.hub_name, split=target)
-    except Exception as e:  # datasets raises many types (offline, not found, auth)
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise EqatError(
-            f"cannot load {src.name!r} from the Hugging Face Hub ({src.describe()}): {first}",
-            hint=f"pass --data-dir / set {DATA_DIR_ENV} to a folder with local copies",
-        ) from e
+    with hub_access(datasets=True) as offline:
+        try:
+            return _load_hub(datasets, src, target)
+        except EqatError:
+            raise
+        except Exception as e:  # datasets raises many types (offline, not found, auth)
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            if offline:
+                first = f"{offline} and no cached copy exists"
+            raise EqatError(
+                f"cannot load {src.name!r} from the Hugging Face Hub ({src.describe()}): {first}",
+                hint=f"pass --data-dir / set {DATA_DIR_ENV} to a folder with local copies",
+            ) from e
+
+
+def _load_hub(datasets, src: TextSource, target: str) -> list[str]:
+    """Read a named set from the Hub with ``datasets`` (errors are mapped by the caller)."""
+    if "/" in target or target.endswith((".json.gz", ".json", ".jsonl", ".parquet")):
+        # A file inside the repo (C4 shards): the GPTQ way of reading C4.
+        ds = datasets.load_dataset(src.hub_path, data_files={"data": target}, split="data")
+    else:
+        ds = datasets.load_dataset(src.hub_path, src.hub_name, split=target)
     if src.text_field not in ds.column_names:
         raise EqatError(f"{src.describe()} has no {src.text_field!r} column")
     return [str(t) for t in ds[src.text_field]]
@@ -281,9 +347,6 @@ def read_corpus(name_or_path: str, split: str = "train", data_dir: Path | None =
     return read_source(text_source(name_or_path, split, data_dir))
 
 
-# Alias under the name the eval issue used.
-load_text_rows = read_corpus
-
 
 # ---------------------------------------------------------------------- perplexity text
 
@@ -306,7 +369,9 @@ def perplexity_text(name_or_path: str, data_dir: Path | None = None) -> PplCorpu
     if src.kind == "file":
         assert src.path is not None
         if src.path.suffix.lower() == ".txt":
-            text = src.path.read_text(encoding="utf-8")
+            from eqat_cli.readers import read_text
+
+            text = read_text(src.path, "data file")
         else:
             text = "\n\n".join(read_file(src.path))
         return PplCorpus(name_or_path, text, src.describe(), FILE_PROTOCOL, comparable=False)

@@ -21,6 +21,18 @@ class UnsupportedError(EqatError):
     """A valid request that this format, backend or layer cannot represent."""
 
 
+class DiskFullError(EqatError):
+    """The file system filled up while eqat wrote ``path``; exit code 1 (not the input's fault)."""
+
+    exit_code = 1
+
+    def __init__(self, path: object, detail: str = "no space left on device"):
+        super().__init__(
+            f"disk full while writing {path} ({detail})",
+            hint="finished work is kept; free space and re-run the same command to resume",
+        )
+
+
 class UnknownArchitectureError(EqatError):
     pass
 

@@ -1,13 +1,59 @@
-"""Atomic writes: write to a temporary sibling, then rename. Nothing is ever half-written."""
+"""Atomic writes: write to a temporary sibling, then rename. Nothing is ever half-written.
+
+A write that fails because the file system is full (``ENOSPC``/``EDQUOT``, also as reported by
+safetensors' Rust writer) removes its temporary and raises :class:`DiskFullError` naming the
+target, so the CLI prints one line and finished work stays as it was.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def check_output(target: str | os.PathLike, overwrite: bool = False, kind: str = "directory") -> Path:
+    """Refuse an output path before anything is created: it exists (without ``overwrite``), it
+    is of the other kind (file vs directory), or its parent is a file or not writable."""
+    from eqat_cli.errors import BadInputError
+
+    target = Path(target).expanduser()
+    if str(target).strip() in ("", "."):
+        raise BadInputError(f"output path {str(target)!r} is not a new {kind} name")
+    if target.exists():
+        if not overwrite:
+            raise BadInputError(f"output {target} already exists (pass --overwrite to replace it)")
+        if kind == "directory" and not target.is_dir():
+            raise BadInputError(f"output {target} exists and is a file; this command writes a directory")
+        if kind == "file" and target.is_dir():
+            raise BadInputError(f"output {target} is a directory; this command writes a file")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInputError(f"output {target}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"output {target}: {parent} is not writable")
+    return target
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
+
+
+def _disk_full(e: BaseException, target: Path) -> None:
+    """Re-raise a disk-full failure while writing ``target`` as DiskFullError."""
+    from eqat_cli.errors import DiskFullError
+
+    if is_disk_full(e) and not isinstance(e, DiskFullError):
+        raise DiskFullError(target) from e
 
 
 @contextlib.contextmanager
@@ -29,8 +75,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _disk_full(e, target)
         raise
 
 
@@ -44,9 +91,10 @@ def atomic_file(target: str | os.PathLike, mode: str = "wb"):
     try:
         yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _disk_full(e, target)
         raise
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
+from eqat_cli.formats.detect import detect_layout
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -53,9 +54,9 @@ class ModelSource:
 class LoadedModel:
     model: Any
     tokenizer: Any
-    arch: Any
+    arch: Any  # the registry's ArchitectureSpec; None when no plugin knows the model (eval only)
     source: ModelSource
-    format: str  # "fp", "eqat", "gptq", "gptq_v2"
+    format: str  # "fp", "eqat", "gptq", "gptq_v2" or "other (METHOD)" (see formats.detect)
     quant: dict = field(default_factory=dict)  # {"bits", "group_size", "layers": {...}}
     path: Path | None = None
 
@@ -114,8 +115,10 @@ def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
         raise MissingDependencyError("gguf", "loading a .gguf model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    from eqat_cli.readers import hf_load
+
+    model = hf_load(AutoModelForCausalLM.from_pretrained, directory, "GGUF model", gguf_file=gguf_file, dtype=dtype)
+    tok = hf_load(AutoTokenizer.from_pretrained, directory, "GGUF tokenizer", gguf_file=gguf_file)
     _drop_gguf_quantizer(model)
     return model, tok
 
@@ -167,9 +170,14 @@ def download(
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
+    from eqat_cli.data import hub_access
+
     kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
     try:
-        path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
+        with hub_access():  # no network: offline mode, cached copies only (no retries)
+            path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
+    except hf_errors.HFValidationError as e:
+        raise BadInputError(f"{repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]})") from e
     except hf_errors.RepositoryNotFoundError as e:
         raise EqatError(f"repository {repo_id!r} was not found on the Hub (or is private)") from e
     except hf_errors.RevisionNotFoundError as e:
@@ -201,36 +209,20 @@ def local_path(source: ModelSource, revision: str | None = None) -> Path:
     return source.path
 
 
-def detect_format(path: Path) -> str:
-    """``fp``, ``eqat`` (native, incl. EfficientQAT releases), ``gptq`` or ``gptq_v2``."""
-    from eqat_cli.formats.native import quantized_layer_names, read_config_dict, tensor_names
-
-    cfg = read_config_dict(path)
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "gptq":
-        fmt = qc.get("checkpoint_format", "gptq")
-        return "gptq_v2" if fmt == "gptq_v2" else "gptq"
-    if quantized_layer_names(tensor_names(path)):
-        return "eqat"
-    return "fp"
-
-
 def load_fp(path: Path, dtype) -> tuple[Any, Any]:
     from eqat_cli.formats.native import model_class_for
-    from transformers import AutoConfig
+    from eqat_cli.readers import check_model_weights, hf_load, load_config
 
-    config = AutoConfig.from_pretrained(str(path))
-    model = model_class_for(config).from_pretrained(str(path), dtype=dtype)
+    config = load_config(path)
+    check_model_weights(path)
+    model = hf_load(model_class_for(config).from_pretrained, path, "model weights", dtype=dtype)
     return model, load_tokenizer(path)
 
 
 def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from eqat_cli.readers import load_tokenizer as read_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+    return read_tokenizer(path)
 
 
 def resolve(
@@ -239,8 +231,13 @@ def resolve(
     dtype: str | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    require_arch: bool = True,
 ) -> LoadedModel:
-    """Load any model spec onto ``device`` with precision following the device."""
+    """Load any model spec onto ``device`` with precision following the device.
+
+    ``require_arch=False`` loads models no architecture plugin describes (``arch`` is then None):
+    evaluating needs only what transformers can load; quantizing and packing need the plugin.
+    """
     from eqat_cli.device import parse_dtype, pick_device
     from eqat_cli.registry import get_registry
 
@@ -253,19 +250,23 @@ def resolve(
         fmt, path = "fp", source.path
     else:
         path = local_path(source, revision)
-        fmt = detect_format(path)
-        if fmt == "fp":
-            model, tok = load_fp(path, torch_dtype)
-        else:
+        layout = detect_layout(path)
+        fmt = layout.format
+        if layout.packed:
             from eqat_cli.formats.native import load_packed_model
 
-            offset = 1 if fmt == "gptq" else 0
-            qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-            gptq3 = fmt.startswith("gptq") and qc.get("bits") == 3
-            model, layers = load_packed_model(path, torch_dtype, zero_offset=offset, gptq3=gptq3)
+            model, layers = load_packed_model(
+                path, torch_dtype, zero_offset=layout.zero_offset, gptq3=layout.gptq3
+            )
             tok = load_tokenizer(path)
             quant = summarize_layers(layers)
-    arch = get_registry().architecture_for(model.config.model_type)
+        else:  # full precision, or a quantization method transformers itself may load
+            model, tok = load_fp(path, torch_dtype)
+    registry = get_registry()
+    if require_arch:
+        arch = registry.architecture_for(model.config.model_type)
+    else:
+        arch = registry.find_architecture(model.config.model_type)
     model.to(dev)
     model.eval()
     if quant:

@@ -18,8 +18,10 @@ def fake_quantize_block(block: nn.Module, arch, bits: int, group: int) -> dict[s
 
 
 def pack_block(block: nn.Module) -> dict[str, PackedLinear]:
-    """Freeze every :class:`QuantLinear` in ``block`` to a :class:`PackedLinear` (in place)."""
-    names = [n for n, m in block.named_modules() if isinstance(m, QuantLinear)]
+    """Freeze every :class:`QuantLinear` / :class:`RoundQuantLinear` in ``block`` to a :class:`PackedLinear` (in place)."""
+    from eqat_cli.quant.rounding import RoundQuantLinear
+
+    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, RoundQuantLinear))]
     out = {}
     for name in names:
         parent, _, attr = name.rpartition(".")

@@ -85,11 +85,44 @@ class ArchitectureSpec:
         """State-dict prefix of decoder block ``index`` (e.g. ``model.layers.3.``)."""
         return f"{self.layers_path}.{index}."
 
-    def block_kwargs(self, model: Any, hidden: Any, position_ids: Any = None) -> dict:
-        """Keyword arguments a decoder block needs besides the hidden states (causal, no padding).
+    def layer_index(self, model: Any, layer: Any) -> int:
+        """The position of decoder block ``layer`` (an index, or the block module itself).
 
-        The mask comes from transformers' own mask builders, so sliding-window models (Mistral)
-        get their window; plain causal attention usually needs no mask tensor at all.
+        A module is found in :meth:`layers` by identity; a block that is not (a copy) is asked for
+        the ``layer_idx`` transformers gives every decoder layer or its attention.
+        """
+        if isinstance(layer, int):
+            return layer
+        for i, block in enumerate(self.layers(model)):
+            if block is layer:
+                return i
+        for owner in (layer, getattr(layer, "self_attn", None)):
+            idx = getattr(owner, "layer_idx", None)
+            if isinstance(idx, int):
+                return idx
+        raise ValueError(f"{type(layer).__name__} is not a decoder block of this {self.name} model")
+
+    def layer_type(self, model: Any, layer: Any) -> str:
+        """``full_attention``, ``sliding_attention`` (or another type the config names) of one block.
+
+        From the config's ``layer_types`` (Gemma-2/3: sliding and global alternate; Qwen2/3: sliding
+        from ``max_window_layers`` on); a config without it has one type for every layer, sliding
+        when it sets ``sliding_window`` (Mistral).
+        """
+        config = self.text_config(model.config)
+        types = getattr(config, "layer_types", None)
+        if types:
+            return types[self.layer_index(model, layer)]
+        return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+    def block_kwargs(self, model: Any, hidden: Any, layer: Any, position_ids: Any = None) -> dict:
+        """Keyword arguments decoder block ``layer`` (index or module) needs besides the hidden
+        states (causal attention, no padding).
+
+        The block's type (:meth:`layer_type`) picks its mask, built by transformers' own mask
+        builders (a sliding window where the block has one), and its rotary embedding, for rotary
+        modules that keep one per layer type (Gemma-3). A plugin whose blocks need something else
+        subclasses the spec and overrides this method.
         """
         import torch
         from transformers import masking_utils
@@ -97,11 +130,16 @@ class ArchitectureSpec:
         seq = hidden.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
-        cos, sin = self.rotary(model)(hidden, position_ids)
+        kind = self.layer_type(model, layer)
+        rotary = self.rotary(model)
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            cos, sin = rotary(hidden, position_ids, layer_type=kind)
+        else:
+            cos, sin = rotary(hidden, position_ids)
         config = self.text_config(model.config)
         make_mask = (
             masking_utils.create_sliding_window_causal_mask
-            if getattr(config, "sliding_window", None)
+            if kind == "sliding_attention"
             else masking_utils.create_causal_mask
         )
         # transformers renamed the cache argument (past_key_values -> cache, old name removed in
@@ -218,10 +256,17 @@ class Registry:
         table[spec.name] = Registered(spec, plugin)
 
     # ------------------------------------------------------------------ lookups
-    def architecture_for(self, model_type: str) -> ArchitectureSpec:
+    def find_architecture(self, model_type: str) -> ArchitectureSpec | None:
+        """The architecture that claims ``model_type``, or None."""
         for reg in self.architectures.values():
             if model_type in reg.spec.model_types:
                 return reg.spec
+        return None
+
+    def architecture_for(self, model_type: str) -> ArchitectureSpec:
+        spec = self.find_architecture(model_type)
+        if spec is not None:
+            return spec
         known = sorted(mt for r in self.architectures.values() for mt in r.spec.model_types)
         raise UnknownArchitectureError(
             f"unknown architecture (model_type {model_type!r}); known: {', '.join(known)}",

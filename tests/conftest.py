@@ -76,6 +76,44 @@ def tiny_mistral_config(**kw):
     return MistralConfig(**base)
 
 
+def _tiny_qwen(config_class, **kw):
+    """Sliding window (8) on layer 1 only (``max_window_layers=1``)."""
+    base = dict(
+        vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1,
+    )
+    base.update(kw)
+    return config_class(**base)
+
+
+def tiny_qwen2_config(**kw):
+    """Biases on q/k/v."""
+    from transformers import Qwen2Config
+
+    return _tiny_qwen(Qwen2Config, **{"tie_word_embeddings": False, **kw})
+
+
+def tiny_qwen3_config(**kw):
+    """q/k norms, explicit head_dim, tied embeddings."""
+    from transformers import Qwen3Config
+
+    return _tiny_qwen(Qwen3Config, **{"head_dim": 16, "tie_word_embeddings": True, **kw})
+
+
+def tiny_gemma3_config(**kw):
+    """Six layers: five sliding (window 8, RoPE base 10^4), one global (RoPE base 10^6)."""
+    from transformers import Gemma3TextConfig
+
+    base = dict(
+        vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        sliding_window=8, query_pre_attn_scalar=16,
+    )
+    base.update(kw)
+    return Gemma3TextConfig(**base)
+
+
 def tiny_llava_config():
     from transformers import CLIPVisionConfig, LlavaConfig
 
@@ -113,15 +151,20 @@ def tiny_llama():
     return build(tiny_llama_config())
 
 
-@pytest.fixture(params=["llama", "llama3", "mistral", "llava"])
+TINY_CONFIGS = {
+    "llama": tiny_llama_config,
+    "llama3": tiny_llama3_config,
+    "mistral": tiny_mistral_config,
+    "llava": tiny_llava_config,
+    "qwen2": tiny_qwen2_config,
+    "qwen3": tiny_qwen3_config,
+    "gemma3": tiny_gemma3_config,
+}
+
+
+@pytest.fixture(params=list(TINY_CONFIGS))
 def tiny_any(request):
-    cfg = {
-        "llama": tiny_llama_config,
-        "llama3": tiny_llama3_config,
-        "mistral": tiny_mistral_config,
-        "llava": tiny_llava_config,
-    }[request.param]()
-    return request.param, build(cfg)
+    return request.param, build(TINY_CONFIGS[request.param]())
 
 
 @pytest.fixture(scope="session")

@@ -28,18 +28,19 @@ def test_block_runner_reproduces_model(tiny_any):
     name, model = tiny_any
     arch = get_registry().architecture_for(model.config.model_type)
     layers = arch.layers(model)
-    assert isinstance(layers, nn.ModuleList) and len(layers) == 2
+    assert isinstance(layers, nn.ModuleList)
+    assert len(layers) == arch.text_config(model.config).num_hidden_layers
     ids = torch.randint(0, 200, (2, 24))
     ins, outs = _capture(model, layers, ids)
     for i, layer in enumerate(layers):
         with torch.no_grad():
-            got = layer(ins[i], **arch.block_kwargs(model, ins[i]))
+            got = layer(ins[i], **arch.block_kwargs(model, ins[i], i))
         torch.testing.assert_close(got, outs[i], rtol=1e-5, atol=1e-5)
     # Chaining blocks from the embedding reproduces the last block's output.
     h = arch.embed(model)(ids)
     with torch.no_grad():
         for layer in layers:
-            h = layer(h, **arch.block_kwargs(model, h))
+            h = layer(h, **arch.block_kwargs(model, h, layer))
     torch.testing.assert_close(h, outs[-1], rtol=1e-5, atol=1e-5)
 
 
@@ -86,9 +87,9 @@ def test_llama3_rope_scaling_is_used():
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     arch = get_registry().architecture_for("llama")
     h = torch.randn(1, 100, 64)
-    cos, _ = arch.block_kwargs(model, h)["position_embeddings"]
+    cos, _ = arch.block_kwargs(model, h, 0)["position_embeddings"]
     from conftest import tiny_llama_config
 
     plain = build(tiny_llama_config(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
-    cos_plain, _ = arch.block_kwargs(plain, h)["position_embeddings"]
+    cos_plain, _ = arch.block_kwargs(plain, h, 0)["position_embeddings"]
     assert not torch.allclose(cos, cos_plain)  # llama3 scaling changes the low frequencies

@@ -195,8 +195,8 @@ def test_quantized_dir_loaded_directly(tmp_path, with_source):
     "args,message",
     [
         (["--shapes", "no-such-model-xyz"], "neither a preset"),
-        (["--shapes", "tiny", "--bits", "5"], "unsupported bit width 5"),
-        (["--shapes", "tiny", "--group", "0"], "group size"),
+        (["--shapes", "tiny", "--bits", "5"], "--bits must be >= 2 and <= 4 or 8, got 5"),
+        (["--shapes", "tiny", "--group", "0"], "--group must be >= 2 or -1"),
         (["--shapes", "tiny", "--repeats", "1"], "--repeats"),
         (["--shapes", "tiny", "--backend", "nope"], "unknown backend"),
     ],

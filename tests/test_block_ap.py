@@ -41,7 +41,7 @@ def test_epochs0_is_exactly_rtn(llama_dir, tmp_path):
     from eqat_cli.quantize import rtn_quantize_model
     from eqat_cli.registry import get_registry
 
-    res = run(llama_dir, tmp_path / "rtn", BlockAPConfig(bits=2, group_size=32, epochs=0))
+    res = run(llama_dir, tmp_path / "rtn", BlockAPConfig.paper(bits=2, group_size=32, epochs=0))
     got = tensors(res.output)
     ref = build(tiny_llama_config())
     rtn_quantize_model(ref, get_registry().architecture_for("llama"), 2, 32)
@@ -62,7 +62,7 @@ def test_training_data_flow_and_loss_drop(llama_dir, tmp_path):
     from eqat_cli.registry import get_registry
 
     c = calib()
-    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4)
+    cfg = BlockAPConfig.paper(bits=2, group_size=32, epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4)
     res = run(llama_dir, tmp_path / "q", cfg, c)
     blocks = res.blocks
     assert len(blocks) == 2
@@ -76,14 +76,14 @@ def test_training_data_flow_and_loss_drop(llama_dir, tmp_path):
     val = c.val
     with torch.no_grad():
         h_fp = arch.embed(fp)(val)
-        h_fp = arch.layers(fp)[0](h_fp, **arch.block_kwargs(fp, h_fp))
-        target = arch.layers(fp)[1](h_fp, **arch.block_kwargs(fp, h_fp))
+        h_fp = arch.layers(fp)[0](h_fp, **arch.block_kwargs(fp, h_fp, 0))
+        target = arch.layers(fp)[1](h_fp, **arch.block_kwargs(fp, h_fp, 1))
         h_q = arch.embed(fp)(val)
-        h_q = arch.layers(qmodel)[0](h_q, **arch.block_kwargs(qmodel, h_q))
+        h_q = arch.layers(qmodel)[0](h_q, **arch.block_kwargs(qmodel, h_q, 0))
         rtn1 = build(tiny_llama_config())
         b1 = arch.layers(rtn1)[1]
         fake_quantize_block(b1, arch, 2, 32)
-        start = b1(h_q, **arch.block_kwargs(rtn1, h_q))
+        start = b1(h_q, **arch.block_kwargs(rtn1, h_q, b1))
     expected = float(torch.nn.functional.mse_loss(start, target))
     assert blocks[1]["loss_before"] == pytest.approx(expected, rel=1e-4)
 
@@ -99,7 +99,7 @@ def test_block_loss_numbers():
     out2 = torch.tensor([[[99.0, 0.0], [0.0, 1.0]]])
     assert float(block_loss(out2, target, "token-rel")) == pytest.approx(((1 / 2) / 5000 + (1 / 2) / 1) / 2)
     with pytest.raises(BadInputError, match="unknown Block-AP loss"):
-        BlockAPConfig(loss="l1")
+        BlockAPConfig.paper(loss="l1")
 
 
 def test_token_rel_training_uses_its_loss_throughout(llama_dir, tmp_path):
@@ -109,24 +109,24 @@ def test_token_rel_training_uses_its_loss_throughout(llama_dir, tmp_path):
     from eqat_cli.train.block_ap import block_loss
 
     c = calib()
-    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, quant_lr=1e-3, weight_lr=1e-4, loss="token-rel")
+    cfg = BlockAPConfig.paper(bits=2, group_size=32, epochs=2, quant_lr=1e-3, weight_lr=1e-4, loss="token-rel")
     res = run(llama_dir, tmp_path / "rel", cfg, c)
     assert all(b["loss_after"] < b["loss_before"] for b in res.blocks)
     arch = get_registry().architecture_for("llama")
     fp = build(tiny_llama_config())
     with torch.no_grad():
         h = arch.embed(fp)(c.val)
-        target = arch.layers(fp)[0](h, **arch.block_kwargs(fp, h))
+        target = arch.layers(fp)[0](h, **arch.block_kwargs(fp, h, 0))
         b0 = build(tiny_llama_config())
         blk = arch.layers(b0)[0]
         fake_quantize_block(blk, arch, 2, 32)
-        start = blk(h, **arch.block_kwargs(b0, h))
+        start = blk(h, **arch.block_kwargs(b0, h, blk))
     assert res.blocks[0]["loss_before"] == pytest.approx(float(block_loss(start, target, "token-rel")), rel=1e-4)
     assert json.loads((res.output / "config.json").read_text())["eqat"]["block_ap"]["loss"] == "token-rel"
 
 
 def test_resume_equals_uninterrupted(llama_dir, tmp_path):
-    cfg = BlockAPConfig(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
+    cfg = BlockAPConfig.paper(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
     full = run(llama_dir, tmp_path / "full", cfg)
 
     def stop_at_block_1(event, info):
@@ -148,7 +148,7 @@ def test_resume_equals_uninterrupted(llama_dir, tmp_path):
 
 def test_resume_across_an_upgrade_that_added_options(llama_dir, tmp_path):
     """A work directory written before --init/--keep-best existed resumes; a real change restarts."""
-    cfg = BlockAPConfig(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
+    cfg = BlockAPConfig.paper(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
 
     def stop_at_block_1(event, info):
         if event == "block_start" and info["block"] == 1:
@@ -170,9 +170,9 @@ def test_resume_across_an_upgrade_that_added_options(llama_dir, tmp_path):
 
 
 def test_offload_to_disk_same_result(llama_dir, tmp_path):
-    cfg = BlockAPConfig(bits=2, group_size=32, epochs=1)
+    cfg = BlockAPConfig.paper(bits=2, group_size=32, epochs=1)
     a = tensors(run(llama_dir, tmp_path / "ram", cfg).output)
-    b = tensors(run(llama_dir, tmp_path / "disk", BlockAPConfig(bits=2, group_size=32, epochs=1, offload_to_disk=True)).output)
+    b = tensors(run(llama_dir, tmp_path / "disk", BlockAPConfig.paper(bits=2, group_size=32, epochs=1, offload_to_disk=True)).output)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not (tmp_path / "disk" / "activations").exists()
@@ -184,7 +184,7 @@ def test_other_architectures(tmp_path, cfg_fn):
     from eqat_cli.quant.linear import PackedLinear
 
     d = save_tiny(build(cfg_fn()), tmp_path / "fp")
-    res = run(d, tmp_path / "q", BlockAPConfig(bits=4, group_size=32, epochs=1))
+    res = run(d, tmp_path / "q", BlockAPConfig.paper(bits=4, group_size=32, epochs=1))
     lm = resolve(str(res.output))
     assert lm.format == "eqat" and lm.quant["bits"] == 4
     packed = [n for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)]
@@ -195,7 +195,7 @@ def test_other_architectures(tmp_path, cfg_fn):
 
 
 def test_non_finite_loss_stops_cleanly(llama_dir, tmp_path):
-    cfg = BlockAPConfig(bits=2, group_size=32, epochs=1, weight_lr=1e36, quant_lr=1e36)
+    cfg = BlockAPConfig.paper(bits=2, group_size=32, epochs=1, weight_lr=1e36, quant_lr=1e36)
     with pytest.raises(NonFiniteLossError, match=r"block 0: loss became .* step \d+"):
         run(llama_dir, tmp_path / "nan", cfg)
     assert not (tmp_path / "nan").exists()
@@ -204,7 +204,7 @@ def test_non_finite_loss_stops_cleanly(llama_dir, tmp_path):
 def test_existing_output_refused(llama_dir, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(BadInputError, match="already exists"):
-        run(llama_dir, tmp_path / "exists", BlockAPConfig(epochs=0))
+        run(llama_dir, tmp_path / "exists", BlockAPConfig.paper(epochs=0))
 
 
 # ---------------------------------------------------------------------- calibration

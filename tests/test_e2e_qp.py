@@ -293,7 +293,10 @@ def test_instruct_alpaca_masks_prompt_and_pads_per_batch(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available")
 def test_amp_choice_and_fp16_loss_scaling():
-    assert Amp.for_device("cpu").dtype is None and Amp.for_device("cpu").scaler is None
+    from eqat_cli.device import cpu_has_bf16
+
+    assert Amp.for_device("cpu", precision="fp32").dtype is None and Amp.for_device("cpu").scaler is None
+    assert Amp.for_device("cpu").dtype == (torch.bfloat16 if cpu_has_bf16() else None)
     assert Amp.for_device("cuda", bf16_supported=True).dtype == torch.bfloat16
     amp = Amp.for_device("cuda", bf16_supported=False)
     assert amp.dtype == torch.float16 and amp.scaler is not None and amp.name == "fp16 + loss scaling"

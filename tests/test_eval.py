@@ -486,7 +486,7 @@ def test_cli_eval_packed_model_reports_bits_and_backend(packed_dir, fake_data_di
     [
         (["--ppl", "wikitext3"], "unknown data set 'wikitext3'"),
         (["--tasks", "piqa,nosuchtask"], "unknown task 'nosuchtask'"),
-        (["--ppl", "wikitext2", "--limit", "0"], "--limit must be at least 1"),
+        (["--ppl", "wikitext2", "--limit", "0"], "--limit must be >= 1"),
         ([], "nothing to evaluate"),
     ],
 )

@@ -123,8 +123,8 @@ def test_block_ap_gptq_init_uses_the_blocks_inputs(llama_dir, tmp_path):
     from eqat_cli.registry import get_registry
 
     c = calib(n=16)
-    rtn = run(llama_dir, tmp_path / "rtn", BlockAPConfig(bits=2, group_size=32, epochs=0), c)
-    res = run(llama_dir, tmp_path / "gptq", BlockAPConfig(bits=2, group_size=32, epochs=0, init="gptq"), c)
+    rtn = run(llama_dir, tmp_path / "rtn", BlockAPConfig.paper(bits=2, group_size=32, epochs=0), c)
+    res = run(llama_dir, tmp_path / "gptq", BlockAPConfig.paper(bits=2, group_size=32, epochs=0, init="gptq"), c)
     assert json.loads((res.output / "config.json").read_text())["eqat"]["method"] == "gptq"
     arch = get_registry().architecture_for("llama")
     fp = build(tiny_llama_config())
@@ -136,7 +136,7 @@ def test_block_ap_gptq_init_uses_the_blocks_inputs(llama_dir, tmp_path):
         hooks.append(lin.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add(a[0])))
     with torch.no_grad():
         h = arch.embed(fp)(c.train)
-        layer0(h, **arch.block_kwargs(fp, h))
+        layer0(h, **arch.block_kwargs(fp, h, layer0))
     for hk in hooks:
         hk.remove()
     model, _ = load_packed_model(res.output)
@@ -152,7 +152,7 @@ def test_block_ap_gptq_init_uses_the_blocks_inputs(llama_dir, tmp_path):
 
 
 def test_block_ap_trains_from_gptq_and_resumes(llama_dir, tmp_path):
-    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, quant_lr=1e-4, weight_lr=1e-4, init="gptq")
+    cfg = BlockAPConfig.paper(bits=2, group_size=32, epochs=2, quant_lr=1e-4, weight_lr=1e-4, init="gptq")
     c = calib(n=32)
     full = run(llama_dir, tmp_path / "full", cfg, c)
     assert all(b["loss_after"] < b["loss_before"] for b in full.blocks)
@@ -172,9 +172,9 @@ def test_block_ap_trains_from_gptq_and_resumes(llama_dir, tmp_path):
 
 def test_bad_init_refused():
     with pytest.raises(BadInputError, match="unknown Block-AP init"):
-        BlockAPConfig(init="awq")
+        BlockAPConfig.paper(init="awq")
     with pytest.raises(BadInputError, match="gptq-damp"):
-        BlockAPConfig(init="gptq", gptq_damp=0.0)
+        BlockAPConfig.paper(init="gptq", gptq_damp=0.0)
 
 
 def test_keep_best_never_ends_worse_than_the_start(llama_dir, tmp_path):
@@ -182,16 +182,16 @@ def test_keep_best_never_ends_worse_than_the_start(llama_dir, tmp_path):
     --keep-best restores the starting point for such a block and keeps trained blocks that improved."""
     c = calib(n=8)
     kw = dict(bits=2, group_size=32, epochs=2, quant_lr=1e-3, weight_lr=1e-4, init="gptq")
-    plain = run(llama_dir, tmp_path / "plain", BlockAPConfig(**kw), c)
+    plain = run(llama_dir, tmp_path / "plain", BlockAPConfig.paper(**kw), c)
     assert plain.blocks[0]["loss_after"] > 1.5 * plain.blocks[0]["loss_before"]  # the failure it guards
     events = []
-    kept = run(llama_dir, tmp_path / "kept", BlockAPConfig(**kw, keep_best=True), c,
+    kept = run(llama_dir, tmp_path / "kept", BlockAPConfig.paper(**kw, keep_best=True), c,
                progress=lambda e, i: events.append((e, i)))
     b0 = kept.blocks[0]
     assert b0["history"]["best_epoch"] == 0
     assert b0["loss_after"] == pytest.approx(b0["loss_before"], rel=1e-2)  # only fp16 rounding differs
     assert ("restored", {"block": 0, "epoch": 0, "val_loss": pytest.approx(b0["loss_before"])}) in events
-    gptq_only = run(llama_dir, tmp_path / "g", BlockAPConfig(bits=2, group_size=32, epochs=0, init="gptq"), c)
+    gptq_only = run(llama_dir, tmp_path / "g", BlockAPConfig.paper(bits=2, group_size=32, epochs=0, init="gptq"), c)
     g0 = "model.layers.0."
     a, b = tensors(kept.output), tensors(gptq_only.output)
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(g0))  # block 0 is exactly GPTQ
@@ -201,8 +201,8 @@ def test_keep_best_never_ends_worse_than_the_start(llama_dir, tmp_path):
 
 def test_keep_best_is_a_no_op_when_the_last_epoch_is_best(llama_dir, tmp_path):
     kw = dict(bits=2, group_size=32, epochs=2, quant_lr=1e-3, weight_lr=1e-4)  # min-max start: training helps
-    a = run(llama_dir, tmp_path / "a", BlockAPConfig(**kw))
-    b = run(llama_dir, tmp_path / "b", BlockAPConfig(**kw, keep_best=True))
+    a = run(llama_dir, tmp_path / "a", BlockAPConfig.paper(**kw))
+    b = run(llama_dir, tmp_path / "b", BlockAPConfig.paper(**kw, keep_best=True))
     assert [x["history"]["best_epoch"] for x in b.blocks] == [2, 2]
     ta, tb = tensors(a.output), tensors(b.output)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -211,5 +211,5 @@ def test_keep_best_is_a_no_op_when_the_last_epoch_is_best(llama_dir, tmp_path):
 def test_keep_best_needs_validation_windows(llama_dir, tmp_path):
     c = calib(val=0)
     with pytest.raises(BadInputError, match="--keep-best needs validation windows"):
-        run(llama_dir, tmp_path / "o", BlockAPConfig(epochs=1, keep_best=True), c)
+        run(llama_dir, tmp_path / "o", BlockAPConfig.paper(epochs=1, keep_best=True), c)
     assert not (tmp_path / "o.partial").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build, tiny_llama_config, tiny_llava_config, tiny_mistral_config
-from eqat_cli.formats.native import detect_bits_group, save_native
+from eqat_cli.formats.native import save_native
 from eqat_cli.models import resolve
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quantize import rtn_quantize_model
@@ -55,19 +55,6 @@ def test_release_without_eqat_section_detected_from_shapes(tmp_path):
 
     _, layers = load_packed_model(tmp_path / "rel")
     assert set(layers.values()) == {(2, 32)}
-
-
-def test_detect_bits_group_cases():
-    # Llama-2-7B q_proj w2g64 (FORMATS.md table)
-    assert detect_bits_group("q", 4096, 4096, (256, 4096), (64, 256), (64, 4096)) == (2, 64)
-    # 3-bit: 10 codes per word; ragged last group via g_idx
-    g_idx = torch.arange(576, dtype=torch.int32) // 128
-    assert detect_bits_group("x", 576, 192, (58, 192), (5, 20), (5, 192), g_idx) == (3, 128)
-    assert detect_bits_group("x", 576, 192, (72, 192), (1, 24), (1, 192)) == (4, -1)
-    from eqat_cli.errors import BadInputError
-
-    with pytest.raises(BadInputError, match="match no bit width"):
-        detect_bits_group("x", 576, 192, (50, 192), (1, 24), (1, 192))
 
 
 def test_tied_embeddings_stored_once(tmp_path):

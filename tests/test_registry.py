@@ -33,7 +33,7 @@ def registered():
 
 def test_builtins_present():
     reg = get_registry()
-    assert {"llama", "mistral", "llava"} <= set(reg.architectures)
+    assert {"llama", "mistral", "llava", "qwen2", "qwen3", "gemma3"} <= set(reg.architectures)
     assert {"torch", "triton"} <= set(reg.backends)
     assert {"wikitext2", "c4", "redpajama", "piqa", "arc_easy", "hellaswag"} <= set(reg.datasets)
 
@@ -140,7 +140,7 @@ def test_block_plugins_env(monkeypatch):
 
 
 def test_unknown_architecture_lists_known():
-    with pytest.raises(UnknownArchitectureError, match=r"'gpt2'.*known: llama, llava, mistral"):
+    with pytest.raises(UnknownArchitectureError, match=r"'gpt2'.*known: gemma3_text, llama, llava, mistral, qwen2, qwen3"):
         get_registry().architecture_for("gpt2")
 
 

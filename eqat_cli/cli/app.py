@@ -22,6 +22,10 @@ Typical flow:
   eqat eval out/w2g64-e2e --ppl wikitext2 --tasks piqa,arc_easy
 
   eqat pack out/w2g64-e2e --format gptq -o out/w2g64-gptq
+
+A refused input is one `error:` line with exit code 2 and leaves nothing behind (EQAT_DEBUG=1
+shows the traceback); disk full or an I/O error is exit code 1, Ctrl-C 130, and finished work
+is kept for a resume in every case.
 """
 
 # Modules that each add one command (kept in help order).
@@ -48,6 +52,7 @@ def build_app() -> typer.Typer:
 
     app = typer.Typer(
         name="eqat",
+        cls=common.OneLineErrorsGroup,
         help=HELP,
         no_args_is_help=True,
         rich_markup_mode="rich",

@@ -6,7 +6,10 @@ from typing import Annotated
 
 import typer
 
-from eqat_cli.cli.common import DataDirOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, console, guarded
+from eqat_cli.cli.common import (
+    AT_LEAST_1, NON_NEGATIVE, DataDirOpt, ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt,
+    console, guarded,
+)
 
 DatasetOpt = Annotated[
     str, typer.Option("--dataset", "-d", help="redpajama, c4, wikitext2, or a .txt/.jsonl/.parquet file.")
@@ -35,12 +38,13 @@ def register(app: typer.Typer) -> None:
         model: ModelArg,
         dataset: DatasetOpt,
         output: OutOpt,
-        samples: Annotated[int, typer.Option("--samples", "-n", help="Training windows.")] = 4096,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window.")] = 2048,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (disjoint text).")] = 64,
+        samples: Annotated[int, typer.Option("--samples", "-n", help="Training windows."), AT_LEAST_1] = 4096,
+        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window."), Range(ge=2)] = 2048,
+        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (disjoint text)."), NON_NEGATIVE] = 64,
         seed: SeedOpt = 2,
         data_dir: DataDirOpt = None,
         overwrite: OverwriteOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
     ):
         """Tokenize a corpus into random calibration windows (safetensors + metadata).
 
@@ -49,11 +53,12 @@ def register(app: typer.Typer) -> None:
 
         Example: [bold]eqat calibrate smollm2 --dataset c4 --samples 128 --seqlen 512 -o calib.safetensors[/]
         """
-        from eqat_cli.errors import BadInputError
+        from eqat_cli.fsutil import check_output
+        from eqat_cli.readers import preflight_model
         from eqat_cli.train.calib import save_calibration
 
-        if output.exists() and not overwrite:
-            raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
+        check_output(output, overwrite, kind="file")
+        preflight_model(model)
         calib, _, _ = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
         save_calibration(calib, output)
         console.print(

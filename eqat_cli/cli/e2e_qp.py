@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, SeedOpt, console, emit_json, guarded,
+    AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, Range,
+    SeedOpt, TrustRemoteCodeOpt, console, emit_json, guarded,
 )
 
 
@@ -35,18 +36,18 @@ def register(app: typer.Typer) -> None:
         data_format: Annotated[str, typer.Option("--format", help="pt (pre-training text) or instruct (only assistant turns learned).")] = "pt",
         loss: Annotated[str, typer.Option("--loss", help="kd: match the full-precision teacher's next-token distribution (KL); ntp: next-token loss.")] = "kd",
         teacher: Annotated[Optional[str], typer.Option("--teacher", help="Full-precision teacher for --loss kd (default: the model Block-AP quantized); with --loss ntp it only adds the held-out KL.")] = None,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example (instruct: at most).")] = 4096,
-        samples: Annotated[int, typer.Option("--samples", help="Training examples.")] = 4096,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Held-out examples.")] = 64,
-        epochs: Annotated[int, typer.Option("--epochs")] = 1,
-        lr: Annotated[Optional[float], typer.Option("--lr", help="Default 2e-5 at 2 bits, else 1e-5.")] = None,
-        global_batch: Annotated[int, typer.Option("--global-batch", help="Examples per optimizer step over all processes (paper: 32).")] = 32,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="At most this many examples per process per micro-step; gradient accumulation makes up the global batch.")] = 4,
-        warmup_ratio: Annotated[float, typer.Option("--warmup-ratio")] = 0.03,
-        max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="0 disables clipping.")] = 0.3,
-        weight_decay: Annotated[float, typer.Option("--wd")] = 0.0,
-        eval_steps: Annotated[int, typer.Option("--eval-steps", help="Held-out loss every K steps (0 = per epoch).")] = 64,
-        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps.")] = 50,
+        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example (instruct: at most)."), Range(ge=2)] = 4096,
+        samples: Annotated[int, typer.Option("--samples", help="Training examples."), AT_LEAST_1] = 4096,
+        val_samples: Annotated[int, typer.Option("--val-samples", help="Held-out examples."), NON_NEGATIVE] = 64,
+        epochs: Annotated[int, typer.Option("--epochs"), AT_LEAST_1] = 1,
+        lr: Annotated[Optional[float], typer.Option("--lr", help="Default 2e-5 at 2 bits, else 1e-5."), LEARNING_RATE] = None,
+        global_batch: Annotated[int, typer.Option("--global-batch", help="Examples per optimizer step over all processes (paper: 32)."), AT_LEAST_1] = 32,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="At most this many examples per process per micro-step; gradient accumulation makes up the global batch."), AT_LEAST_1] = 4,
+        warmup_ratio: Annotated[float, typer.Option("--warmup-ratio"), Range(ge=0, lt=1)] = 0.03,
+        max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="0 disables clipping."), NON_NEGATIVE] = 0.3,
+        weight_decay: Annotated[float, typer.Option("--wd"), NON_NEGATIVE] = 0.0,
+        eval_steps: Annotated[int, typer.Option("--eval-steps", help="Held-out loss every K steps (0 = per epoch)."), NON_NEGATIVE] = 64,
+        save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps."), AT_LEAST_1] = 50,
         train_zeros: Annotated[bool, typer.Option("--train-zeros", help="Also train zero points.")] = False,
         gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last saved step.")] = True,
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         data_dir: DataDirOpt = None,
         overwrite: OverwriteOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
         json_out: JsonOpt = None,
     ):
         """E2E-QP: train step sizes end to end (codes stay frozen), by distillation or next-token loss.
@@ -70,16 +72,13 @@ def register(app: typer.Typer) -> None:
         from eqat_cli.models import resolve
         from eqat_cli.train.e2e_qp import LOSSES, E2EConfig, init_distributed, run_e2e_qp, world
 
+        from eqat_cli.fsutil import check_output
+        from eqat_cli.readers import preflight_model, read_jsonl
+
         if data_format not in ("pt", "instruct"):
             raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
         if loss not in LOSSES:
             raise BadInputError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if min(seqlen, samples, epochs, batch_size, global_batch) < 1 or val_samples < 0:
-            raise BadInputError("--seqlen, --samples, --epochs, --batch-size and --global-batch must be >= 1")
-        if lr is not None and lr < 0 or not 0 <= warmup_ratio < 1 or max_grad_norm < 0 or weight_decay < 0:
-            raise BadInputError("--lr, --max-grad-norm and --wd must be >= 0 and --warmup-ratio in [0, 1)")
-        if min(eval_steps, save_steps) < 0:
-            raise BadInputError("--eval-steps and --save-steps must be >= 0")
         cfg = E2EConfig(epochs=epochs, lr=lr, global_batch=global_batch, batch_size=batch_size,
                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
                         eval_steps=eval_steps, save_steps=save_steps, train_zeros=train_zeros,
@@ -87,6 +86,12 @@ def register(app: typer.Typer) -> None:
         init_distributed()
         rank, ws = world()
         micro, accum = cfg.micro_batches(ws)
+        check_output(output, overwrite)
+        if preflight_model(model) is False:
+            raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
+        if data_format == "instruct":  # every line readable before the model is loaded
+            for _ in read_jsonl(dataset, "instruction data file"):
+                pass
         lm = resolve(model, device=device)
         if lm.format == "fp":
             raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")

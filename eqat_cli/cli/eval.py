@@ -12,6 +12,9 @@ from eqat_cli.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelArg,
+    AT_LEAST_1,
+    Range,
+    TrustRemoteCodeOpt,
     console,
     emit_json,
     guarded,
@@ -25,12 +28,13 @@ def register(app: typer.Typer) -> None:
         model: ModelArg,
         ppl: Annotated[Optional[str], typer.Option("--ppl", help="Perplexity sets, e.g. wikitext2,c4.")] = None,
         tasks: Annotated[Optional[str], typer.Option("--tasks", help="Zero-shot tasks, e.g. piqa,arc_easy,hellaswag.")] = None,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Perplexity context length.")] = 2048,
-        limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only N windows / examples.")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows / lm-eval requests per forward.")] = 1,
+        seqlen: Annotated[int, typer.Option("--seqlen", help="Perplexity context length."), Range(ge=2)] = 2048,
+        limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only N windows / examples."), AT_LEAST_1] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows / lm-eval requests per forward."), AT_LEAST_1] = 1,
         device: DeviceOpt = "auto",
         backend: BackendOpt = "auto",
         data_dir: DataDirOpt = None,
+        trust_remote_code: TrustRemoteCodeOpt = False,
         json_out: JsonOpt = None,
     ):
         """Measure perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval).
@@ -48,7 +52,10 @@ def register(app: typer.Typer) -> None:
             limit=limit, batch_size=batch_size, device=device, backend=backend,
             data_dir=data_dir,
         )
+        from eqat_cli.readers import preflight_model
+
         plans = validate(cfg)  # fail fast, before loading the model
+        preflight_model(model)
         results = _run(cfg, plans)
         render(results)
         emit_json(results, json_out)

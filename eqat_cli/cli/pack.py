@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from eqat_cli.cli.common import JsonOpt, ModelArg, OutOpt, OverwriteOpt, console, emit_json, guarded
+from eqat_cli.cli.common import (
+    JsonOpt, ModelArg, OutOpt, OverwriteOpt, TrustRemoteCodeOpt, console, emit_json, guarded,
+)
 from eqat_cli.errors import BadInputError
 
 FORMATS = ("eqat", "gptq", "gptq_v2", "fp16", "gguf")
@@ -54,15 +56,21 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False) -> di
 
     from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
     from eqat_cli.models import resolve
+    from eqat_cli.readers import preflight_model
 
+    def refuse_full_precision():
+        return BadInputError(
+            f"{spec} is a full-precision model; --format {fmt} writes quantized checkpoints",
+            hint="quantize it first, e.g. `eqat block-ap MODEL --bits 4 --group 128 -o OUT`",
+        )
+
+    if preflight_model(spec) is False and fmt != "fp16":
+        raise refuse_full_precision()
     console.print(f"loading [bold]{spec}[/]")
     # CPU and fp32: packed layers stay packed, the fp16-stored rest is widened losslessly.
     lm = resolve(spec, device="cpu", dtype="fp32")
     if lm.format == "fp" and fmt != "fp16":
-        raise BadInputError(
-            f"{spec} is a full-precision model; --format {fmt} writes quantized checkpoints",
-            hint="quantize it first, e.g. `eqat block-ap MODEL --bits 4 --group 128 -o OUT`",
-        )
+        raise refuse_full_precision()
     source = {
         "source": str(spec),
         "source_format": lm.format,
@@ -120,6 +128,7 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
         output: OutOpt,
         overwrite: OverwriteOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
         json_out: JsonOpt = None,
     ):
         """Write a quantized model as eqat native, GPTQ v1/v2, dense fp16, or GGUF.
@@ -130,7 +139,7 @@ def register(app: typer.Typer) -> None:
 
         Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
         """
-        from eqat_cli.formats.inspect import human_bytes
+        from eqat_cli.formats.detect import human_bytes
 
         summary = pack_model(model, fmt, output, overwrite)
         console.print(f"[green]wrote[/] {summary['output']} ({summary['format']}, "

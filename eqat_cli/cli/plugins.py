@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from eqat_cli.cli.common import JsonOpt, console, emit_json, guarded
+from eqat_cli.cli.common import BITS, JsonOpt, console, emit_json, guarded
 
 
 def register(app: typer.Typer) -> None:
@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @guarded
     def plugins_cmd(
         device: Annotated[str, typer.Option("--device", help="Device to check backends for: auto, cpu, cuda.")] = "auto",
-        bits: Annotated[int, typer.Option("--bits", help="Bit width to check backends for.")] = 2,
+        bits: Annotated[int, typer.Option("--bits", help="Bit width to check backends for."), BITS] = 2,
         json_out: JsonOpt = None,
     ):
         """List registered architectures, kernel backends and data sets, with their sources.

@@ -71,16 +71,38 @@ def rich_tqdm_class(progress: Any) -> type:
     return RichTqdm
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repo id is ``owner/name``: no path, no ``..``, nothing that could leave the cache."""
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.models import HUB_ID
+
+    parts = repo_id.split("/")
+    if (
+        not HUB_ID.match(repo_id)
+        or any(p in ("", ".", "..") or p.startswith((".", "-")) or ".." in p or p.endswith(".") for p in parts)
+        or len(repo_id) > 96
+    ):
+        raise BadInputError(
+            f"{repo_id!r} is not a Hub repo id: expected owner/name (letters, digits, '-', '_', '.'; "
+            "no path, no '..'), e.g. ChenMnZ/Llama-2-7b-EfficientQAT-w2g64"
+        )
+
+
 def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = None,
          show_progress: bool = True) -> Any:
     """Download ``repo_id`` (resumable) and return its :class:`ModelInfo`."""
+    check_repo_id(repo_id)
+    if revision is not None and (not revision.strip() or ".." in revision or revision.startswith(("/", "-"))):
+        from eqat_cli.errors import BadInputError
+
+        raise BadInputError(f"--revision {revision!r} is not a branch, tag or commit")
     from rich.progress import (
         BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn,
         TransferSpeedColumn,
     )
     from rich.text import Text
 
-    from eqat_cli.formats.inspect import inspect_path
+    from eqat_cli.formats.detect import inspect_path
     from eqat_cli.models import download
 
     class AmountColumn(ProgressColumn):

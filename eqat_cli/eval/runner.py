@@ -82,12 +82,12 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5
 
 def _disk_weight_bits(path: Path, names: list[str]) -> Optional[int]:
     """Bit width of these ``*.weight`` tensors in the safetensors files (None if unknown/mixed)."""
-    from safetensors import safe_open
+    from eqat_cli.readers import open_safetensors
 
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     wanted, found = {f"{n}.weight" for n in names}, set()
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f, "safetensors weight shard") as fh:
             for key in wanted & set(fh.keys()):
                 found.add(_DTYPE_BITS.get(fh.get_slice(key).get_dtype()))
     return found.pop() if len(found) == 1 else None
@@ -161,7 +161,7 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: EvalProgre
         plans = validate(cfg)
     if progress:
         progress("load", cfg.model, 0, 1)
-    loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend)
+    loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend, require_arch=False)
     if progress:
         progress("load", cfg.model, 1, 1)
     model, tok = loaded.model, loaded.tokenizer

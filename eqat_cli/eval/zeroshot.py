@@ -18,6 +18,7 @@ No Rich, no typer: progress goes through ``progress(task, done, total)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -255,13 +256,18 @@ def run_task(
     t0 = time.perf_counter()
     include = (str(plan.include_path),) if plan.include_path else ()
     tm = _task_manager(include, plan.include_path is None, str(data_dir) if plan.local else None)
+    from eqat_cli.data import hub_access
+
     with quiet_lm_eval():
         try:
-            loaded = tm.load([plan.lm_eval_task])
+            with hub_access(datasets=True) if not plan.local else contextlib.nullcontext() as offline:
+                loaded = tm.load([plan.lm_eval_task])
         except EqatError:
             raise
         except Exception as e:  # dataset download / parse failures surface here
             first = (str(e).splitlines() or [type(e).__name__])[0]
+            if offline:
+                first = f"{offline} and no cached copy exists"
             where = "the local copy" if plan.local else "the Hugging Face Hub"
             raise EqatError(
                 f"cannot load task {plan.name!r} from {where}: {first}",

@@ -8,7 +8,6 @@ section (``format: fp16``) recording what it was dequantized from; it has no ``q
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,3 @@ def save_dense(
     write_sidecars(model, tokenizer, out, cfg)
     n_packed = sum(isinstance(m, PackedLinear) for m in model.modules())
     return {"dequantized_layers": n_packed, "dtype": str(dtype).replace("torch.", "")}
-
-
-def load_dense(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Read it back the way any user would: plain transformers (the class ``architectures`` names)."""
-    from transformers import AutoConfig
-
-    from eqat_cli.formats.native import model_class_for
-
-    config = AutoConfig.from_pretrained(str(path))
-    return model_class_for(config).from_pretrained(str(path), dtype=dtype).eval()

@@ -417,7 +417,9 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     """Load through transformers (``gguf_file=``), the way users will."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eqat_cli.readers import hf_load
+
     p = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = hf_load(AutoModelForCausalLM.from_pretrained, p.parent, "GGUF model", gguf_file=p.name, dtype=dtype)
+    tok = hf_load(AutoTokenizer.from_pretrained, p.parent, "GGUF tokenizer", gguf_file=p.name)
     return model.eval(), tok

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.formats.detect import detect_layout
 from eqat_cli.formats.native import (
     write_sidecars,
     config_dict_for_save,
     load_packed_model,
     packed_state_dict,
-    read_config_dict,
     save_state_dict_sharded,
 )
 from eqat_cli.quant import packing
@@ -193,14 +193,6 @@ def save_gptq(
 # ---------------------------------------------------------------------- read
 
 
-def gptq_version(path: str | os.PathLike) -> str:
-    qc = read_config_dict(path).get("quantization_config") or {}
-    if qc.get("quant_method") != "gptq":
-        raise BadInputError(f"{path} is not a GPTQ checkpoint (no quantization_config.quant_method=gptq)")
-    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    return "gptq_v2" if fmt == "gptq_v2" else "gptq"
-
-
 def load_gptq(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
@@ -209,8 +201,7 @@ def load_gptq(
     Act-order checkpoints (non-sequential ``g_idx``) are rejected by the native loader with a
     one-line message; ``desc_act: true`` with a sequential ``g_idx`` loads.
     """
-    version = gptq_version(path)
-    qc = read_config_dict(path)["quantization_config"]
-    return load_packed_model(
-        path, dtype, zero_offset=1 if version == "gptq" else 0, gptq3=qc.get("bits") == 3
-    )
+    layout = detect_layout(path)
+    if layout.format not in VERSIONS:
+        raise BadInputError(f"{path} is not a GPTQ checkpoint (no quantization_config.quant_method=gptq)")
+    return load_packed_model(path, dtype, zero_offset=layout.zero_offset, gptq3=layout.gptq3)

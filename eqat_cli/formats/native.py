@@ -10,70 +10,22 @@ without that section load too.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.formats.detect import layer_quant, quantized_layer_names, read_config_dict, safetensor_files
+from eqat_cli.formats.shards import write_index
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear, set_submodule
-from eqat_cli.quant.primitives import SUPPORTED_BITS
 
-QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_NAME = "eqat"
 FORMAT_VERSION = 1
 SHARD_BYTES = 4 * 1024**3
-
-
-# ---------------------------------------------------------------------- detection
-
-
-def detect_bits_group(
-    name: str,
-    in_features: int,
-    out_features: int,
-    qweight_shape: Iterable[int],
-    qzeros_shape: Iterable[int],
-    scales_shape: Iterable[int],
-    g_idx: torch.Tensor | None = None,
-) -> tuple[int, int]:
-    """Bits from ``qweight`` rows vs ``in_features``; group from ``scales`` rows (or ``g_idx``)."""
-    qw_rows, qw_cols = qweight_shape
-    qz_rows, qz_cols = qzeros_shape
-    sc_rows, sc_cols = scales_shape
-    if qw_cols != out_features or sc_cols != out_features:
-        raise BadInputError(
-            f"{name}: qweight/scales have {qw_cols}/{sc_cols} columns, layer has {out_features} outputs"
-        )
-    cands = [
-        b
-        for b in SUPPORTED_BITS
-        if qw_rows == math.ceil(in_features / packing.pack_factor(b))
-        and qz_cols == math.ceil(out_features / packing.pack_factor(b))
-    ]
-    if not cands:
-        raise BadInputError(
-            f"{name}: qweight rows {qw_rows} match no bit width in {SUPPORTED_BITS} "
-            f"for {in_features} inputs"
-        )
-    return cands[0], detect_group(name, in_features, sc_rows, g_idx)
-
-
-def detect_group(name: str, in_features: int, scale_rows: int, g_idx: torch.Tensor | None) -> int:
-    """Group size from the number of scale rows (``g_idx`` settles ragged last groups)."""
-    if scale_rows == 1:
-        return -1
-    if g_idx is not None and g_idx.numel() == in_features:
-        group = int((g_idx == 0).sum())
-    else:
-        group = math.ceil(in_features / scale_rows)
-    if math.ceil(in_features / group) != scale_rows:
-        raise BadInputError(f"{name}: {scale_rows} scale rows do not fit group {group}")
-    return group
 
 
 # ---------------------------------------------------------------------- helpers
@@ -95,33 +47,10 @@ def model_class_for(config: Any):
 
 
 def _safetensor_files(path: Path) -> list[Path]:
-    from eqat_cli.formats.inspect import safetensor_files
-
     files = safetensor_files(path)
     if not files:
         raise BadInputError(f"{path} holds no .safetensors weights")
     return files
-
-
-def tensor_names(path: str | os.PathLike) -> list[str]:
-    from safetensors import safe_open
-
-    names = []
-    for f in _safetensor_files(Path(path)):
-        with safe_open(str(f), framework="pt") as fh:
-            names.extend(fh.keys())
-    return names
-
-
-def quantized_layer_names(names: Iterable[str]) -> list[str]:
-    return sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
-
-
-def read_config_dict(path: str | os.PathLike) -> dict:
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        raise BadInputError(f"{path} has no config.json")
-    return json.loads(cfg.read_text())
 
 
 def eqat_section(path: str | os.PathLike) -> dict | None:
@@ -182,9 +111,7 @@ def save_state_dict_sharded(sd: dict, out_dir: Path, max_shard_bytes: int = SHAR
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({k: v.cpu() for k, v in shard.items()}, str(out_dir / fname), metadata=meta)
         weight_map.update({k: fname for k in shard})
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_index(out_dir, weight_map, total)
 
 
 def config_dict_for_save(config: Any, eqat_meta: dict | None) -> dict:
@@ -219,11 +146,11 @@ def write_sidecars(model: nn.Module, tokenizer: Any, out: Path, config: dict) ->
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from eqat_cli.readers import load_safetensors
 
     sd = {}
     for f in _safetensor_files(path):
-        sd.update(load_file(str(f)))
+        sd.update(load_safetensors(f, "safetensors weight shard"))
     return sd
 
 
@@ -253,15 +180,14 @@ def install_packed_layers(
         qweight, qzeros, scales = sd.pop(f"{name}.qweight"), sd.pop(f"{name}.qzeros"), sd.pop(f"{name}.scales")
         g_idx = sd.pop(f"{name}.g_idx", None)
         bias = sd.pop(f"{name}.bias", None)
+        hint = int((g_idx == 0).sum()) if g_idx is not None and g_idx.numel() == lin.in_features else None
+        lq = layer_quant(name, qweight.shape, qzeros.shape, scales.shape, lin.in_features, lin.out_features,
+                         group_hint=hint, gptq3=gptq3)
+        bits, group = lq.bits, lq.group_size
         if gptq3:
-            bits = 3
-            group = detect_group(name, lin.in_features, scales.shape[0], g_idx)
             codes = packing.unpack_rows_gptq3(qweight, lin.in_features)
             zeros = packing.unpack_cols_gptq3(qzeros, lin.out_features)
         else:
-            bits, group = detect_bits_group(
-                name, lin.in_features, lin.out_features, qweight.shape, qzeros.shape, scales.shape, g_idx
-            )
             codes = packing.unpack_rows(qweight, bits, lin.in_features)
             zeros = packing.unpack_cols(qzeros, bits, lin.out_features)
         if g_idx is not None:
@@ -290,10 +216,10 @@ def load_packed_model(
     gptq3: bool = False,
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
     """Load a packed checkpoint (native or GPTQ-style tensors) into a transformers model."""
-    from transformers import AutoConfig
+    from eqat_cli.readers import load_config
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config)

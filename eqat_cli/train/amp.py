@@ -5,7 +5,8 @@
   ~6e-8 flush to zero and above 65504 overflow, so the loss is scaled up before ``backward``, the
   gradients are unscaled before clipping, and a step whose gradients overflowed is skipped while
   the scale backs off.
-* CPU (and anything else): fp32, no autocast, no scaler.
+* CPU with bf16 units (AVX512-BF16, AMX): bf16 autocast, no scaler; other CPUs: fp32 (bf16 there
+  is emulated and many times slower). The choice is :func:`eqat_cli.device.train_autocast_dtype`.
 
 Use (the order matters: unscale before clipping, ``step`` instead of ``opt.step()``)::
 
@@ -35,16 +36,20 @@ class Amp:
     scaler: "torch.amp.GradScaler | None" = None
 
     @classmethod
-    def for_device(cls, device: torch.device | str, bf16_supported: bool | None = None) -> "Amp":
-        """bf16 on CUDA when supported, else fp16 with a loss scaler; fp32 elsewhere."""
+    def for_device(cls, device: torch.device | str, bf16_supported: bool | None = None,
+                   precision: str = "auto") -> "Amp":
+        """``precision`` ``auto``: bf16 where the device computes it natively (CUDA with bf16,
+        CPUs with bf16 units), fp16 with a loss scaler on CUDA without bf16, else fp32; or
+        ``fp32``/``bf16``/``fp16`` as given. ``bf16_supported`` overrides the CUDA check (tests)."""
+        from eqat_cli.device import train_autocast_dtype
+
         device = torch.device(device)
-        if device.type != "cuda":
-            return cls(device.type, None)
-        if bf16_supported is None:
-            bf16_supported = torch.cuda.is_bf16_supported()
-        if bf16_supported:
-            return cls("cuda", torch.bfloat16)
-        return cls.fp16(device)
+        if device.type == "cuda" and precision == "auto" and bf16_supported is not None:
+            return cls("cuda", torch.bfloat16) if bf16_supported else cls.fp16(device)
+        dtype = train_autocast_dtype(device, precision)
+        if dtype == torch.float16:
+            return cls.fp16(device)
+        return cls(device.type, dtype)
 
     @classmethod
     def fp16(cls, device: torch.device | str) -> "Amp":

@@ -108,26 +108,37 @@ def save_calibration(calib: Calibration, path: str | Path) -> None:
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    from safetensors import safe_open
+    from eqat_cli.readers import open_safetensors, reading
 
     p = Path(path)
     if not p.is_file():
         raise BadInputError(f"calibration file not found: {path}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("json", "{}"))
-            train = f.get_tensor("train").to(torch.int64)
-            val = f.get_tensor("val").to(torch.int64) if "val" in f.keys() else train[:0]
-    except Exception as e:  # safetensors raises several types for a bad header
-        raise BadInputError(f"{path} is not an eqat calibration file ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise BadInputError(f"{path} is not an eqat calibration file (made by `eqat calibrate`)")
+    what = "calibration file"
+    with open_safetensors(p, what) as f, reading(p, what):
+        meta = json.loads((f.metadata() or {}).get("json", "{}"))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "train" not in f.keys():
+            raise BadInputError(f"{path} is not an eqat calibration file (made by `eqat calibrate`)")
+        train = f.get_tensor("train")
+        val = f.get_tensor("val") if "val" in f.keys() else train[:0]
+    if train.is_floating_point() or val.is_floating_point():
+        raise BadInputError(f"{path}: damaged calibration file: token ids are stored as floats")
+    train, val = train.to(torch.int64), val.to(torch.int64)
+    if train.dim() != 2 or train.shape[0] < 1 or train.shape[1] < 2 or val.dim() != 2 or val.shape[1] != train.shape[1]:
+        raise BadInputError(
+            f"{path}: damaged calibration file: windows of shape {tuple(train.shape)} (train) and "
+            f"{tuple(val.shape)} (validation) are not [n, seqlen] with one seqlen"
+        )
+    if int(train.min()) < 0 or (val.numel() and int(val.min()) < 0):
+        raise BadInputError(f"{path}: damaged calibration file: negative token ids")
     return Calibration(train, val, meta)
 
 
 def check_tokenizer(calib: Calibration, tokenizer: Any, path: str) -> None:
     want = calib.meta.get("tokenizer_fingerprint")
     have = tokenizer_fingerprint(tokenizer)
+    top = max(int(calib.train.max()), int(calib.val.max()) if calib.val.numel() else 0)
+    if want == have and top >= len(tokenizer):
+        raise BadInputError(f"calibration file {path} holds token id {top}, beyond the vocabulary ({len(tokenizer)})")
     if want != have:
         raise BadInputError(
             f"calibration file {path} was made with another tokenizer "

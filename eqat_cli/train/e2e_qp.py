@@ -370,7 +370,9 @@ def run_e2e_qp(
         eval_teacher.to(device).eval()
         for p in eval_teacher.parameters():
             p.requires_grad_(False)
-    amp = amp or Amp.for_device(device)
+    # The packed layers' CPU kernel computes in fp32 (its matmuls do not autocast), so E2E-QP runs
+    # fp32 on CPUs; accelerators get their usual bf16 (or fp16 with loss scaling).
+    amp = amp or Amp.for_device(device, precision="auto" if torch.device(device).type == "cuda" else "fp32")
 
     lr = cfg.resolved_lr(bits)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)

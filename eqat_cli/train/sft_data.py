@@ -14,7 +14,6 @@ Examples keep their own length; :meth:`Examples.collate` pads a batch to its lon
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,25 +162,19 @@ def load_instruct(path: str | Path, tokenizer: Any, seqlen: int, limit: int | No
     if not p.is_file() or p.suffix not in (".jsonl", ".json"):
         raise BadInputError(f"instruction data must be a .jsonl file, got {path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    from eqat_cli.readers import read_jsonl
+
     ids, labels = [], []
-    with open(p, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInputError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise BadInputError(f"{path}:{line_no}: expected a JSON object")
-            full, lab = tokenize_record(rec, tokenizer, f"{path}:{line_no}")
-            full, lab = full[:seqlen], lab[:seqlen]
-            if all(x == IGNORE for x in lab[1:]):
-                continue  # nothing of the response would be learned
-            ids.append(torch.tensor(full, dtype=torch.long))
-            labels.append(torch.tensor(lab, dtype=torch.long))
-            if limit and len(ids) >= limit:
-                break
+    # One reader for every JSON-lines file: a damaged line is one error naming the file and line.
+    for line_no, rec in read_jsonl(p, "instruction data file"):
+        full, lab = tokenize_record(rec, tokenizer, f"{path}:{line_no}")
+        full, lab = full[:seqlen], lab[:seqlen]
+        if all(x == IGNORE for x in lab[1:]):
+            continue  # nothing of the response would be learned
+        ids.append(torch.tensor(full, dtype=torch.long))
+        labels.append(torch.tensor(lab, dtype=torch.long))
+        if limit and len(ids) >= limit:
+            break
     if not ids:
         raise BadInputError(f"{path}: no usable examples (prompts longer than --seqlen {seqlen}?)")
     return Examples(ids, labels, {"source": str(path), "format": "instruct", "examples": len(ids),

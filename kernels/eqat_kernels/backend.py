@@ -45,4 +45,3 @@ class TritonKernel:
         return y
 
 
-TRITON_KERNEL = TritonKernel()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import json
 import re
 from pathlib import Path
 
@@ -35,8 +34,9 @@ def _open_text(path: Path):
 
 
 def _jsonl(path: Path) -> list[dict]:
-    with _open_text(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    from eqat_cli.readers import read_jsonl
+
+    return [obj for _, obj in read_jsonl(path, "task data file", opener=_open_text)]
 
 
 def local_file(dataset: str, split: str, data_dir) -> Path:
@@ -56,9 +56,12 @@ def local_file(dataset: str, split: str, data_dir) -> Path:
 
 
 def read_piqa(path: Path) -> list[dict]:
+    from eqat_cli.readers import reading
+
     rows = []
-    for d in _jsonl(path):
-        rows.append({"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": int(d["label"])})
+    with reading(path, "PIQA data file"):
+        for d in _jsonl(path):
+            rows.append({"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": int(d["label"])})
     return rows
 
 
@@ -77,7 +80,10 @@ def arc_to_hf(d: dict) -> dict:
 
 
 def read_arc(path: Path) -> list[dict]:
-    return [arc_to_hf(d) for d in _jsonl(path)]
+    from eqat_cli.readers import reading
+
+    with reading(path, "ARC data file"):
+        return [arc_to_hf(d) for d in _jsonl(path)]
 
 
 def hellaswag_clean(text: str) -> str:
@@ -90,7 +96,9 @@ def hellaswag_clean(text: str) -> str:
 
 def read_hellaswag(path: Path) -> list[dict]:
     """llama.cpp form: per item, context line, gold label line, then the 4 ending lines."""
-    with _open_text(path) as fh:
+    from eqat_cli.readers import reading
+
+    with reading(path, "HellaSwag data file"), _open_text(path) as fh:
         lines = fh.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()

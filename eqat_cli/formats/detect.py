@@ -1,15 +1,15 @@
 """What a checkpoint is, read from its files without loading the model (and without torch).
 
-``inspect_path(path)`` reads ``config.json`` and the safetensors *headers* (tensor names, dtypes and
-shapes; ``g_idx`` data only, which is a few KB), or a GGUF file's metadata, and reports:
+The one place that detects formats: ``models.resolve`` (loading), ``formats.native`` (bits and group
+of each packed layer), ``formats.gptq`` and ``eqat pull`` all ask this module.
 
-* ``format``: ``eqat`` (native / EfficientQAT release), ``gptq``, ``gptq_v2``, ``fp`` or ``gguf``;
-* ``architecture``: the registry's architecture name for the config's ``model_type``;
-* ``bits`` / ``group_size``: detected per quantized layer from tensor shapes (the ``eqat`` and
-  ``quantization_config`` sections are cross-checked, never trusted alone);
-* ``size_bytes``, ``bits_per_weight`` of the quantized layers, and the next command to run.
-
-Used by ``eqat pull`` and reusable by ``eval``/``pack`` to describe their input.
+* :func:`detect_layout`: ``fp``, ``eqat`` (native / EfficientQAT release), ``gptq``, ``gptq_v2`` or
+  ``other (METHOD)``, and how packed tensors are read (GPTQ v1's zero offset, GPTQ 3-bit packing);
+* :func:`gptq_version`: v1 or v2 from ``checkpoint_format`` or the legacy ``format`` key;
+* :func:`layer_quant`: bits and group of one packed layer from its tensor shapes;
+* :func:`inspect_path`: all of that for ``eqat pull``, plus the architecture, size on disk and bits
+  per weight, reading ``config.json`` and the safetensors *headers* only (``g_idx`` data, a few KB,
+  is the one tensor read), or a GGUF file's metadata.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from eqat_cli.errors import BadInputError
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # mirrors eqat_cli.quant.primitives (which imports torch)
 _COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-_ST_ITEMSIZE = {"I32": 4, "I64": 8, "I16": 2, "I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4,
-                "F64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 @dataclass
 class LayerQuant:
@@ -150,20 +147,12 @@ class TensorMeta:
 
 def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
     """Tensor name -> dtype/shape/offsets, from the JSON header only."""
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise BadInputError(f"{file}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise BadInputError(f"{file}: safetensors header of {n} bytes is not plausible")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as e:
-            raise BadInputError(f"{file}: unreadable safetensors header ({e})") from e
+    from eqat_cli.readers import safetensors_header
+
+    header, data_start = safetensors_header(file, "safetensors weight shard")
     header.pop("__metadata__", None)
     return {
-        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), 8 + n)
+        k: TensorMeta(v["dtype"], tuple(v["shape"]), file, tuple(v["data_offsets"]), data_start)
         for k, v in header.items()
     }
 
@@ -182,8 +171,9 @@ def read_small_tensor(meta: TensorMeta) -> list[int]:
 def safetensor_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+        from eqat_cli.readers import check_model_weights
+
+        return check_model_weights(path)
     single = path / "model.safetensors"
     if single.exists():
         return [single]
@@ -203,70 +193,143 @@ def read_headers(path: Path) -> dict[str, TensorMeta]:
 # ---------------------------------------------------------------------- detection
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint's format and how its packed tensors are read."""
+
+    format: str  # fp | eqat | gptq | gptq_v2 | other (METHOD)
+    zero_offset: int = 0  # added to stored zero points (GPTQ v1 stores z - 1)
+    gptq3: bool = False  # 3-bit codes in GPTQ's layout (32 codes in 3 words)
+
+    @property
+    def packed(self) -> bool:
+        return self.format in ("eqat", "gptq", "gptq_v2")
+
+
+def read_config_dict(path: str | os.PathLike) -> dict:
+    from eqat_cli.readers import read_model_config
+
+    if not (Path(path) / "config.json").exists():
+        raise BadInputError(f"{path} has no config.json")
+    return read_model_config(path)
+
+
+def quantized_layer_names(names: Iterable[str]) -> list[str]:
+    """Layers stored packed: every ``X`` with an ``X.qweight`` tensor."""
+    return sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
+
+
+def gptq_version(qc: dict) -> str:
+    """``gptq`` (v1) or ``gptq_v2`` from a GPTQ ``quantization_config``: ``checkpoint_format``, or
+    the legacy ``format`` key that older GPTQModel releases wrote."""
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    return "gptq_v2" if fmt == "gptq_v2" else "gptq"
+
+
+def layout_of(cfg: dict, tensor_names: Iterable[str]) -> Layout:
+    """The layout a ``config.json`` dict and the stored tensor names describe."""
+    qc = cfg.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method == "gptq":
+        version = gptq_version(qc)
+        return Layout(version, 1 if version == "gptq" else 0, qc.get("bits") == 3)
+    if method:
+        return Layout(f"other ({method})")
+    return Layout("eqat" if quantized_layer_names(tensor_names) else "fp")
+
+
+def detect_layout(path: str | os.PathLike) -> Layout:
+    """The layout of a model directory, from ``config.json`` and the safetensors headers (a
+    directory without safetensors files, e.g. ``pytorch_model.bin`` only, is left to transformers)."""
+    path = Path(path)
+    return layout_of(read_config_dict(path), read_headers(path) if safetensor_files(path) else ())
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``fp``, ``eqat``, ``gptq``, ``gptq_v2`` or ``other (METHOD)``."""
+    return detect_layout(path).format
+
+
 def _pf(bits: int) -> int:
     return 32 // bits
 
 
-def _group_from_rows(in_features: int, n_groups: int) -> int:
+def group_from_rows(name: str, in_features: int, n_groups: int, hint: int | None = None) -> int:
+    """Group size from the number of ``scales`` rows: ``hint`` (the size of ``g_idx``'s first
+    group) when it fits, else the smallest common group size that gives that many rows (a ragged
+    last group included), else the rows' even split."""
     if n_groups == 1:
         return -1
+    if hint and math.ceil(in_features / hint) == n_groups:
+        return hint
     fits = [g for g in _COMMON_GROUPS if math.ceil(in_features / g) == n_groups]
     if fits:
         return fits[0]
-    return math.ceil(in_features / n_groups)
+    group = math.ceil(in_features / n_groups)
+    if math.ceil(in_features / group) != n_groups:
+        raise BadInputError(f"{name}: {n_groups} scale rows fit no group size for {in_features} inputs")
+    return group
 
 
-def detect_layer(
-    name: str, t: dict[str, TensorMeta], gptq3_hint: bool = False
+def layer_quant(
+    name: str,
+    qweight_shape: Sequence[int],
+    qzeros_shape: Sequence[int],
+    scales_shape: Sequence[int],
+    in_features: int | None = None,
+    out_features: int | None = None,
+    group_hint: int | None = None,
+    gptq3: bool = False,
 ) -> LayerQuant:
-    """Bits and group of one packed layer from its tensor shapes (``g_idx`` read when present)."""
+    """Bits and group of one packed layer from its tensor shapes.
+
+    Bits: ``qweight`` rows against ``in_features`` and ``qzeros`` columns against ``out_features``
+    (either unknown: taken from the shapes). Group: :func:`group_from_rows`, ``group_hint`` being
+    the number of zeros in ``g_idx``. ``gptq3`` checks GPTQ's 3-bit packing instead.
+    """
+    qw_rows, qw_cols = qweight_shape
+    qz_rows, qz_cols = qzeros_shape
+    n_groups, sc_cols = scales_shape
+    out_f = qw_cols if out_features is None else out_features
+    if qw_cols != out_f or sc_cols != out_f or qz_rows != n_groups:
+        raise BadInputError(
+            f"{name}: inconsistent shapes qweight {tuple(qweight_shape)}, qzeros {tuple(qzeros_shape)}, "
+            f"scales {tuple(scales_shape)} for {out_f} outputs"
+        )
+    if gptq3:
+        in_f = in_features if in_features is not None else qw_rows * 32 // 3
+        if qz_cols * 32 != out_f * 3 or qw_rows * 32 != in_f * 3:
+            raise BadInputError(
+                f"{name}: shapes qweight {tuple(qweight_shape)}, qzeros {tuple(qzeros_shape)} are not "
+                "GPTQ 3-bit packing"
+            )
+        return LayerQuant(name, 3, group_from_rows(name, in_f, n_groups, group_hint), in_f, out_f)
+    cands = [
+        (b, in_features if in_features is not None else qw_rows * _pf(b))
+        for b in SUPPORTED_BITS
+        if qz_cols == math.ceil(out_f / _pf(b))
+        and (in_features is None or qw_rows == math.ceil(in_features / _pf(b)))
+    ]
+    if not cands:
+        raise BadInputError(
+            f"{name}: shapes qweight {tuple(qweight_shape)}, qzeros {tuple(qzeros_shape)} match no bit "
+            f"width in {SUPPORTED_BITS}" + (f" for {in_features} inputs" if in_features else "")
+        )
+    bits, in_f = cands[0]
+    return LayerQuant(name, bits, group_from_rows(name, in_f, n_groups, group_hint), in_f, out_f)
+
+
+def detect_layer(name: str, t: dict[str, TensorMeta], gptq3: bool = False) -> LayerQuant:
+    """:func:`layer_quant` of a layer in safetensors headers (``g_idx`` read when small)."""
     qw, qz, sc = t.get(f"{name}.qweight"), t.get(f"{name}.qzeros"), t.get(f"{name}.scales")
     if qw is None or qz is None or sc is None:
         raise BadInputError(f"{name}: packed layer lacks qweight/qzeros/scales")
     gi = t.get(f"{name}.g_idx")
-    qw_rows, out_f = qw.shape
-    n_groups, sc_cols = sc.shape
-    qz_rows, qz_cols = qz.shape
-    if sc_cols != out_f or qz_rows != n_groups:
-        raise BadInputError(
-            f"{name}: inconsistent shapes qweight {qw.shape}, qzeros {qz.shape}, scales {sc.shape}"
-        )
-    in_f = gi.shape[0] if gi is not None else None
-    if gptq3_hint:  # GPTQ's 3-bit layout: 32 codes in 3 words along both packed dims
-        in_f = in_f if in_f is not None else qw_rows * 32 // 3
-        if qz_cols * 32 != out_f * 3 or qw_rows * 32 != in_f * 3:
-            raise BadInputError(
-                f"{name}: shapes qweight {qw.shape}, qzeros {qz.shape} are not GPTQ 3-bit packing"
-            )
-        return LayerQuant(name, 3, _group_from_index(t, name, in_f, n_groups), in_f, out_f)
-    cands = []
-    for b in SUPPORTED_BITS:
-        if qz_cols != math.ceil(out_f / _pf(b)):
-            continue
-        if in_f is not None:
-            if qw_rows == math.ceil(in_f / _pf(b)):
-                cands.append((b, in_f))
-        else:
-            cands.append((b, qw_rows * _pf(b)))
-    if not cands:
-        raise BadInputError(
-            f"{name}: shapes qweight {qw.shape}, qzeros {qz.shape} match no bit width in {SUPPORTED_BITS}"
-        )
-    bits, in_f = cands[0]
-    group = _group_from_index(t, name, in_f, n_groups)
-    return LayerQuant(name, bits, group, in_f, out_f)
-
-
-def _group_from_index(t: dict[str, TensorMeta], name: str, in_f: int, n_groups: int) -> int:
-    gi = t.get(f"{name}.g_idx")
-    if n_groups == 1:
-        return -1
-    if gi is not None and gi.nbytes <= 4 * 1024 * 1024:
-        idx = read_small_tensor(gi)
-        group = sum(1 for v in idx if v == 0)
-        if group and math.ceil(in_f / group) == n_groups:
-            return group
-    return _group_from_rows(in_f, n_groups)
+    hint = None
+    if gi is not None and sc.shape[0] > 1 and gi.nbytes <= 4 * 1024 * 1024:
+        hint = sum(1 for v in read_small_tensor(gi) if v == 0)
+    return layer_quant(name, qw.shape, qz.shape, sc.shape, in_features=gi.shape[0] if gi is not None else None,
+                       group_hint=hint, gptq3=gptq3)
 
 
 def _single_or_list(values: list[int]) -> int | list[int] | None:
@@ -282,9 +345,10 @@ def _architecture_name(model_type: str | None) -> str | None:
     try:
         from eqat_cli.registry import get_registry
 
-        return get_registry().architecture_for(model_type).name
-    except Exception:
+        spec = get_registry().find_architecture(model_type)
+    except Exception:  # a broken third-party plugin must not stop a description
         return None
+    return spec.name if spec is not None else None
 
 
 def inspect_path(path: str | os.PathLike) -> ModelInfo:
@@ -303,23 +367,19 @@ def inspect_path(path: str | os.PathLike) -> ModelInfo:
                 info.notes.append(f"{len(ggufs)} .gguf files here; described {ggufs[0].name}")
             return info
         raise BadInputError(f"{path} is not a model directory (no config.json)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_config_dict(p)
     text_cfg = cfg.get("text_config") or {}
     model_type = cfg.get("model_type") or text_cfg.get("model_type")
     headers = read_headers(p)
     qc = cfg.get("quantization_config") or {}
     notes: list[str] = []
-    fmt = "fp"
-    if qc.get("quant_method") == "gptq":
-        fmt = "gptq_v2" if qc.get("checkpoint_format", qc.get("format")) == "gptq_v2" else "gptq"
-        if qc.get("desc_act"):
-            notes.append("desc_act (act-order) checkpoint: eqat loads only sequential g_idx")
-    elif qc.get("quant_method"):
-        fmt = f"other ({qc['quant_method']})"
+    layout = layout_of(cfg, headers)
+    fmt = layout.format
+    if fmt.startswith("gptq") and qc.get("desc_act"):
+        notes.append("desc_act (act-order) checkpoint: eqat loads only sequential g_idx")
+    elif fmt.startswith("other"):
         notes.append(f"quantization method {qc['quant_method']!r} is not one eqat reads")
-    packed = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
-    if packed and fmt == "fp":
-        fmt = "eqat"
+    packed = quantized_layer_names(headers)
     info = ModelInfo(str(p), fmt, _architecture_name(model_type), model_type, notes=notes)
     info.size_bytes = size_on_disk(p)
     sec = cfg.get("eqat")
@@ -329,10 +389,9 @@ def inspect_path(path: str | os.PathLike) -> ModelInfo:
         notes.append("no eqat section in config.json: bits and group detected from tensor shapes")
     if isinstance(sec, dict) and sec.get("format") == "fp16" and not packed:
         notes.append("dense fp16 export made by eqat pack")
-    if not packed:
+    if not packed or not layout.packed:
         return info
-    gptq3 = fmt.startswith("gptq") and qc.get("bits") == 3
-    layers = [detect_layer(n, headers, gptq3_hint=gptq3) for n in packed]
+    layers = [detect_layer(n, headers, gptq3=layout.gptq3) for n in packed]
     info.quantized_layers = len(layers)
     info.bits = _single_or_list([lq.bits for lq in layers])
     info.group_size = _single_or_list([lq.group_size for lq in layers])

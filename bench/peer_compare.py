@@ -1,0 +1,214 @@
+"""Peer benchmark of issue #13: eqat (RTN, GPTQ, Block-AP paper/default, + E2E-QP) vs AutoRound, same windows.
+
+Run with eqat's venv python (AutoRound runs in its own venv, see bench/peer_venv.sh):
+
+    EQAT_DATA_DIR=/work/shared/data nice -n 10 python bench/peer_compare.py --bits 2,3,4
+    ... --samples 128 --seqlen 512          # second budget: own calibration file, own rows
+
+Every method is a subprocess; its wall time and peak RSS (process + children, polled) are measured.
+`default+e2e` = E2E-QP on the `default` output; its time is Block-AP's + E2E-QP's, its RSS the larger one.
+Each output (and the FP model once) is evaluated with `eqat eval --ppl wikitext2`. Rows go to the JSON
+file as soon as they are done; re-running skips a row whose JSON entry and output both exist (--force
+redoes it), so an interrupted benchmark loses at most the row in progress. An unfinished output is
+deleted and redone from scratch, so no time is measured on a resumed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+# method -> (tool, extra flags). Flags may use {samples} and {seqlen} (the calibration budget).
+# "block-ap" and "e2e-qp" are eqat commands; "autoround" is bench/peer_autoround_run.py in the peer venv.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "rtn": ("block-ap", ["--epochs", "0", "--init", "minmax"]),
+    "gptq": ("block-ap", ["--init", "gptq", "--epochs", "0"]),
+    "paper": ("block-ap", ["--recipe", "paper"]),
+    "default": ("block-ap", []),
+    "default+e2e": (
+        "e2e-qp",
+        ["--dataset", "c4", "--samples", "{samples}", "--seqlen", "{seqlen}", "--val-samples", "8", "--loss", "kd",
+         "--global-batch", "8", "--lr", "1e-3", "--eval-steps", "2", "--no-gradient-checkpointing"],
+    ),
+    "autoround": ("autoround", ["--iters", "50", "--batch-size", "8"]),
+}
+E2E_BASE = "default"  # the Block-AP method E2E-QP starts from
+EVAL_FLAGS = ["--ppl", "wikitext2", "--seqlen", "512", "--limit", "40"]
+MODEL = "smollm2"
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run cmd, output to log; wall seconds and peak RSS (MiB) of the process tree. Raises on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    peak = 0
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [ps, *ps.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {shlex.join(cmd)} (log: {log})")
+    return {"cmd": shlex.join(cmd), "wall_s": round(wall, 1), "peak_rss_mib": round(peak / 2**20), "log": str(log)}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.a = args
+        self.eqat = [sys.executable, "-m", "eqat_cli"]
+        self.budget = f"{args.samples}x{args.seqlen}"
+        self.runs = Path(args.runs_dir).resolve()
+        self.calib = Path(args.calib or self.runs / f"calib-c4-{self.budget}-val8-s2.safetensors").resolve()
+        self.json = Path(args.json)
+        self.data = json.loads(self.json.read_text()) if self.json.exists() else {"rows": {}}
+        self.failed: list[str] = []
+        self.fresh: set[str] = set()  # rows made in this run (--force redoes each row once)
+
+    def save(self) -> None:
+        self.data["config"] = {
+            "model": MODEL, "methods": METHODS, "eval": EVAL_FLAGS, "e2e_base": E2E_BASE,
+            "env": {k: os.environ.get(k) for k in ("EQAT_DATA_DIR", "PYTHONPATH")},
+        }
+        self.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.json)
+
+    def done(self, key: str) -> dict | None:
+        row = self.data["rows"].get(key)
+        if row and (key in self.fresh or not self.a.force) and Path(row["output"]).exists():
+            return row
+        return None
+
+    def ensure_calib(self) -> None:
+        from eqat_cli.train.calib import load_calibration
+
+        if not self.calib.exists():
+            cmd = [*self.eqat, "calibrate", MODEL, "--dataset", "c4", "--samples", str(self.a.samples),
+                   "--seqlen", str(self.a.seqlen), "--val-samples", "8", "--seed", "2", "-o", str(self.calib)]
+            self.data.setdefault("calibration", {})[self.budget] = measure(cmd, self.calib.with_suffix(".log"))
+        meta = load_calibration(self.calib).meta  # a given --calib file sets the budget
+        self.a.samples, self.a.seqlen = meta["samples"], meta["seqlen"]
+        self.budget = f"{self.a.samples}x{self.a.seqlen}"
+
+    def evaluate(self, model: str, out_json: Path) -> tuple[float, dict]:
+        step = measure([*self.eqat, "eval", model, *EVAL_FLAGS, "--json", str(out_json)], out_json.with_suffix(".log"))
+        return json.loads(out_json.read_text())["perplexity"]["wikitext2"]["ppl"], step
+
+    def fp_ppl(self) -> float:
+        if not (row := self.done("fp")):
+            ppl, step = self.evaluate(MODEL, self.runs / "eval-fp.json")
+            row = self.data["rows"]["fp"] = {"method": "fp", "ppl": ppl, "output": str(self.runs / "eval-fp.json"),
+                                             "eval": step}
+            self.fresh.add("fp")
+            self.save()
+        return row["ppl"]
+
+    def quantize(self, method: str, bits: int, out: Path, base: dict | None) -> dict:
+        tool, flags = METHODS[method]
+        flags = [f.format(samples=self.a.samples, seqlen=self.a.seqlen) for f in flags]
+        if out.exists():  # unfinished (no row): start over, never time a resumed run
+            shutil.rmtree(out)
+        log = out.with_name(out.name + ".log")
+        if tool == "autoround":
+            from eqat_cli.models import classify, local_path
+
+            cmd = [self.a.peer_python, str(HERE / "peer_autoround_run.py"), "--model", str(local_path(classify(MODEL))),
+                   "--calib", str(self.calib), "--bits", str(bits), "--group", str(self.a.group), "-o", str(out), *flags]
+        elif tool == "e2e-qp":
+            cmd = [*self.eqat, "e2e-qp", base["output"], *flags, "-o", str(out)]
+        else:
+            cmd = [*self.eqat, "block-ap", MODEL, "--bits", str(bits), "--group", str(self.a.group),
+                   "--calib", str(self.calib), *flags, "-o", str(out)]
+        return measure(cmd, log)
+
+    def row(self, method: str, bits: int) -> dict:
+        key = f"{method}/w{bits}g{self.a.group}/{self.budget}"
+        if row := self.done(key):
+            print(f"= {key}: done (ppl {row['ppl']:.2f}), skipped", flush=True)
+            return row
+        out = self.runs / f"{method.replace('+', '-')}-w{bits}g{self.a.group}-{self.budget}"
+        base = self.row(E2E_BASE, bits) if METHODS[method][0] == "e2e-qp" else None
+        steps = [*(base["steps"] if base else []), self.quantize(method, bits, out, base)]
+        ppl, ev = self.evaluate(str(out), out.with_name(out.name + ".eval.json"))
+        fp = self.fp_ppl()
+        row = self.data["rows"][key] = {
+            "method": method, "bits": bits, "group": self.a.group, "budget": self.budget, "ppl": ppl,
+            "x_fp": ppl / fp, "wall_s": round(sum(s["wall_s"] for s in steps), 1),
+            "peak_rss_mib": max(s["peak_rss_mib"] for s in steps), "output": str(out), "steps": steps, "eval": ev,
+        }
+        self.fresh.add(key)
+        self.save()
+        return row
+
+    def run(self) -> None:
+        self.ensure_calib()
+        self.fp_ppl()
+        for bits in self.a.bits:
+            for method in self.a.methods:
+                try:
+                    self.row(method, bits)
+                except RuntimeError as e:  # one broken method must not stop the others
+                    print(f"! {method} w{bits}: {e}", file=sys.stderr, flush=True)
+                    self.failed.append(f"{method}/w{bits}")
+
+    def table(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"SmolLM2, WikiText-2 ppl ({' '.join(EVAL_FLAGS[2:])}), calibration c4 {self.budget}")
+        for col in ("method", "bits", "ppl", "× FP", "wall s", "peak RSS MiB"):
+            t.add_column(col, justify="left" if col == "method" else "right")
+        t.add_row("fp", "32", f"{self.data['rows']['fp']['ppl']:.2f}", "1.00", "", "")
+        for bits in self.a.bits:
+            for m in self.a.methods:
+                r = self.data["rows"].get(f"{m}/w{bits}g{self.a.group}/{self.budget}")
+                if r:
+                    t.add_row(m, f"w{bits}g{self.a.group}", f"{r['ppl']:.2f}", f"{r['x_fp']:.2f}",
+                              f"{r['wall_s']:.0f}", str(r["peak_rss_mib"]))
+        Console().print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", default="2,3,4", type=lambda s: [int(b) for b in s.split(",")])
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","),
+                    help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    ap.add_argument("--calib", help="calibration file (made if missing; default: in --runs-dir, per budget)")
+    ap.add_argument("--runs-dir", default="runs/peer", help="outputs, logs and eval JSONs")
+    ap.add_argument("--json", default=str(HERE / "results" / "peer_compare.json"), help="results (kept rows)")
+    ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/peer-venv/bin/python"),
+                    help="python of the venv made by bench/peer_venv.sh")
+    ap.add_argument("--force", action="store_true", help="redo rows that are already done")
+    args = ap.parse_args()
+    if unknown := set(args.methods) - set(METHODS):
+        ap.error(f"unknown method(s) {','.join(sorted(unknown))}; choose from {','.join(METHODS)}")
+    bench = Bench(args)
+    bench.run()
+    bench.table()
+    if bench.failed:
+        sys.exit(f"failed: {', '.join(bench.failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Block-AP configuration: the default recipe, the paper's recipe, and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from eqat_cli.errors import BadInputError, EqatError
+
+LOSSES = ("mse", "token-rel")
+INITS = ("minmax", "gptq")
+PARAMS = ("free", "round")
+OPTIMIZERS = ("adamw", "sign")
+SCHEDULES = ("cosine", "linear")
+BESTS = ("last", "val", "train")
+RECIPES = ("default", "paper")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class BlockAPConfig:
+    """How Block-AP trains each block. The field defaults are eqat's default recipe; the paper's
+    recipe, exactly as published, is :meth:`paper`.
+
+    * ``param``: ``free`` trains the weights, step sizes and zero points (the paper);
+      ``round`` keeps the starting weights and learns a rounding offset per weight and two
+      clipping factors per group (:class:`~eqat_cli.quant.rounding.RoundQuantLinear`).
+    * ``optimizer``: ``adamw`` (the paper) or ``sign`` (signed gradient descent: every step moves
+      each parameter by exactly the learning rate, the natural unit for offsets and factors).
+    * ``steps``: optimizer steps per block; 0 means ``epochs`` passes over the windows.
+    * ``quant_lr`` / ``weight_lr``: ``None`` means the recipe's value: the paper's 1e-4 and
+      2e-5 (2-bit) / 1e-5 for ``free``; ``1 / steps`` for ``round`` (offsets then travel at most half
+      a step under the linear schedule, the whole range they are allowed).
+    * ``precision``: autocast of the training forwards: ``auto`` is bf16 on GPUs and on CPUs with
+      bf16 units (AVX512-BF16, AMX), fp16 on GPUs without bf16 (with loss scaling), else fp32.
+      Targets, the quantized chain and every loss stay fp32.
+    * ``best``: which parameters a block ends with: ``last``; ``val``, the best validation loss at
+      an epoch end, the start included; ``train``, the lowest training-batch loss seen at any step.
+    """
+
+    bits: int = 2
+    group_size: int = 64
+    recipe: str = "default"
+    param: str = "round"
+    optimizer: str = "sign"
+    schedule: str = "linear"
+    epochs: int = 4
+    steps: int = 0
+    batch_size: int = 8
+    quant_lr: float | None = None
+    weight_lr: float | None = None
+    min_lr_factor: float = 20.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    early_stop: int = 0
+    seed: int = 2
+    offload_to_disk: bool = False
+    loss: str = "mse"
+    init: str = "minmax"
+    gptq_damp: float = 0.01
+    best: str = "val"
+    keep_best: bool = False  # the older spelling of best="val"
+    precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("loss", LOSSES), ("init", INITS), ("param", PARAMS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("best", BESTS), ("recipe", RECIPES),
+                             ("precision", PRECISIONS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise BadInputError(f"unknown Block-AP {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not 0 < self.gptq_damp < 1:
+            raise BadInputError(f"--gptq-damp must be in (0, 1), got {self.gptq_damp:g}")
+        if self.epochs < 0 or self.steps < 0 or self.batch_size < 1:
+            raise BadInputError("--epochs and --steps must be >= 0 and --batch-size >= 1")
+        for name in ("quant_lr", "weight_lr", "max_grad_norm"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise BadInputError(f"--{name.replace('_', '-')} must be >= 0, got {v:g}")
+        if not self.min_lr_factor >= 1:
+            raise BadInputError(f"--min-lr-factor must be >= 1, got {self.min_lr_factor:g}")
+        if self.keep_best:
+            object.__setattr__(self, "best", "val")
+
+    @classmethod
+    def paper(cls, **overrides) -> "BlockAPConfig":
+        """The paper's recipe (EfficientQAT, Block-AP), with ``overrides`` on top."""
+        return cls(**{**PAPER, **overrides})
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides) -> "BlockAPConfig":
+        if recipe not in RECIPES:
+            raise BadInputError(f"unknown Block-AP recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        return cls.paper(**overrides) if recipe == "paper" else cls(**overrides)
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs > 0 or self.steps > 0
+
+    def total_steps(self, n_windows: int) -> int:
+        if self.steps:
+            return self.steps
+        return -(-n_windows // self.batch_size) * self.epochs
+
+    def resolved_weight_lr(self, total_steps: int | None = None) -> float | None:
+        """The weight (``free``) or offset (``round``) learning rate; ``None`` while it depends on
+        a step count that is not known yet."""
+        if self.weight_lr is not None:
+            return self.weight_lr
+        if self.param == "free":
+            return 2e-5 if self.bits == 2 else 1e-5
+        return None if not total_steps else 1.0 / total_steps
+
+    def resolved_quant_lr(self, total_steps: int | None = None) -> float | None:
+        """The step size / zero point (``free``) or clipping factor (``round``) learning rate."""
+        if self.quant_lr is not None:
+            return self.quant_lr
+        if self.param == "free":
+            return 1e-4
+        return None if not total_steps else 1.0 / total_steps
+
+    def describe_lr(self) -> str:
+        def fmt(v):
+            return "1/steps" if v is None else f"{v:g}"
+        return f"{fmt(self.resolved_quant_lr())} ({'s, z' if self.param == 'free' else 'clipping'}) / " \
+               f"{fmt(self.resolved_weight_lr())} ({'weights' if self.param == 'free' else 'offsets'})"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["weight_lr"] = self.resolved_weight_lr()
+        d["quant_lr"] = self.resolved_quant_lr()
+        return d
+
+
+# The paper: Block-AP as published (EfficientQAT, Sec. 3 and its scripts).
+PAPER = dict(recipe="paper", param="free", optimizer="adamw", schedule="cosine", epochs=2, steps=0,
+             batch_size=2, quant_lr=1e-4, weight_lr=None, min_lr_factor=20.0, loss="mse", init="minmax",
+             best="last")
+
+
+def legacy_defaults() -> dict:
+    """Values of options missing from a run key written by an older eqat: every option added
+    since was added with the paper's behaviour as its default."""
+    return BlockAPConfig.paper().to_json()
+
+
+class NonFiniteLossError(EqatError):
+    pass
+
+
+Progress = Callable[[str, dict], None]
+
+
+def no_progress(event: str, info: dict) -> None:
+    pass

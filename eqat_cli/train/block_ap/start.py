@@ -1,0 +1,81 @@
+"""A block's starting point: min-max (RTN) or GPTQ from the block's own inputs, in the
+parametrisation the recipe trains (free weights, or rounding offsets and clipping factors)."""
+
+from __future__ import annotations
+
+import torch
+
+from eqat_cli.quantize import fake_quantize_block
+from eqat_cli.train.block_ap.blockio import block_kwargs_cached
+from eqat_cli.train.block_ap.config import BlockAPConfig
+
+def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, device, dtype) -> dict:
+    """Input Hessians of every quantizable linear of ``block`` over ``inputs`` (one pass, no grad)."""
+    from eqat_cli.quant.gptq import HessianAccumulator
+
+    acc, hooks = {}, []
+    grams: dict = {}  # per batch: q/k/v (and gate/up) see the same input tensor; multiply once
+
+    def hook(mod, args, out, a):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        # Keyed by identity, and the tensor is kept alive with its product, so no other tensor can
+        # take its id (or its memory) while the entry exists.
+        if id(args[0]) not in grams:
+            grams[id(args[0])] = (args[0], x.float().T @ x.float())
+        a.add_gram(grams[id(args[0])][1], x.shape[0])
+
+    for name in arch.linear_names:
+        lin = block.get_submodule(name)
+        acc[name] = HessianAccumulator(lin.in_features, device=lin.weight.device)
+        hooks.append(lin.register_forward_hook(lambda mod, args, out, a=acc[name]: hook(mod, args, out, a)))
+    try:
+        kw_cache: dict = {}
+        with torch.no_grad():
+            for s in range(0, len(inputs), batch):
+                x = inputs[s : s + batch].to(device=device, dtype=dtype)
+                grams.clear()
+                block(x, **block_kwargs_cached(kw_cache, arch, model, x, block))
+                grams.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: a.h for name, a in acc.items()}
+
+
+def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp: float) -> None:
+    """Set each :class:`QuantLinear` to its GPTQ solution: GPTQ's step sizes and zero points, and
+    weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell
+    where GPTQ rounded it (see :func:`gptq_quantize_with_residue`). Block-AP then trains all three
+    from this point instead of from min-max."""
+    from eqat_cli.quant.gptq import gptq_quantize_with_residue
+    from eqat_cli.quant.primitives import dequantize_codes
+
+    with torch.no_grad():
+        for name, q in quantized.items():
+            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], bits, group, damp)
+            w = dequantize_codes(codes.float() + frac, scale, zero, group)
+            q.weight.copy_(w.to(device=q.weight.device, dtype=q.weight.dtype))
+            q.quantizer.scale.copy_(scale.to(q.quantizer.scale.device))
+            q.quantizer.zero.copy_(zero.to(q.quantizer.zero.device))
+
+
+def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device) -> dict:
+    """Turn ``block`` into its fake-quantized starting point: min-max, or GPTQ with the Hessians of
+    ``inputs`` (the inputs the block will train on). Returns the fake-quant modules by name:
+    :class:`QuantLinear` (``param="free"``) or :class:`RoundQuantLinear` (``param="round"``), both
+    at exactly that starting point."""
+    from eqat_cli.quant.linear import set_submodule
+    from eqat_cli.quant.rounding import RoundQuantLinear
+
+    hessians = None
+    if cfg.init == "gptq":
+        hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
+    quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
+    if hessians is not None:
+        gptq_init_block(quantized, hessians, cfg.bits, cfg.group_size, cfg.gptq_damp)
+    if cfg.param == "round":
+        quantized = {name: RoundQuantLinear.from_quant_linear(q) for name, q in quantized.items()}
+        for name, q in quantized.items():
+            set_submodule(block, name, q)
+    return quantized
+
