@@ -23,6 +23,7 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-4}
 LR=${LR:-1e-4}
 PPL_LIMIT=${PPL_LIMIT:-40}
 TASK_LIMIT=${TASK_LIMIT:-500}
+TASKS=${TASKS:-piqa,arc_easy,hellaswag}
 STAGES=${STAGES:-"train ppl tasks"}
 mkdir -p "$RUNS" "$OUT"
 CALIB="$RUNS/cal64x256.safetensors"
@@ -66,8 +67,8 @@ if [[ " $STAGES " == *" ppl "* ]]; then
   done
 fi
 if [[ " $STAGES " == *" tasks "* ]]; then  # FP and E2E-QP models first, the bases last
-  for m in $(printf '%s\n' "${models[@]}" | grep -v e2e-base) $(printf '%s\n' "${models[@]}" | grep e2e-base); do
-    run "$OUT/tasks$TASK_LIMIT-$(basename "$m").json" $EQAT eval "$m" --tasks piqa,arc_easy,hellaswag \
+  for m in ${TASK_MODELS:-$(printf '%s\n' "${models[@]}" | grep -v e2e-base) $(printf '%s\n' "${models[@]}" | grep e2e-base)}; do
+    run "$OUT/tasks$TASK_LIMIT-${TASKS//,/-}-$(basename "$m").json" $EQAT eval "$m" --tasks "$TASKS" \
       --limit "$TASK_LIMIT" --batch-size 16
   done
 fi
