@@ -23,6 +23,7 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-4}
 LR=${LR:-1e-4}
 PPL_LIMIT=${PPL_LIMIT:-40}
 TASK_LIMIT=${TASK_LIMIT:-500}
+TASKS=${TASKS:-piqa,arc_easy,hellaswag}
 STAGES=${STAGES:-"train ppl tasks"}
 mkdir -p "$RUNS" "$OUT"
 CALIB="$RUNS/cal64x256.safetensors"
@@ -53,7 +54,8 @@ if [[ " $STAGES " == *" train "* ]]; then
     run "$OUT/bap-w${B}g64$SUFFIX.json" $EQAT block-ap smollm2 --bits "$B" --group 64 --epochs "$BASE_EPOCHS" \
       "${calib[@]}" -o "$base" --quant-lr 3e-4 --weight-lr 3e-4 --loss token-rel
     for L in kd ntp; do
-      run "$OUT/e2e-w${B}g64$SUFFIX-$L.json" $EQAT e2e-qp "$base" --loss "$L" --dataset c4 --seqlen "$E2E_SEQLEN" \
+      # --teacher: the ntp run also reports the held-out KL to the FP model (evaluation only)
+      run "$OUT/e2e-w${B}g64$SUFFIX-$L.json" $EQAT e2e-qp "$base" --loss "$L" --teacher smollm2 --dataset c4 --seqlen "$E2E_SEQLEN" \
         --samples "$SAMPLES" --val-samples 8 --global-batch "$GLOBAL_BATCH" --batch-size "$GLOBAL_BATCH" --lr "$LR" \
         --eval-steps 0 --no-gradient-checkpointing -o "$RUNS/e2e-w${B}g64$SUFFIX-$L"
     done
@@ -65,8 +67,8 @@ if [[ " $STAGES " == *" ppl "* ]]; then
   done
 fi
 if [[ " $STAGES " == *" tasks "* ]]; then  # FP and E2E-QP models first, the bases last
-  for m in $(printf '%s\n' "${models[@]}" | grep -v e2e-base) $(printf '%s\n' "${models[@]}" | grep e2e-base); do
-    run "$OUT/tasks$TASK_LIMIT-$(basename "$m").json" $EQAT eval "$m" --tasks piqa,arc_easy,hellaswag \
+  for m in ${TASK_MODELS:-$(printf '%s\n' "${models[@]}" | grep -v e2e-base) $(printf '%s\n' "${models[@]}" | grep e2e-base)}; do
+    run "$OUT/tasks$TASK_LIMIT-${TASKS//,/-}-$(basename "$m").json" $EQAT eval "$m" --tasks "$TASKS" \
       --limit "$TASK_LIMIT" --batch-size 16
   done
 fi

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         output: OutOpt,
         data_format: Annotated[str, typer.Option("--format", help="pt (pre-training text) or instruct (only assistant turns learned).")] = "pt",
         loss: Annotated[str, typer.Option("--loss", help="kd: match the full-precision teacher's next-token distribution (KL); ntp: next-token loss.")] = "kd",
-        teacher: Annotated[Optional[str], typer.Option("--teacher", help="Full-precision teacher for --loss kd (default: the model Block-AP quantized).")] = None,
+        teacher: Annotated[Optional[str], typer.Option("--teacher", help="Full-precision teacher for --loss kd (default: the model Block-AP quantized); with --loss ntp it only adds the held-out KL.")] = None,
         seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per example (instruct: at most)."), Range(ge=2)] = 4096,
         samples: Annotated[int, typer.Option("--samples", help="Training examples."), AT_LEAST_1] = 4096,
         val_samples: Annotated[int, typer.Option("--val-samples", help="Held-out examples."), NON_NEGATIVE] = 64,
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
 
         eqat_meta = {k: v for k, v in (eqat_section(lm.path) or {}).items() if k not in ("format", "format_version")}
         teacher_model = None
-        if loss == "kd":
+        if loss == "kd" or teacher:  # with ntp, --teacher adds the held-out KL to the evaluations
             spec = teacher or eqat_meta.get("source_model")
             if not spec:
                 raise BadInputError(f"{model} does not record the model it was quantized from; pass --teacher MODEL "
@@ -141,7 +141,8 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, completed=info["step"],
                            info=f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info['tokens_per_second']:.0f} tok/s")
             elif event == "eval":
-                extra = f", next-token {info['nll']:.4f}" if "kl" in info else ""
+                extra = "".join(f", {name} {info[k]:.4f}" for k, name in (("nll", "next-token"), ("kl", "KL"))
+                                if k in info and info[k] != info["val_loss"])
                 bar.console.print(f"step {info['step']}: held-out {loss} loss {info['val_loss']:.4f} "
                                   f"(best {info['best']:.4f}{extra})")
 

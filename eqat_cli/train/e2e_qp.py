@@ -354,7 +354,8 @@ def run_e2e_qp(
         raise BadInputError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.loss == "kd" and teacher is None:
         raise BadInputError("--loss kd needs the full-precision teacher (--teacher MODEL)")
-    teacher = teacher if cfg.loss == "kd" else None
+    # With ntp a teacher, when given, only measures the held-out KL beside the next-token loss.
+    eval_teacher, teacher = teacher, (teacher if cfg.loss == "kd" else None)
     work = output.with_name(output.name + WORK_SUFFIX)
     layers = trainable_layers(model)
     if not layers:
@@ -365,9 +366,9 @@ def run_e2e_qp(
         raise BadInputError(f"{n} training examples are fewer than one global batch ({cfg.global_batch})")
     params = prepare_student(model, cfg.train_zeros, cfg.gradient_checkpointing)
     model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
+    if eval_teacher is not None:
+        eval_teacher.to(device).eval()
+        for p in eval_teacher.parameters():
             p.requires_grad_(False)
     # The packed layers' CPU kernel computes in fp32 (its matmuls do not autocast), so E2E-QP runs
     # fp32 on CPUs; accelerators get their usual bf16 (or fp16 with loss scaling).
@@ -380,7 +381,7 @@ def run_e2e_qp(
     warmup = warmup_steps(cfg.warmup_ratio, total)
 
     run_key = {"cfg": dataclasses.asdict(cfg), "n": n, "world": ws, "data": train.fingerprint(),
-               "teacher": None if teacher is None else sum(p.numel() for p in teacher.parameters())}
+               "teacher": None if eval_teacher is None else sum(p.numel() for p in eval_teacher.parameters())}
     run_key = json.loads(json.dumps(run_key))  # as it reads back from the JSON header
     step, best_val, best_state = 0, None, None
     history: dict = {"train_loss": [], "val_loss": []}
@@ -415,8 +416,9 @@ def run_e2e_qp(
 
     def validate():
         nonlocal best_val, best_state
-        v = evaluate(model, val, micro, device, teacher, amp)
-        history["val_loss"].append([step, v[objective], *([v["nll"]] if teacher is not None else [])])
+        v = evaluate(model, val, micro, device, eval_teacher, amp)
+        other = [v["nll"] if objective == "kl" else v["kl"]] if eval_teacher is not None else []
+        history["val_loss"].append([step, v[objective], *other])
         if not math.isnan(v[objective]) and (best_val is None or v[objective] < best_val):
             best_val, best_state = v[objective], _trainable_state(layers)
         progress("eval", {"step": step, "val_loss": v[objective], "best": best_val, **v})
