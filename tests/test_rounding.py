@@ -198,3 +198,16 @@ def test_default_recipe_without_validation_windows(llama_dir, tmp_path):
         assert all(v == v for v in b["history"]["val_loss"])  # measured, not NaN
     with pytest.raises(BadInputError, match="--keep-best needs validation windows"):
         run(llama_dir, tmp_path / "b", BlockAPConfig(bits=2, group_size=32, steps=8, keep_best=True), c)
+
+
+def test_default_steps_follow_the_calibration_budget():
+    """The default recipe: two passes over the windows, never fewer than 32 steps per block; an
+    explicit --epochs or --steps wins; the paper's recipe is untouched (2 epochs of batch 2)."""
+    d = BlockAPConfig()
+    assert d.epochs is None and d.trains
+    assert [d.total_steps(n) for n in (8, 64, 100, 128, 256, 512)] == [32, 32, 39, 32, 64, 128]
+    assert [d.resolved_epochs(n) for n in (8, 64, 128, 256)] == [32, 4, 2, 2]
+    assert BlockAPConfig(epochs=4).total_steps(128) == 64
+    assert BlockAPConfig(steps=10).total_steps(128) == 10
+    assert not BlockAPConfig(epochs=0).trains
+    assert BlockAPConfig.paper().total_steps(64) == 64

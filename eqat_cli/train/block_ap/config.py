@@ -28,7 +28,11 @@ class BlockAPConfig:
       clipping factors per group (:class:`~eqat_cli.quant.rounding.RoundQuantLinear`).
     * ``optimizer``: ``adamw`` (the paper) or ``sign`` (signed gradient descent: every step moves
       each parameter by exactly the learning rate, the natural unit for offsets and factors).
-    * ``steps``: optimizer steps per block; 0 means ``epochs`` passes over the windows.
+    * ``epochs`` / ``steps``: ``steps`` optimizer steps per block, or (``steps=0``) ``epochs`` passes
+      over the windows. ``epochs=None`` (the default recipe) follows the calibration budget:
+      ``AUTO_EPOCHS`` passes, but at least ``MIN_STEPS`` steps (4 epochs of 64 windows at batch 8,
+      2 epochs of 128), so a bigger calibration set buys more steps, while the cost per window stays
+      that of two passes.
     * ``quant_lr`` / ``weight_lr``: ``None`` means the recipe's value: the paper's 1e-4 and
       2e-5 (2-bit) / 1e-5 for ``free``; ``1 / steps`` for ``round`` (offsets then travel at most half
       a step under the linear schedule, the whole range they are allowed).
@@ -45,7 +49,7 @@ class BlockAPConfig:
     param: str = "round"
     optimizer: str = "sign"
     schedule: str = "linear"
-    epochs: int = 4
+    epochs: int | None = None  # None: AUTO_EPOCHS, at least MIN_STEPS steps (see total_steps)
     steps: int = 0
     batch_size: int = 8
     quant_lr: float | None = None
@@ -72,7 +76,7 @@ class BlockAPConfig:
                 raise BadInputError(f"unknown Block-AP {name} {value!r}; choose one of {', '.join(allowed)}")
         if not 0 < self.gptq_damp < 1:
             raise BadInputError(f"--gptq-damp must be in (0, 1), got {self.gptq_damp:g}")
-        if self.epochs < 0 or self.steps < 0 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 0) or self.steps < 0 or self.batch_size < 1:
             raise BadInputError("--epochs and --steps must be >= 0 and --batch-size >= 1")
         for name in ("quant_lr", "weight_lr", "max_grad_norm"):
             v = getattr(self, name)
@@ -96,12 +100,19 @@ class BlockAPConfig:
 
     @property
     def trains(self) -> bool:
-        return self.epochs > 0 or self.steps > 0
+        return self.epochs is None or self.epochs > 0 or self.steps > 0
+
+    def resolved_epochs(self, n_windows: int) -> int:
+        """Passes over ``n_windows`` (``epochs``, or the budget rule when it is ``None``)."""
+        if self.epochs is not None:
+            return self.epochs
+        per_epoch = -(-n_windows // self.batch_size)
+        return max(AUTO_EPOCHS, -(-MIN_STEPS // per_epoch))
 
     def total_steps(self, n_windows: int) -> int:
         if self.steps:
             return self.steps
-        return -(-n_windows // self.batch_size) * self.epochs
+        return -(-n_windows // self.batch_size) * self.resolved_epochs(n_windows)
 
     def resolved_weight_lr(self, total_steps: int | None = None) -> float | None:
         """The weight (``free``) or offset (``round``) learning rate; ``None`` while it depends on
@@ -132,6 +143,11 @@ class BlockAPConfig:
         d["quant_lr"] = self.resolved_quant_lr()
         return d
 
+
+# The default recipe's budget rule (``epochs=None``): two passes over the calibration windows, and
+# never fewer than 32 optimizer steps per block (what 64 windows at batch 8 give in 4 epochs).
+AUTO_EPOCHS = 2
+MIN_STEPS = 32
 
 # The paper: Block-AP as published (EfficientQAT, Sec. 3 and its scripts).
 PAPER = dict(recipe="paper", param="free", optimizer="adamw", schedule="cosine", epochs=2, steps=0,
