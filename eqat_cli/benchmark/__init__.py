@@ -33,20 +33,26 @@ the layer shapes of any model), :mod:`.timing` (timed runs and their summary), :
 """
 
 from eqat_cli.benchmark.config import (
-    DEFAULT_PROMPT, GENERATION_REPEATS, LAYER_REPEATS, SUPPORTED_BITS, BenchConfig, Progress, no_progress,
+    DEFAULT_PROMPT, GENERATION_REPEATS, LAYER_REPEATS, SUPPORTED_BITS, BenchConfig, Progress,
+    no_progress,
 )
 from eqat_cli.benchmark.generation import bench_model, measure_generation
 from eqat_cli.benchmark.layer import bench_layer, quantized_random_layer
 from eqat_cli.benchmark.rss import PeakRSS, own_weights
 from eqat_cli.benchmark.runner import Plan, machine_info, plan, run
-from eqat_cli.benchmark.shapes import DEBUG_PRESETS, PRESETS, LayerShape, ShapeSet, resolve_shapes, shapes_from_config
-from eqat_cli.benchmark.sizes import kernel_cache_bytes, model_weight_bytes, packed_bytes, tensor_bytes
+from eqat_cli.benchmark.shapes import (
+    DEBUG_PRESETS, PRESETS, LayerShape, ShapeSet, resolve_shapes, shapes_from_config,
+)
+from eqat_cli.benchmark.sizes import (
+    kernel_cache_bytes, model_weight_bytes, packed_bytes, tensor_bytes,
+)
 from eqat_cli.benchmark.timing import device_sync, summarize, time_runs
 
 __all__ = [
-    "DEFAULT_PROMPT", "GENERATION_REPEATS", "LAYER_REPEATS", "SUPPORTED_BITS", "BenchConfig", "Progress",
-    "no_progress", "bench_model", "measure_generation", "bench_layer", "quantized_random_layer", "PeakRSS",
-    "own_weights", "Plan", "machine_info", "plan", "run", "DEBUG_PRESETS", "PRESETS", "LayerShape", "ShapeSet",
-    "resolve_shapes", "shapes_from_config", "kernel_cache_bytes", "model_weight_bytes", "packed_bytes",
-    "tensor_bytes", "device_sync", "summarize", "time_runs",
+    "DEFAULT_PROMPT", "GENERATION_REPEATS", "LAYER_REPEATS", "SUPPORTED_BITS", "BenchConfig",
+    "Progress", "no_progress", "bench_model", "measure_generation", "bench_layer",
+    "quantized_random_layer", "PeakRSS", "own_weights", "Plan", "machine_info", "plan", "run",
+    "DEBUG_PRESETS", "PRESETS", "LayerShape", "ShapeSet", "resolve_shapes", "shapes_from_config",
+    "kernel_cache_bytes", "model_weight_bytes", "packed_bytes", "tensor_bytes", "device_sync",
+    "summarize", "time_runs",
 ]

@@ -540,7 +540,8 @@ def _train(run: _Run) -> float:
         st.history["train_loss"].append([st.step, loss_value, *([nll] if run.teacher is not None else [])])
         elapsed = time.time() - t0
         run.progress("step", {"step": st.step, "total": sched.total, "loss": loss_value,
-                              "lr": run.opt.param_groups[0]["lr"], "tokens_per_second": run.tokens / max(elapsed, 1e-9)})
+                              "lr": run.opt.param_groups[0]["lr"],
+                              "tokens_per_second": run.tokens / max(elapsed, 1e-9)})
         if (cfg.eval_steps and st.step % cfg.eval_steps == 0) or st.step % sched.steps_per_epoch == 0:
             _validate(run)
         if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < sched.total:
