@@ -356,9 +356,13 @@ def run_e2e_qp(
     # With ntp a teacher, when given, only measures the held-out KL beside the next-token loss.
     eval_teacher, teacher = teacher, (teacher if cfg.loss == "kd" else None)
     params, amp = _prepare_models(model, eval_teacher, cfg, device, amp)
-    run = _Run(model, layers, params, torch.optim.AdamW(params, lr=sched.lr, weight_decay=cfg.weight_decay), amp,
-               teacher, eval_teacher, train, val, cfg, sched, device, rank, ws,
-               output.with_name(output.name + WORK_SUFFIX), _run_key(cfg, train, ws, eval_teacher), progress)
+    run = _Run(
+        model=model, layers=layers, params=params, amp=amp,
+        opt=torch.optim.AdamW(params, lr=sched.lr, weight_decay=cfg.weight_decay),
+        teacher=teacher, eval_teacher=eval_teacher, train=train, val=val, cfg=cfg, sched=sched,
+        device=device, rank=rank, ws=ws, work=output.with_name(output.name + WORK_SUFFIX),
+        run_key=_run_key(cfg, train, ws, eval_teacher), progress=progress,
+    )
     _resume_or_start(run, resume)
     seconds = _train(run)
     _write_output(run, output, tokenizer, eqat_meta)
