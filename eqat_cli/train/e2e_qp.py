@@ -25,6 +25,11 @@ Resumable: every ``save_steps`` the trainable tensors, optimizer moments, loss s
 history and step are written atomically to one safetensors file (the scalars as JSON in its
 header: nothing is unpickled on resume); data order and learning rate are pure functions of
 (seed, step), so a resumed run is bit-identical to an uninterrupted one.
+
+:func:`run_e2e_qp` is a sequence of named steps: check the inputs, plan the batch split and the
+schedule (:class:`_Schedule`), prepare the student (and teacher), resume or start, train, write the
+output. The steps share one :class:`_Run` (the models, optimizer and data) whose :class:`_TrainState`
+(step, best-so-far, history) is what a resume file restores.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -343,27 +348,73 @@ def run_e2e_qp(
     teacher: torch.nn.Module | None = None,
     amp: Amp | None = None,
 ) -> E2EResult:
-    from eqat_cli.formats.native import save_native
-    from eqat_cli.fsutil import atomic_dir
-
+    """Train the packed layers' step sizes end to end; write the best (by held-out loss) and the last."""
     rank, ws = world()
     output = Path(output)
+    layers = _check_inputs(model, cfg, output, overwrite, teacher)
+    sched = _Schedule.plan(cfg, len(train), ws, bits)
+    # With ntp a teacher, when given, only measures the held-out KL beside the next-token loss.
+    eval_teacher, teacher = teacher, (teacher if cfg.loss == "kd" else None)
+    params, amp = _prepare_models(model, eval_teacher, cfg, device, amp)
+    run = _Run(
+        model=model, layers=layers, params=params, amp=amp,
+        opt=torch.optim.AdamW(params, lr=sched.lr, weight_decay=cfg.weight_decay),
+        teacher=teacher, eval_teacher=eval_teacher, train=train, val=val, cfg=cfg, sched=sched,
+        device=device, rank=rank, ws=ws, work=output.with_name(output.name + WORK_SUFFIX),
+        run_key=_run_key(cfg, train, ws, eval_teacher), progress=progress,
+    )
+    _resume_or_start(run, resume)
+    seconds = _train(run)
+    _write_output(run, output, tokenizer, eqat_meta)
+    st = run.state
+    return E2EResult(output, st.step, st.history["train_loss"], st.history["val_loss"], st.best_val, seconds,
+                     run.tokens / max(seconds, 1e-9), run.resumed_from, cfg.global_batch, sched.micro, sched.accum)
+
+
+# ---------------------------------------------------------------------- the steps
+
+
+def _check_inputs(model: torch.nn.Module, cfg: E2EConfig, output: Path, overwrite: bool,
+                  teacher: torch.nn.Module | None) -> dict[str, PackedLinear]:
+    """Fail on an existing output, a bad objective or a model without packed layers; return those."""
     if output.exists() and not overwrite:
         raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
     if cfg.loss not in LOSSES:
         raise BadInputError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.loss == "kd" and teacher is None:
         raise BadInputError("--loss kd needs the full-precision teacher (--teacher MODEL)")
-    # With ntp a teacher, when given, only measures the held-out KL beside the next-token loss.
-    eval_teacher, teacher = teacher, (teacher if cfg.loss == "kd" else None)
-    work = output.with_name(output.name + WORK_SUFFIX)
     layers = trainable_layers(model)
     if not layers:
         raise BadInputError("E2E-QP needs a quantized model (no packed layers found); run `eqat block-ap` first")
-    micro, accum = cfg.micro_batches(ws)
-    n = len(train)
-    if n < cfg.global_batch:
-        raise BadInputError(f"{n} training examples are fewer than one global batch ({cfg.global_batch})")
+    return layers
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The batch split over processes and micro-batches, and the learning-rate schedule."""
+
+    micro: int  # examples per process per micro-step
+    accum: int  # micro-steps per optimizer step
+    n: int  # training examples
+    lr: float  # peak learning rate
+    steps_per_epoch: int
+    total: int  # optimizer steps
+    warmup: int  # warmup steps
+
+    @classmethod
+    def plan(cls, cfg: E2EConfig, n: int, ws: int, bits: int) -> "_Schedule":
+        micro, accum = cfg.micro_batches(ws)
+        if n < cfg.global_batch:
+            raise BadInputError(f"{n} training examples are fewer than one global batch ({cfg.global_batch})")
+        steps_per_epoch = n // cfg.global_batch
+        total = steps_per_epoch * cfg.epochs
+        return cls(micro, accum, n, cfg.resolved_lr(bits), steps_per_epoch, total,
+                   warmup_steps(cfg.warmup_ratio, total))
+
+
+def _prepare_models(model: torch.nn.Module, eval_teacher: torch.nn.Module | None, cfg: E2EConfig, device,
+                    amp: Amp | None) -> tuple[list[torch.nn.Parameter], Amp]:
+    """The student's trainable step sizes on the device, the frozen teacher beside it, the precision."""
     params = prepare_student(model, cfg.train_zeros, cfg.gradient_checkpointing)
     model.to(device)
     if eval_teacher is not None:
@@ -373,120 +424,199 @@ def run_e2e_qp(
     # The packed layers' CPU kernel computes in fp32 (its matmuls do not autocast), so E2E-QP runs
     # fp32 on CPUs; accelerators get their usual bf16 (or fp16 with loss scaling).
     amp = amp or Amp.for_device(device, precision="auto" if torch.device(device).type == "cuda" else "fp32")
+    return params, amp
 
-    lr = cfg.resolved_lr(bits)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = n // cfg.global_batch
-    total = steps_per_epoch * cfg.epochs
-    warmup = warmup_steps(cfg.warmup_ratio, total)
 
-    run_key = {"cfg": dataclasses.asdict(cfg), "n": n, "world": ws, "data": train.fingerprint(),
+def _run_key(cfg: E2EConfig, train: Examples, ws: int, eval_teacher: torch.nn.Module | None) -> dict:
+    """What a resume file must match: the config, the data, the process count and the teacher."""
+    run_key = {"cfg": dataclasses.asdict(cfg), "n": len(train), "world": ws, "data": train.fingerprint(),
                "teacher": None if eval_teacher is None else sum(p.numel() for p in eval_teacher.parameters())}
-    run_key = json.loads(json.dumps(run_key))  # as it reads back from the JSON header
-    step, best_val, best_state = 0, None, None
-    history: dict = {"train_loss": [], "val_loss": []}
-    state_path = work / STATE_FILE
-    if resume and state_path.exists():
-        meta, tensors = _read_state(state_path)
-        if meta["run_key"] == run_key:
-            _load_trainable(layers, {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")})
-            _load_optimizer(opt, tensors, meta["optimizer_scalars"])
-            amp.load_state_dict(meta["scaler"])
-            step, best_val, history = meta["step"], meta["best_val"], meta["history"]
+    return json.loads(json.dumps(run_key))  # as it reads back from the JSON header
+
+
+@dataclass
+class _TrainState:
+    """What a resume file restores besides tensors: the step, the best held-out loss and its step
+    sizes, and the loss history."""
+
+    step: int = 0
+    best_val: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": []})
+
+
+@dataclass
+class _Run:
+    """Everything the training steps share."""
+
+    model: torch.nn.Module
+    layers: dict[str, PackedLinear]
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    amp: Amp
+    teacher: torch.nn.Module | None  # the KD teacher (None with ntp)
+    eval_teacher: torch.nn.Module | None  # the teacher given, for the held-out KL
+    train: Examples
+    val: Examples
+    cfg: E2EConfig
+    sched: _Schedule
+    device: Any
+    rank: int
+    ws: int
+    work: Path
+    run_key: dict
+    progress: Callable[[str, dict], None]
+    state: _TrainState = field(default_factory=_TrainState)
+    resumed_from: int = 0
+    tokens: int = 0  # tokens trained on by this process since it started
+
+    @property
+    def state_path(self) -> Path:
+        return self.work / STATE_FILE
+
+    @property
+    def objective(self) -> str:
+        return "kl" if self.teacher is not None else "nll"
+
+
+def _resume_or_start(run: _Run, resume: bool) -> None:
+    """Load the resume file when it was written by this same run; create the work directory."""
+    if resume and run.state_path.exists():
+        meta, tensors = _read_state(run.state_path)
+        if meta["run_key"] == run.run_key:
+            _load_trainable(run.layers, {k[len("trainable."):]: v for k, v in tensors.items()
+                                         if k.startswith("trainable.")})
+            _load_optimizer(run.opt, tensors, meta["optimizer_scalars"])
+            run.amp.load_state_dict(meta["scaler"])
+            best_state = None
             if meta["has_best"]:
                 best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-    resumed_from = step
-    if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
+            run.state = _TrainState(meta["step"], meta["best_val"], best_state, meta["history"])
+    run.resumed_from = run.state.step
+    if run.rank == 0:
+        run.work.mkdir(parents=True, exist_ok=True)
 
-    def save_state():
-        if rank != 0:
-            return
-        opt_tensors, opt_scalars = _optimizer_tensors(opt)
-        tensors = {f"trainable.{k}": v for k, v in _trainable_state(layers).items()}
-        tensors.update(opt_tensors)
-        if best_state is not None:
-            tensors.update({f"best.{k}": v for k, v in best_state.items()})
-        meta = {"format": "eqat-e2e-state", "version": 1, "run_key": run_key, "step": step, "best_val": best_val,
-                "has_best": best_state is not None, "history": history, "scaler": amp.state_dict(),
-                "optimizer_scalars": opt_scalars}
-        _save_state(state_path, meta, tensors)
 
-    objective = "kl" if teacher is not None else "nll"
+def _save_resume_state(run: _Run) -> None:
+    """Write the resume file (rank 0 only): trainable tensors, optimizer, loss scale, best, history."""
+    if run.rank != 0:
+        return
+    st = run.state
+    opt_tensors, opt_scalars = _optimizer_tensors(run.opt)
+    tensors = {f"trainable.{k}": v for k, v in _trainable_state(run.layers).items()}
+    tensors.update(opt_tensors)
+    if st.best_state is not None:
+        tensors.update({f"best.{k}": v for k, v in st.best_state.items()})
+    meta = {"format": "eqat-e2e-state", "version": 1, "run_key": run.run_key, "step": st.step,
+            "best_val": st.best_val, "has_best": st.best_state is not None, "history": st.history,
+            "scaler": run.amp.state_dict(), "optimizer_scalars": opt_scalars}
+    _save_state(run.state_path, meta, tensors)
 
-    def validate():
-        nonlocal best_val, best_state
-        v = evaluate(model, val, micro, device, eval_teacher, amp)
-        other = [v["nll"] if objective == "kl" else v["kl"]] if eval_teacher is not None else []
-        history["val_loss"].append([step, v[objective], *other])
-        if not math.isnan(v[objective]) and (best_val is None or v[objective] < best_val):
-            best_val, best_state = v[objective], _trainable_state(layers)
-        progress("eval", {"step": step, "val_loss": v[objective], "best": best_val, **v})
-        model.train()
 
-    t0, tokens = time.time(), 0
-    model.train()
-    progress("start", {"total": total, "step": step, "lr": lr, "global_batch": cfg.global_batch,
-                       "micro_batch": micro, "grad_accum": accum, "amp": amp.name, "loss": cfg.loss})
-    if step == 0:
-        validate()  # the starting point: its loss is the baseline, and "best" if training hurts
-    while step < total:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        gb = perm[in_epoch * cfg.global_batch : (in_epoch + 1) * cfg.global_batch]
-        count = train.n_targets(gb)  # learned tokens of the whole global batch: the loss divisor
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, total, warmup)
-        opt.zero_grad(set_to_none=True)
-        step_loss = torch.zeros(2, dtype=torch.float64)  # objective, NLL (sums over this rank)
-        for a in range(accum):
-            start = (a * ws + rank) * micro
-            ids, labels, mask = train.collate(gb[start : start + micro])
-            obj, nll, _ = loss_sums(model, ids.to(device), labels.to(device), mask.to(device), teacher, amp)
-            amp.backward(obj / max(count, 1))
-            step_loss += torch.tensor([float(obj.detach()), float(nll)], dtype=torch.float64)
-        if ws > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            dist.all_reduce(step_loss)
-        step_loss /= max(count, 1)
-        loss_value = float(step_loss[0])
-        if not math.isfinite(loss_value):
-            save_state()
-            raise NonFiniteLossError(
-                f"E2E-QP: loss became {loss_value} at step {step + 1}; the last saved state is kept in {work}"
-            )
-        amp.unscale_(opt)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        amp.step(opt)
-        step += 1
-        tokens += train.n_tokens(gb)
-        history["train_loss"].append([step, loss_value, *([float(step_loss[1])] if teacher is not None else [])])
+def _validate(run: _Run) -> None:
+    """Held-out loss; keep the step sizes when it is the best so far."""
+    st, objective = run.state, run.objective
+    v = evaluate(run.model, run.val, run.sched.micro, run.device, run.eval_teacher, run.amp)
+    other = [v["nll"] if objective == "kl" else v["kl"]] if run.eval_teacher is not None else []
+    st.history["val_loss"].append([st.step, v[objective], *other])
+    if not math.isnan(v[objective]) and (st.best_val is None or v[objective] < st.best_val):
+        st.best_val, st.best_state = v[objective], _trainable_state(run.layers)
+    run.progress("eval", {"step": st.step, "val_loss": v[objective], "best": st.best_val, **v})
+    run.model.train()
+
+
+def _train(run: _Run) -> float:
+    """Optimizer steps from the current one to the last, validating and saving on schedule, and
+    a held-out loss at the end; returns the seconds spent."""
+    cfg, sched, st = run.cfg, run.sched, run.state
+    t0 = time.time()
+    run.model.train()
+    run.progress("start", {"total": sched.total, "step": st.step, "lr": sched.lr, "global_batch": cfg.global_batch,
+                           "micro_batch": sched.micro, "grad_accum": sched.accum, "amp": run.amp.name,
+                           "loss": cfg.loss})
+    if st.step == 0:
+        _validate(run)  # the starting point: its loss is the baseline, and "best" if training hurts
+    while st.step < sched.total:
+        gb = _global_batch(run)
+        loss_value, nll = _optimizer_step(run, gb)
+        st.step += 1
+        run.tokens += run.train.n_tokens(gb)
+        st.history["train_loss"].append([st.step, loss_value, *([nll] if run.teacher is not None else [])])
         elapsed = time.time() - t0
-        progress("step", {"step": step, "total": total, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
-                          "tokens_per_second": tokens / max(elapsed, 1e-9)})
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step % steps_per_epoch == 0:
-            validate()
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-            save_state()
-    if not history["val_loss"] or history["val_loss"][-1][0] != step:
-        validate()
-    seconds = time.time() - t0
+        run.progress("step", {"step": st.step, "total": sched.total, "loss": loss_value,
+                              "lr": run.opt.param_groups[0]["lr"],
+                              "tokens_per_second": run.tokens / max(elapsed, 1e-9)})
+        if (cfg.eval_steps and st.step % cfg.eval_steps == 0) or st.step % sched.steps_per_epoch == 0:
+            _validate(run)
+        if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < sched.total:
+            _save_resume_state(run)
+    if not st.history["val_loss"] or st.history["val_loss"][-1][0] != st.step:
+        _validate(run)
+    return time.time() - t0
 
+
+def _global_batch(run: _Run) -> torch.Tensor:
+    """The examples of the current step: a pure function of (seed, step)."""
+    sched, gbs = run.sched, run.cfg.global_batch
+    epoch, in_epoch = divmod(run.state.step, sched.steps_per_epoch)
+    perm = torch.randperm(sched.n, generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))
+    return perm[in_epoch * gbs : (in_epoch + 1) * gbs]
+
+
+def _optimizer_step(run: _Run, gb: torch.Tensor) -> tuple[float, float]:
+    """One optimizer step on a global batch, accumulated over micro-batches and summed over the
+    processes; returns the batch's (objective, NLL) per learned token. A non-finite loss saves the
+    resume state and stops."""
+    sched, rank, ws, device, step = run.sched, run.rank, run.ws, run.device, run.state.step
+    count = run.train.n_targets(gb)  # learned tokens of the whole global batch: the loss divisor
+    for g in run.opt.param_groups:
+        g["lr"] = sched.lr * lr_factor(step, sched.total, sched.warmup)
+    run.opt.zero_grad(set_to_none=True)
+    step_loss = torch.zeros(2, dtype=torch.float64)  # objective, NLL (sums over this rank)
+    for a in range(sched.accum):
+        start = (a * ws + rank) * sched.micro
+        ids, labels, mask = run.train.collate(gb[start : start + sched.micro])
+        obj, nll, _ = loss_sums(run.model, ids.to(device), labels.to(device), mask.to(device), run.teacher, run.amp)
+        run.amp.backward(obj / max(count, 1))
+        step_loss += torch.tensor([float(obj.detach()), float(nll)], dtype=torch.float64)
+    if ws > 1:
+        for p in run.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        dist.all_reduce(step_loss)
+    step_loss /= max(count, 1)
+    loss_value = float(step_loss[0])
+    if not math.isfinite(loss_value):
+        _save_resume_state(run)
+        raise NonFiniteLossError(
+            f"E2E-QP: loss became {loss_value} at step {step + 1}; the last saved state is kept in {run.work}"
+        )
+    run.amp.unscale_(run.opt)
+    if run.cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    run.amp.step(run.opt)
+    return loss_value, float(step_loss[1])
+
+
+def _write_output(run: _Run, output: Path, tokenizer: Any, eqat_meta: dict) -> None:
+    """Rank 0 writes the best step sizes to ``output`` and the last to ``output/last``, with the
+    history; the work directory goes. Every process waits for it."""
+    from eqat_cli.formats.native import save_native
+    from eqat_cli.fsutil import atomic_dir
+
+    cfg, sched, st, model, layers = run.cfg, run.sched, run.state, run.model, run.layers
     model.eval()
     _disable_checkpointing(model)
     meta = dict(eqat_meta)
-    meta["e2e_qp"] = {**dataclasses.asdict(cfg), "lr": lr, "world_size": ws, "micro_batch": micro,
-                      "grad_accum": accum, "steps": step, "warmup_steps": warmup, "amp": amp.name,
-                      "best_val_loss": best_val, "data": train.meta}
-    if rank == 0:
+    meta["e2e_qp"] = {**dataclasses.asdict(cfg), "lr": sched.lr, "world_size": run.ws, "micro_batch": sched.micro,
+                      "grad_accum": sched.accum, "steps": st.step, "warmup_steps": sched.warmup,
+                      "amp": run.amp.name, "best_val_loss": st.best_val, "data": run.train.meta}
+    if run.rank == 0:
         last_state = _trainable_state(layers)
         with atomic_dir(output, overwrite=True) as tmp:
             # The output is the best step sizes by held-out loss; last/ holds the final step's.
-            for name, state in (("last", last_state), ("best", best_state or last_state)):
+            for name, state in (("last", last_state), ("best", st.best_state or last_state)):
                 for m in layers.values():
                     m.start_training(cfg.train_zeros)
                 _load_trainable(layers, state)
@@ -495,9 +625,7 @@ def run_e2e_qp(
                 target = tmp / "last" if name == "last" else tmp
                 target.mkdir(exist_ok=True)
                 save_native(model, tokenizer, target, {**meta, "e2e_selected": name})
-            (tmp / "e2e_history.json").write_text(json.dumps(history, indent=2))
-        shutil.rmtree(work, ignore_errors=True)
-    if ws > 1:
+            (tmp / "e2e_history.json").write_text(json.dumps(st.history, indent=2))
+        shutil.rmtree(run.work, ignore_errors=True)
+    if run.ws > 1:
         dist.barrier()
-    return E2EResult(output, step, history["train_loss"], history["val_loss"], best_val, seconds,
-                     tokens / max(seconds, 1e-9), resumed_from, cfg.global_batch, micro, accum)

@@ -24,7 +24,6 @@ the next block are recomputed by replaying the finished blocks (deterministic), 
 equals an uninterrupted one. No printing here: progress goes through a callback.
 """
 
-from eqat_cli.formats.shards import ShardReader
 from eqat_cli.train.block_ap.blockio import ActivationStore, block_loss, eval_block_loss
 from eqat_cli.train.block_ap.config import (
     BESTS, INITS, LOSSES, OPTIMIZERS, PARAMS, RECIPES, SCHEDULES, BlockAPConfig, NonFiniteLossError, Progress,
@@ -34,7 +33,7 @@ from eqat_cli.train.block_ap.start import collect_hessians, gptq_init_block, qua
 from eqat_cli.train.block_ap.train import SignSGD, train_block
 
 __all__ = [
-    "ActivationStore", "ShardReader", "block_loss", "eval_block_loss", "BESTS", "INITS", "LOSSES", "OPTIMIZERS",
+    "ActivationStore", "block_loss", "eval_block_loss", "BESTS", "INITS", "LOSSES", "OPTIMIZERS",
     "PARAMS", "RECIPES", "SCHEDULES", "BlockAPConfig", "NonFiniteLossError", "Progress", "STATE_FILE",
     "WORK_SUFFIX", "BlockAPResult", "run_block_ap", "collect_hessians", "gptq_init_block",
     "quantize_block_start", "SignSGD", "train_block",

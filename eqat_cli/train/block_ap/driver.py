@@ -1,4 +1,12 @@
-"""The Block-AP driver: block by block through the model, resumable, writing a packed checkpoint."""
+"""The Block-AP driver: block by block through the model, resumable, writing a packed checkpoint.
+
+:func:`run_block_ap` is a sequence of named steps: check the inputs, open the source model (a
+meta-device skeleton and a shard reader), resume or start the work directory, embed the
+calibration windows, quantize the blocks one by one, write the rest of the checkpoint, and move
+the work directory into place. The state those steps share lives in three small objects:
+:class:`_Source` (the model being read), :class:`_WorkDir` (the resumable work directory) and
+:class:`_Activations` (the six activation stores of the full-precision and quantized chains).
+"""
 
 from __future__ import annotations
 
@@ -100,31 +108,110 @@ def run_block_ap(
     overwrite: bool = False,
 ) -> BlockAPResult:
     """Quantize the full-precision model at ``model_path`` and write a packed checkpoint."""
-    from eqat_cli.formats.native import build_skeleton, config_dict_for_save
-    from eqat_cli.readers import load_config, read_json
-    from eqat_cli.registry import get_registry
+    output = Path(output)
+    _check_inputs(cfg, calib_val, output, overwrite)
+    t0 = time.time()
+    src = _open_source(model_path, cfg, device)
+    work = _resume_or_start(output.with_name(output.name + WORK_SUFFIX),
+                            _run_key(cfg, model_path, calib_train, calib_val), resume)
+    acts = _embed_windows(src, calib_train, calib_val, work.activations_dir(cfg))
+    _quantize_blocks(src, acts, work, progress)
+    _write_checkpoint(src, work, tokenizer, extra_meta)
+    _move_into_place(work, acts, output)
+    return BlockAPResult(output, work.state["blocks"], time.time() - t0, work.resumed_from,
+                         round(peak_rss_bytes() / 2**20, 1))
 
+
+# ---------------------------------------------------------------------- the steps
+
+
+def _check_inputs(cfg: BlockAPConfig, calib_val: torch.Tensor, output: Path, overwrite: bool) -> None:
+    """Fail on a bad recipe or an existing output before anything is read or written."""
     check_bits(cfg.bits)
     check_keep_best(cfg, calib_val.shape[0])
-    t0 = time.time()
-    output = Path(output)
     if output.exists():
         if not overwrite:
             raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
-    work = output.with_name(output.name + WORK_SUFFIX)
+
+
+@dataclass
+class _Source:
+    """The full-precision model being quantized: its config, a meta-device skeleton (one block is
+    real at a time), the reader of its shards, and how blocks run on the device."""
+
+    path: Path
+    config: Any
+    arch: Any
+    model: nn.Module
+    layers: Any  # the skeleton's decoder blocks
+    reader: ShardReader
+    cfg: BlockAPConfig
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return torch.float32 if self.device.type == "cpu" else torch.bfloat16
+
+    @property
+    def fwd_batch(self) -> int:
+        return max(self.cfg.batch_size, 1)
+
+    def forward(self, block: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        forward_all(block, self.model, self.arch, inputs, outputs, self.fwd_batch, self.device, torch.float32)
+
+
+def _open_source(model_path: Path, cfg: BlockAPConfig, device: torch.device) -> _Source:
+    """Read the config (refusing a quantized model), find the architecture, build the skeleton."""
+    from eqat_cli.formats.native import build_skeleton
+    from eqat_cli.readers import load_config
+    from eqat_cli.registry import get_registry
+
     config = load_config(model_path)
     if getattr(config, "quantization_config", None) is not None:
         raise BadInputError(f"{model_path} is already quantized; Block-AP needs a full-precision model")
     arch = get_registry().architecture_for(config.model_type)
     model = build_skeleton(config)
-    layers = arch.layers(model)
-    n_layers = len(layers)
-    reader = ShardReader(model_path, arch)
-    act_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _Source(model_path, config, arch, model, arch.layers(model), ShardReader(model_path, arch), cfg, device)
 
-    # Resume bookkeeping: the work dir records the config; a different config starts over.
-    run_key = {"config": cfg.to_json(), "model": str(model_path), "calib_shape": list(calib_train.shape),
-               "calib_sum": int(calib_train.sum()), "val_shape": list(calib_val.shape)}
+
+def _run_key(cfg: BlockAPConfig, model_path: Path, calib_train: torch.Tensor, calib_val: torch.Tensor) -> dict:
+    """What a work directory must match to be resumed: the recipe, the model and the windows."""
+    return {"config": cfg.to_json(), "model": str(model_path), "calib_shape": list(calib_train.shape),
+            "calib_sum": int(calib_train.sum()), "val_shape": list(calib_val.shape)}
+
+
+@dataclass
+class _WorkDir:
+    """The work directory beside the output: finished block files and the resume state."""
+
+    path: Path
+    state: dict  # run_key, finished (block indices), blocks (one summary per finished block)
+    resumed_from: int  # blocks finished by an earlier run
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    def activations_dir(self, cfg: BlockAPConfig) -> Path | None:
+        return self.path / "activations" if cfg.offload_to_disk else None
+
+    def record(self, i: int, info: dict) -> None:
+        """Block ``i`` is finished (its file written): save the resume state atomically."""
+        from eqat_cli.fsutil import write_json_atomic
+
+        self.state["blocks"] = self.state["blocks"][:i] + [info]
+        self.state["finished"] = list(range(i + 1))
+        write_json_atomic(self.state_path, self.state)
+
+
+def _resume_or_start(work: Path, run_key: dict, resume: bool) -> _WorkDir:
+    """Resume bookkeeping: the work dir records the config; a different config starts over."""
+    from eqat_cli.readers import read_json
+
     state_path = work / STATE_FILE
     state = {"finished": [], "blocks": []}
     if work.exists() and resume and state_path.exists():
@@ -137,15 +224,36 @@ def run_block_ap(
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     state["run_key"] = run_key
-    resumed_from = len(state["finished"])
+    return _WorkDir(work, state, len(state["finished"]))
 
-    # Embed the calibration tokens.
+
+@dataclass
+class _Activations:
+    """Inputs and targets of the current block, for the training and the validation windows:
+    the full-precision chain (``fp_in`` -> ``fp_out``) and the quantized chain (``q_in``)."""
+
+    fp_in: ActivationStore
+    q_in: ActivationStore
+    fp_out: ActivationStore
+    fp_in_v: ActivationStore
+    q_in_v: ActivationStore
+    fp_out_v: ActivationStore
+    disk: Path | None  # where they are memory-mapped (offload_to_disk), else None
+
+    def next_block(self) -> None:
+        """This block's full-precision outputs are the next block's inputs."""
+        self.fp_in, self.fp_out = self.fp_out, self.fp_in
+        self.fp_in_v, self.fp_out_v = self.fp_out_v, self.fp_in_v
+
+
+def _embed_windows(src: _Source, calib_train: torch.Tensor, calib_val: torch.Tensor, disk: Path | None) -> _Activations:
+    """Embed the calibration tokens: the first inputs of both chains; then drop the embeddings."""
+    arch, model, act_dtype = src.arch, src.model, src.act_dtype
     embed = arch.embed(model)
-    load_into(embed, reader.read(arch.embed_path + ".", torch.float32), "embeddings")
-    hidden = arch.text_config(config).hidden_size
+    load_into(embed, src.reader.read(arch.embed_path + ".", torch.float32), "embeddings")
+    hidden = arch.text_config(src.config).hidden_size
     n, seqlen = calib_train.shape
     m = calib_val.shape[0]
-    disk = work / "activations" if cfg.offload_to_disk else None
     def store(name, rows):
         return ActivationStore((rows, seqlen, hidden), act_dtype, None if disk is None else disk / f"{name}.bin")
     fp_in, q_in, fp_out = store("fp_in", n), store("q_in", n), store("fp_out", n)
@@ -158,99 +266,117 @@ def run_block_ap(
     q_in.data.copy_(fp_in.data)
     q_in_v.data.copy_(fp_in_v.data)
     embed.to_empty(device="meta")
+    return _Activations(fp_in, q_in, fp_out, fp_in_v, q_in_v, fp_out_v, disk)
 
-    rotary = arch.rotary(model)
-    rotary.to(device)
-    fwd_batch = max(cfg.batch_size, 1)
-    for i in range(n_layers):
-        prefix = arch.layer_prefix(i)
-        block_path = work / _block_file(i, n_layers)
-        block = layers[i]
-        progress("block_start", {"block": i, "blocks": n_layers, "resumed": i < resumed_from})
-        tb = time.time()
-        # Full-precision weights of this block only.
-        load_into(block, reader.read(prefix, torch.float32), f"block {i}")
-        block.to(device)
-        # FP targets from FP inputs (fp_out); FP chain continues with them.
-        forward_all(block, model, arch, fp_in.data, fp_out.data, fwd_batch, device, torch.float32)
-        forward_all(block, model, arch, fp_in_v.data, fp_out_v.data, fwd_batch, device, torch.float32)
-        if i < resumed_from and block_path.exists():
-            block = _packed_block_from_file(block, prefix, block_path, torch.float32).to(device)
-            info = state["blocks"][i]
-        else:
-            # GPTQ Hessians from the quantized chain's inputs, as the block will see them.
-            quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
-            block.to(device)
-            # Validation windows; without them, a slice of the training windows stands in (for the
-            # losses reported before and after, and for the default recipe's best-state choice).
-            k = fwd_batch * 4
-            val_in, val_out = (q_in_v.data, fp_out_v.data) if len(q_in_v) else (q_in.data[:k], fp_out.data[:k])
 
-            def current_loss(blk) -> float:
-                return eval_block_loss(blk, model, arch, val_in, val_out, fwd_batch, device, torch.float32, cfg.loss)
-
-            before = current_loss(block)
-            history = {"train_loss": [], "val_loss": []}
-            if cfg.trains:
-                history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
-                                      val_in, val_out, device, progress, start_val=before)
-            pack_block(block)
-            _round_like_saved(block)
-            block.to(device)
-            after = current_loss(block)
-            _save_block(block.cpu(), prefix, block_path)
-            block.to(device)
-            info = {"block": i, "loss_before": before, "loss_after": after,
-                    "history": history, "seconds": round(time.time() - tb, 2)}
-            state["blocks"] = state["blocks"][:i] + [info]
-            state["finished"] = list(range(i + 1))
-            from eqat_cli.fsutil import write_json_atomic
-
-            write_json_atomic(state_path, state)
-        # Quantized chain: outputs of the packed block become the next inputs.
-        forward_all(block, model, arch, q_in.data, q_in.data, fwd_batch, device, torch.float32)
-        forward_all(block, model, arch, q_in_v.data, q_in_v.data, fwd_batch, device, torch.float32)
-        fp_in, fp_out = fp_out, fp_in
-        fp_in_v, fp_out_v = fp_out_v, fp_in_v
-        # Free the block: back to meta, nothing of it stays in memory.
-        layers[i] = block.to("meta")
-        del block
+def _quantize_blocks(src: _Source, acts: _Activations, work: _WorkDir, progress: Progress) -> None:
+    """Every decoder block in order, each freed (and its memory returned) before the next."""
+    src.arch.rotary(src.model).to(src.device)
+    for i in range(src.n_layers):
+        progress("block_start", {"block": i, "blocks": src.n_layers, "resumed": i < work.resumed_from})
+        info = _quantize_block(i, src, acts, work, progress)
         release_memory()
         progress("block_end", info)
 
-    # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
+
+def _quantize_block(i: int, src: _Source, acts: _Activations, work: _WorkDir, progress: Progress) -> dict:
+    """One block: full-precision targets, then the packed block (from its file when resumed, else
+    started, trained and saved), then the quantized chain moves on. Returns the block's summary."""
+    prefix = src.arch.layer_prefix(i)
+    block_path = work.path / _block_file(i, src.n_layers)
+    block = src.layers[i]
+    tb = time.time()
+    # Full-precision weights of this block only.
+    load_into(block, src.reader.read(prefix, torch.float32), f"block {i}")
+    block.to(src.device)
+    # FP targets from FP inputs (fp_out); FP chain continues with them.
+    src.forward(block, acts.fp_in.data, acts.fp_out.data)
+    src.forward(block, acts.fp_in_v.data, acts.fp_out_v.data)
+    if i < work.resumed_from and block_path.exists():
+        block = _packed_block_from_file(block, prefix, block_path, torch.float32).to(src.device)
+        info = work.state["blocks"][i]
+    else:
+        info = _train_and_save_block(i, block, src, acts, prefix, block_path, progress, tb)
+        work.record(i, info)
+    # Quantized chain: outputs of the packed block become the next inputs.
+    src.forward(block, acts.q_in.data, acts.q_in.data)
+    src.forward(block, acts.q_in_v.data, acts.q_in_v.data)
+    acts.next_block()
+    # Free the block: back to meta, nothing of it stays in memory.
+    src.layers[i] = block.to("meta")
+    return info
+
+
+def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activations, prefix: str,
+                          block_path: Path, progress: Progress, tb: float) -> dict:
+    """Start (RTN/GPTQ), train if the recipe trains, pack, and write the block's file."""
+    model, arch, cfg, device, fwd_batch = src.model, src.arch, src.cfg, src.device, src.fwd_batch
+    q_in, fp_out, q_in_v, fp_out_v = acts.q_in, acts.fp_out, acts.q_in_v, acts.fp_out_v
+    # GPTQ Hessians from the quantized chain's inputs, as the block will see them.
+    quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
+    block.to(device)
+    # Validation windows; without them, a slice of the training windows stands in (for the
+    # losses reported before and after, and for the default recipe's best-state choice).
+    k = fwd_batch * 4
+    val_in, val_out = (q_in_v.data, fp_out_v.data) if len(q_in_v) else (q_in.data[:k], fp_out.data[:k])
+
+    def current_loss(blk) -> float:
+        return eval_block_loss(blk, model, arch, val_in, val_out, fwd_batch, device, torch.float32, cfg.loss)
+
+    before = current_loss(block)
+    history = {"train_loss": [], "val_loss": []}
+    if cfg.trains:
+        history = train_block(block, model, arch, i, cfg, q_in.data, fp_out.data,
+                              val_in, val_out, device, progress, start_val=before)
+    pack_block(block)
+    _round_like_saved(block)
+    block.to(device)
+    after = current_loss(block)
+    _save_block(block.cpu(), prefix, block_path)
+    block.to(device)
+    return {"block": i, "loss_before": before, "loss_after": after,
+            "history": history, "seconds": round(time.time() - tb, 2)}
+
+
+def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: dict | None) -> None:
+    """Beside the block files: everything outside the decoder blocks, the shard index, config,
+    tokenizer, generation config and the per-block summary."""
     from safetensors.torch import save_file
 
+    from eqat_cli.formats.native import config_dict_for_save
     from eqat_cli.fsutil import atomic_file
-
-    rest = reader.read("", torch.float16, exclude=arch.layers_path + ".")
-    rest_file = _block_file(n_layers, n_layers)
-    with atomic_file(work / rest_file) as tmp:
-        save_file(rest, str(tmp), metadata={"format": "pt"})
-    weight_map = {k: rest_file for k in rest}
     from eqat_cli.readers import open_safetensors
 
+    arch, cfg, n_layers, model_path = src.arch, src.cfg, src.n_layers, src.path
+    # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
+    rest = src.reader.read("", torch.float16, exclude=arch.layers_path + ".")
+    rest_file = _block_file(n_layers, n_layers)
+    with atomic_file(work.path / rest_file) as tmp:
+        save_file(rest, str(tmp), metadata={"format": "pt"})
+    weight_map = {k: rest_file for k in rest}
     for i in range(n_layers):
-        with open_safetensors(work / _block_file(i, n_layers), "finished block file") as fh:
+        with open_safetensors(work.path / _block_file(i, n_layers), "finished block file") as fh:
             for k in fh.keys():
                 weight_map[k] = _block_file(i, n_layers)
-    total = sum(f.stat().st_size for f in work.glob("model-*.safetensors"))
-    write_index(work, weight_map, total)
+    total = sum(f.stat().st_size for f in work.path.glob("model-*.safetensors"))
+    write_index(work.path, weight_map, total)
     meta = {"bits": cfg.bits, "group_size": cfg.group_size, "architecture": arch.name,
             "method": "block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"), "block_ap": cfg.to_json(),
             "source_model": str(model_path), **(extra_meta or {})}
-    (work / "config.json").write_text(json.dumps(config_dict_for_save(config, meta), indent=2, sort_keys=True))
+    (work.path / "config.json").write_text(json.dumps(config_dict_for_save(src.config, meta), indent=2, sort_keys=True))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(work))
+        tokenizer.save_pretrained(str(work.path))
     gen_cfg = model_path / "generation_config.json"
     if gen_cfg.exists():
-        shutil.copy(gen_cfg, work / "generation_config.json")
-    (work / "blockap_summary.json").write_text(json.dumps(state["blocks"], indent=2))
-    state_path.unlink()
-    if disk is not None:
-        shutil.rmtree(disk, ignore_errors=True)
+        shutil.copy(gen_cfg, work.path / "generation_config.json")
+    (work.path / "blockap_summary.json").write_text(json.dumps(work.state["blocks"], indent=2))
+
+
+def _move_into_place(work: _WorkDir, acts: _Activations, output: Path) -> None:
+    """Drop the resume state and offloaded activations; the work directory becomes the output."""
+    work.state_path.unlink()
+    if acts.disk is not None:
+        shutil.rmtree(acts.disk, ignore_errors=True)
     if output.exists():
         shutil.rmtree(output)
-    os.replace(work, output)
-    return BlockAPResult(output, state["blocks"], time.time() - t0, resumed_from,
-                         round(peak_rss_bytes() / 2**20, 1))
+    os.replace(work.path, output)

@@ -1,0 +1,74 @@
+"""What a benchmark run is asked to do: :class:`BenchConfig`, its defaults and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from eqat_cli.errors import BadInputError, UnsupportedError
+
+Progress = Callable[[str, str, int, int], None]
+
+SUPPORTED_BITS = (2, 3, 4, 8)  # eqat_cli.quant.primitives.SUPPORTED_BITS (kept torch-free here)
+DEFAULT_PROMPT = "The three most important ideas in the history of computing are"
+LAYER_REPEATS = 10
+GENERATION_REPEATS = 3
+
+
+def no_progress(stage: str, label: str, done: int, total: int) -> None:
+    pass
+
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bits: int = 2
+    group: int = 64
+    shapes: str = "llama-2-7b"  # a preset name or a model spec (path, alias, Hub id, .gguf)
+    backend: str = "auto"
+    device: str = "auto"
+    prefill_tokens: int = 512
+    repeats: Optional[int] = None  # None: LAYER_REPEATS for layers, GENERATION_REPEATS for models
+    warmup: int = 2  # untimed layer runs (generation: one untimed run)
+    new_tokens: int = 32
+    threads: Optional[int] = None
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    generation: bool = True  # with a model spec, also time generation
+
+    @property
+    def layer_repeats(self) -> int:
+        return self.repeats or LAYER_REPEATS
+
+    @property
+    def generation_repeats(self) -> int:
+        return self.repeats or GENERATION_REPEATS
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted({1, self.prefill_tokens})
+
+    def validate(self) -> None:
+        """Fail fast on bad numbers, before anything heavy is loaded."""
+        if self.bits not in SUPPORTED_BITS:
+            raise UnsupportedError(
+                f"unsupported bit width {self.bits}; choose one of "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if self.group != -1 and self.group < 2:
+            raise BadInputError(
+                f"group size must be -1 (per-channel) or at least 2, got {self.group}"
+            )
+        if self.repeats is not None and self.repeats < 2:
+            raise BadInputError(
+                f"--repeats must be at least 2 (a median needs a spread), got {self.repeats}"
+            )
+        for name, value, low in (
+            ("--prefill-tokens", self.prefill_tokens, 1),
+            ("--new-tokens", self.new_tokens, 1),
+            ("--warmup", self.warmup, 0),
+        ):
+            if value < low:
+                raise BadInputError(f"{name} must be at least {low}, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise BadInputError(f"--threads must be at least 1, got {self.threads}")
