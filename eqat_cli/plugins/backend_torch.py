@@ -9,7 +9,7 @@ def _available():
 
 
 def _kernel():
-    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
     return TORCH_KERNEL
 

@@ -310,7 +310,7 @@ def _disable_checkpointing(model) -> None:
 
 def prepare_student(model: torch.nn.Module, train_zeros: bool, checkpointing: bool) -> list[torch.nn.Parameter]:
     """Freeze everything but the packed layers' step sizes (and zero points); return those."""
-    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
     for p in model.parameters():
         p.requires_grad_(False)

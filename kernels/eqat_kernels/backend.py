@@ -30,7 +30,7 @@ class TritonKernel:
                 f"input has {x.shape[-1]} features, the layer expects {layer.in_features}"
             )
         if torch.is_grad_enabled() and (x.requires_grad or layer.scales.requires_grad):
-            from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+            from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
             return TORCH_KERNEL.forward(layer, x)
         if x.device.type != "cuda" and not tk.INTERPRETED:
