@@ -1,7 +1,7 @@
 """The torch backend: runs everywhere, the reference every other backend is tested against."""
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.registry import BackendSpec
+from eqat_cli.specs import BackendSpec
 
 
 def _available():

@@ -3,7 +3,7 @@
 import importlib.util
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.registry import BackendSpec
+from eqat_cli.specs import BackendSpec
 
 
 def _available():
