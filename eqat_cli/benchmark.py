@@ -620,7 +620,8 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = _noop
             with torch.no_grad():
                 rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
             lm.model.to(device)
-            why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type)
+            why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type,
+                                 cfg.group)
             release_memory()
         run_variant("quant", lm, peak.peak, time.perf_counter() - t0,
                     {"format": "rtn", "bits": cfg.bits, "group": cfg.group, "backend": why,
@@ -756,10 +757,10 @@ def plan(cfg: BenchConfig) -> Plan:
         torch.set_num_threads(cfg.threads)
     dev = pick_device(cfg.device)
     reg = get_registry()
-    spec, why = reg.select_backend(cfg.backend, cfg.bits, dev.type)
+    spec, why = reg.select_backend(cfg.backend, cfg.bits, dev.type, cfg.group)
     candidates = [
         {"name": s.name, "priority": s.priority, "usable": ok, "reason": reason}
-        for s, ok, reason in reg.explain_backends(cfg.bits, dev.type)
+        for s, ok, reason in reg.explain_backends(cfg.bits, dev.type, cfg.group)
     ]
     backend = {"requested": cfg.backend, "name": spec.name, "why": why, "candidates": candidates}
     shapes = resolve_shapes(cfg.shapes)

@@ -9,16 +9,18 @@ move; new code imports them from ``eqat_cli.specs``). This module does not impor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
 
+from eqat_cli.specs import bits_label
+
 # Re-exported for plugins written against ``eqat_cli.registry`` (see the module docstring).
-from eqat_cli.specs import ArchitectureSpec, BackendSpec, DatasetSpec, replace
+from eqat_cli.specs import ArchitectureSpec, BackendSpec, DatasetSpec, KernelCaps, replace
 
 __all__ = [
-    "ArchitectureSpec", "BackendSpec", "DatasetSpec", "Registered", "Registry", "get_registry",
-    "replace", "reset_registry",
+    "ArchitectureSpec", "BackendSpec", "DatasetSpec", "KernelCaps", "Registered", "Registry",
+    "get_registry", "replace", "reset_registry",
 ]
 
 
@@ -107,25 +109,42 @@ class Registry:
             )
         return self.datasets[name].spec
 
-    def explain_backends(self, bits: int, device: str) -> list[tuple[BackendSpec, bool, str]]:
-        """Every backend, best first, with whether it can run here and why (not)."""
+    def explain_backends(
+        self,
+        bits: int | Iterable[int],
+        device: str,
+        group_size: int | Iterable[int] | None = None,
+        trains: Iterable[str] = (),
+    ) -> list[tuple[BackendSpec, bool, str]]:
+        """Every backend, best first, with whether it can run here and why (not).
+
+        ``bits`` and ``group_size`` are one value or all of a model's (``group_size=None``
+        leaves groups out); with ``trains`` (e.g. ``("scales",)``) a backend must also
+        differentiate those tensors. Each backend answers from its kernel's ``KernelCaps``.
+        """
+        trains = tuple(trains)
         rows = []
         for reg in sorted(self.backends.values(), key=lambda r: -r.spec.priority):
-            ok, reason = reg.spec.supports(bits, device)
+            ok, reason = reg.spec.supports(bits, device, group_size, trains)
             rows.append((reg.spec, ok, reason))
         return rows
 
     def select_backend(
-        self, name: str, bits: int, device: str
+        self,
+        name: str,
+        bits: int | Iterable[int],
+        device: str,
+        group_size: int | Iterable[int] | None = None,
     ) -> tuple[BackendSpec, str]:
         """Pick a backend (``auto`` = highest priority that fits). Returns it and why."""
-        rows = self.explain_backends(bits, device)
+        rows = self.explain_backends(bits, device, group_size)
+        label = bits_label(bits)
         if name != "auto":
             for spec, ok, reason in rows:
                 if spec.name == name:
                     if not ok:
                         raise UnsupportedError(
-                            f"backend {name!r} cannot run {bits}-bit layers on {device}: {reason}"
+                            f"backend {name!r} cannot run {label}-bit layers on {device}: {reason}"
                         )
                     return spec, f"{name}: requested ({reason})"
             raise EqatError(
@@ -140,7 +159,38 @@ class Registry:
                 return spec, why
             rejected.append(f"{spec.name} rejected: {reason}")
         raise UnsupportedError(
-            f"no backend can run {bits}-bit layers on {device}: " + "; ".join(rejected)
+            f"no backend can run {label}-bit layers on {device}: " + "; ".join(rejected)
+        )
+
+    def training_backend(
+        self,
+        bits: int | Iterable[int],
+        device: str,
+        group_size: int | Iterable[int] | None = None,
+        trains: Iterable[str] = ("scales",),
+    ) -> tuple[BackendSpec, str]:
+        """The highest-priority backend available on ``device`` for these layers whose kernel has
+        a backward for ``trains`` (E2E-QP: the step sizes, and the zero points with
+        ``--train-zeros``). Returns it and why; raises :class:`UnsupportedError` naming every
+        rejected backend when none fits."""
+        trains = tuple(trains)
+        rows = self.explain_backends(bits, device, group_size, trains)
+        rejected = []
+        for spec, ok, reason in rows:
+            if ok:
+                why = (
+                    f"{spec.name}: highest-priority backend on {device} whose kernel "
+                    f"differentiates {' and '.join(trains)}"
+                )
+                if rejected:
+                    why += " (" + "; ".join(rejected) + ")"
+                return spec, why
+            rejected.append(f"{spec.name} rejected: {reason}")
+        raise UnsupportedError(
+            f"no backend can train the {' and '.join(trains)} of {bits_label(bits)}-bit layers "
+            f"on {device}: " + ("; ".join(rejected) or "no backends registered"),
+            hint="a backend plugin whose KernelCaps declares that backward can add one "
+            "(see `eqat plugins`)",
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 def _get_path(obj: Any, path: str) -> Any:
@@ -156,28 +156,128 @@ class ArchitectureSpec:
         }
 
 
+# What a kernel's backward can give gradients for: a packed layer's step sizes (E2E-QP) and its
+# float zero points (E2E-QP with ``--train-zeros``). The integer codes never train.
+TRAINABLE = ("scales", "zeros")
+
+
+def _ints(value: int | Iterable[int]) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def _join(values: Iterable[Any]) -> str:
+    return ", ".join(map(str, values))
+
+
+def bits_label(bits: int | Iterable[int]) -> str:
+    """``2`` or ``2/4`` (for messages about layers of one or several bit widths)."""
+    return "/".join(map(str, _ints(bits)))
+
+
+@dataclass(frozen=True)
+class KernelCaps:
+    """What one kernel can run, declared once beside the kernel; its backend spec carries it and
+    the registry reads it.
+
+    * ``bits``: the bit widths of the packed layers it runs;
+    * ``devices``: torch device types (``cpu``, ``cuda``, ``mps``);
+    * ``group_sizes``: the group lengths it runs (``-1`` is per-channel), or ``None`` for every
+      one the packed format allows (per-channel, or any length of at least 2 with a shorter
+      last group);
+    * ``backward``: the tensors of a packed layer its backward gives gradients for (a subset of
+      :data:`TRAINABLE`): ``("scales",)`` is what E2E-QP needs, ``("scales", "zeros")`` what it
+      needs with ``--train-zeros``; ``()`` for an inference-only kernel.
+    """
+
+    bits: tuple[int, ...]
+    devices: tuple[str, ...]
+    group_sizes: tuple[int, ...] | None = None
+    backward: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("bits", "devices", "group_sizes", "backward"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) and not (name == "group_sizes" and value is None):
+                raise TypeError(f"KernelCaps.{name} must be a tuple, got {value!r}")
+        if not self.bits or not self.devices:
+            raise ValueError("KernelCaps declares no bits or no devices")
+        unknown = [t for t in self.backward if t not in TRAINABLE]
+        if unknown:
+            raise ValueError(
+                f"KernelCaps.backward names {_join(unknown)}; trainable tensors are {_join(TRAINABLE)}"
+            )
+
+    def rejects(
+        self,
+        bits: int | Iterable[int],
+        device: str,
+        group_size: int | Iterable[int] | None = None,
+        trains: Iterable[str] = (),
+    ) -> str | None:
+        """Why this kernel cannot run (``trains`` empty) or train layers of these bit widths and
+        group sizes on ``device``; ``None`` when it can. ``group_size=None`` leaves groups out of
+        the question."""
+        if device not in self.devices:
+            return f"runs on {_join(self.devices)}, not {device}"
+        for b in _ints(bits):
+            if b not in self.bits:
+                return f"supports bits {_join(self.bits)}, not {b}"
+        if group_size is not None and self.group_sizes is not None:
+            for g in _ints(group_size):
+                if g not in self.group_sizes:
+                    return f"supports group sizes {_join(self.group_sizes)}, not {g}"
+        missing = [t for t in trains if t not in self.backward]
+        if missing:
+            if not self.backward:
+                return "has no backward (inference only)"
+            return f"its backward gives gradients for {_join(self.backward)}, not {_join(missing)}"
+        return None
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """A kernel backend for packed layers.
 
-    ``available()`` returns ``(ok, reason)``; ``kernel()`` builds the object whose
-    ``forward(layer, x)`` runs a :class:`~eqat_cli.quant.linear.PackedLinear`.
+    ``caps`` is the kernel's own :class:`KernelCaps` declaration (bits, group sizes, devices,
+    backward), not a copy of it. ``available()`` returns ``(ok, reason)`` (is the optional
+    package installed, is there a GPU); ``kernel()`` builds the object whose ``forward(layer, x)``
+    runs a :class:`~eqat_cli.quant.linear.PackedLinear`. Both import heavy packages only when
+    called.
     """
 
     name: str
     priority: int
-    devices: tuple[str, ...]
-    bits: tuple[int, ...]
+    caps: KernelCaps
     available: Callable[[], tuple[bool, str]]
     kernel: Callable[[], Any]
     install_hint: str = ""
     description: str = ""
 
-    def supports(self, bits: int, device: str) -> tuple[bool, str]:
-        if device not in self.devices:
-            return False, f"runs on {', '.join(self.devices)}, not {device}"
-        if bits not in self.bits:
-            return False, f"supports bits {', '.join(map(str, self.bits))}, not {bits}"
+    def __post_init__(self):
+        if not isinstance(self.caps, KernelCaps):
+            raise TypeError(
+                f"backend {self.name!r}: caps must be a KernelCaps, got {type(self.caps).__name__}"
+            )
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.caps.devices
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return self.caps.bits
+
+    def supports(
+        self,
+        bits: int | Iterable[int],
+        device: str,
+        group_size: int | Iterable[int] | None = None,
+        trains: Iterable[str] = (),
+    ) -> tuple[bool, str]:
+        """Whether this backend can run (or, with ``trains``, train) such layers here, and why."""
+        reason = self.caps.rejects(bits, device, group_size, trains)
+        if reason is not None:
+            return False, reason
         ok, reason = self.available()
         if not ok:
             hint = f" ({self.install_hint})" if self.install_hint else ""

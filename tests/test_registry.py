@@ -10,6 +10,7 @@ from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedErro
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugin_manager import build_plugin_manager, get_plugin_manager
 from eqat_cli.registry import ArchitectureSpec, BackendSpec, DatasetSpec, Registry, get_registry, reset_registry
+from eqat_cli.specs import KernelCaps
 from eqat_cli.plugins.llama import LLAMA
 
 
@@ -53,7 +54,7 @@ def test_hook_register_backends(registered):
     class MyBackend:
         @hookimpl
         def register_backends(self, register):
-            register(BackendSpec(name="fancy", priority=50, devices=("cpu",), bits=(4,),
+            register(BackendSpec(name="fancy", priority=50, caps=KernelCaps(bits=(4,), devices=("cpu",)),
                                  available=lambda: (False, "fancy hardware missing"), kernel=lambda: None,
                                  install_hint="pip install fancy"))
 

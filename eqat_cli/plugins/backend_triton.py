@@ -3,7 +3,8 @@
 import importlib.util
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.specs import BackendSpec
+from eqat_cli.specs import BackendSpec, KernelCaps
+from eqat_kernels.caps import CAPS as TRITON_CAPS
 
 
 def _available():
@@ -25,8 +26,7 @@ def _kernel():
 TRITON_BACKEND = BackendSpec(
     name="triton",
     priority=100,
-    devices=("cuda",),
-    bits=(2, 3, 4),
+    caps=KernelCaps(**TRITON_CAPS),
     available=_available,
     kernel=_kernel,
     install_hint="pip install triton, on a machine with an NVIDIA GPU",

@@ -369,7 +369,11 @@ class _PackedMatmul(torch.autograd.Function):
 
 
 class TorchKernel:
-    """Chunked unpack + matmul in plain torch, fast on the CPU (see the module docstring)."""
+    """Chunked unpack + matmul in plain torch, fast on the CPU (see the module docstring).
+
+    The ``torch`` backend; what it runs is declared in
+    :data:`eqat_cli.quant.caps.TORCH_KERNEL_CAPS`.
+    """
 
     name = "torch"
 
