@@ -1,12 +1,15 @@
 """The kernel room: each kernel declares what it runs once (``KernelCaps``), the backends carry
-those declarations, the registry picks kernels for inference and for training from them, and the
-declarations are true."""
+those declarations, the registry picks kernels for inference and for training from them,
+and the declarations are true. ``eqat_kernels`` imports nothing of ``eqat_cli``."""
 
 from __future__ import annotations
+
+import ast
 
 import pytest
 import torch
 
+from conftest import REPO
 from conftest import random_packed_layer as make_layer
 from eqat_cli.errors import UnsupportedError
 from eqat_cli.hookspecs import hookimpl
@@ -147,3 +150,36 @@ def test_group_sizes_are_part_of_the_choice():
     finally:
         pm.unregister(plugin)
         reset_registry()
+
+
+# ---------------------------------------------------------------------- eqat_kernels
+
+
+def test_eqat_kernels_imports_nothing_of_eqat_cli():
+    """Checked on the source (the Triton modules cannot be imported without Triton)."""
+    package = REPO / "kernels" / "eqat_kernels"
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "eqat_cli"]
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k,n,group", SHAPES, ids=str)
+def test_eqat_kernels_reference_is_eqats_definition(bits, k, n, group):
+    """The Triton kernels' own torch reference unpacks and dequantizes bit for bit like
+    ``PackedLinear`` (it no longer borrows eqat_cli's code, so this ties the two)."""
+    from eqat_kernels import reference
+
+    layer = make_layer(k, n, bits, group, seed=bits)
+    assert torch.equal(reference.unpack_codes(layer.qweight, bits, k), layer.codes())
+    assert torch.equal(reference.unpack_zeros(layer.qzeros, bits, n), layer.zero_points())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = reference.dequantize(layer.qweight, layer.qzeros, layer.scales, bits, group, k, dtype)
+        assert torch.equal(got, layer.dequantize(dtype)), dtype

@@ -18,9 +18,11 @@ def _available():
 
 
 def _kernel():
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
     from eqat_kernels.backend import TritonKernel
 
-    return TritonKernel()
+    # The Triton kernels have no backward: a forward that needs gradients runs the torch kernel.
+    return TritonKernel(grad_fallback=TORCH_KERNEL)
 
 
 TRITON_BACKEND = BackendSpec(
