@@ -1,5 +1,5 @@
 """The kernel room: each kernel declares what it runs once (``KernelCaps``), the backends carry
-those declarations, the registry picks kernels for inference and for training from them,
+those declarations, the registry picks kernels for inference and for E2E-QP's training from them,
 and the declarations are true. ``eqat_kernels`` imports nothing of ``eqat_cli``."""
 
 from __future__ import annotations
@@ -150,6 +150,35 @@ def test_group_sizes_are_part_of_the_choice():
     finally:
         pm.unregister(plugin)
         reset_registry()
+
+
+def test_e2e_qp_trains_with_the_registry_choice(monkeypatch):
+    from torch import nn
+
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
+    from eqat_cli.train import e2e_qp
+
+    def student():
+        model = nn.Sequential(make_layer(96, 40, 2, 32), make_layer(40, 24, 4, -1))
+        model.config = type("Config", (), {"use_cache": True})()
+        return model
+
+    m = student()
+    e2e_qp.prepare_student(m, train_zeros=False, checkpointing=False)
+    assert all(layer.kernel is TORCH_KERNEL for layer in m)
+    m = student()
+    e2e_qp.prepare_student(m, train_zeros=True, checkpointing=False, device="cpu")
+    assert all(layer.kernel is REFERENCE_KERNEL for layer in m)
+
+    monkeypatch.setenv("EQAT_BLOCK_PLUGINS", "backend_torch,backend_reference")
+    get_plugin_manager.cache_clear()
+    reset_registry()
+    try:
+        with pytest.raises(UnsupportedError, match="no backend can train the scales of 2/4-bit layers on cpu"):
+            e2e_qp.prepare_student(student(), train_zeros=False, checkpointing=False)
+    finally:
+        monkeypatch.delenv("EQAT_BLOCK_PLUGINS")
+        reset_registry(reload_plugins=True)
 
 
 # ---------------------------------------------------------------------- eqat_kernels
