@@ -4,7 +4,7 @@ A thin wrapper over :mod:`eqat_cli.benchmark` (the library behind ``eqat bench``
 layer shapes given as IN x OUT (default: Llama-2-7B's 4096x4096, 4096x11008, 11008x4096):
 
 * ``dense``: ``torch.nn.functional.linear`` with the fp32 weight;
-* ``torch``: :class:`eqat_cli.quant.cpu_kernel.TorchKernel` on the same weight, min-max
+* ``torch``: :class:`eqat_cli.quant.torch_kernel.TorchKernel` on the same weight, min-max
   quantized and packed;
 * ``reference``: the reference kernel (unpack the whole weight, dequantize, matmul);
 
@@ -28,7 +28,7 @@ import json
 import torch
 
 from eqat_cli import benchmark as B
-from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 from eqat_cli.quant.linear import REFERENCE_KERNEL, PackedLinear
 
 LLAMA2_7B = ["4096x4096", "4096x11008", "11008x4096"]

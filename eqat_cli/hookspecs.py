@@ -6,17 +6,17 @@ published under the entry-point group ``eqat``::
     [project.entry-points.eqat]
     myarch = "my_package.eqat_plugin"
 
-Plugin modules must not import torch at import time (``eqat --help`` stays fast).
+Plugin modules must not import torch at import time (``eqat --help`` stays fast). The specs they
+register come from :mod:`eqat_cli.specs` (torch-free); this module imports nothing else of eqat.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import pluggy
 
-if TYPE_CHECKING:  # pragma: no cover
-    from eqat_cli.registry import ArchitectureSpec, BackendSpec, DatasetSpec
+from eqat_cli.specs import ArchitectureSpec, BackendSpec, DatasetSpec
 
 PROJECT = "eqat"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -24,17 +24,17 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_architectures(register: "Callable[[ArchitectureSpec], None]") -> None:
+def register_architectures(register: Callable[[ArchitectureSpec], None]) -> None:
     """Register model architectures with ``register(ArchitectureSpec(...))``."""
 
 
 @hookspec
-def register_backends(register: "Callable[[BackendSpec], None]") -> None:
+def register_backends(register: Callable[[BackendSpec], None]) -> None:
     """Register kernel backends with ``register(BackendSpec(...))``."""
 
 
 @hookspec
-def register_datasets(register: "Callable[[DatasetSpec], None]") -> None:
+def register_datasets(register: Callable[[DatasetSpec], None]) -> None:
     """Register named data sets (calibration text, perplexity, zero-shot tasks)."""
 
 

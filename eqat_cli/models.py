@@ -270,7 +270,9 @@ def resolve(
     model.to(dev)
     model.eval()
     if quant:
-        quant["backend"] = attach_backend(model, backend, quant["bits"], dev.type)
+        quant["backend"] = attach_backend(
+            model, backend, quant["bits"], dev.type, quant.get("group_size")
+        )
     return LoadedModel(model, tok, arch, source, fmt, quant, path)
 
 
@@ -284,13 +286,18 @@ def summarize_layers(layers: dict[str, tuple[int, int]]) -> dict:
     }
 
 
-def attach_backend(model: Any, backend: str, bits: Any, device: str) -> str:
-    """Point every packed layer at the selected backend's kernel; return why it was chosen."""
+def attach_backend(
+    model: Any, backend: str, bits: Any, device: str, group_size: Any = None
+) -> str:
+    """Point every packed layer at the selected backend's kernel; return why it was chosen.
+
+    ``bits`` and ``group_size`` are one value or the list of a model's (every one must be
+    supported); ``group_size=None`` leaves group sizes out of the choice.
+    """
     from eqat_cli.quant.linear import PackedLinear
     from eqat_cli.registry import get_registry
 
-    b = max(bits) if isinstance(bits, list) else bits
-    spec, why = get_registry().select_backend(backend, b, device)
+    spec, why = get_registry().select_backend(backend, bits, device, group_size)
     kernel = spec.kernel()
     for mod in model.modules():
         if isinstance(mod, PackedLinear):

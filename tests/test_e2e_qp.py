@@ -167,7 +167,7 @@ def test_kd_loss_chunked_gradient_equals_unchunked(quant_dir, fp_dir, monkeypatc
         monkeypatch.setattr(e2e, "LOGIT_CHUNK", chunk)
         student, teacher = _student_teacher(quant_dir, fp_dir)
         params = [p for m in e2e.trainable_layers(student).values() for p in m.start_training()]
-        from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+        from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
         for m in e2e.trainable_layers(student).values():
             m.set_kernel(TORCH_KERNEL)

@@ -10,6 +10,7 @@ from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedErro
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugin_manager import build_plugin_manager, get_plugin_manager
 from eqat_cli.registry import ArchitectureSpec, BackendSpec, DatasetSpec, Registry, get_registry, reset_registry
+from eqat_cli.specs import KernelCaps
 from eqat_cli.plugins.llama import LLAMA
 
 
@@ -53,7 +54,7 @@ def test_hook_register_backends(registered):
     class MyBackend:
         @hookimpl
         def register_backends(self, register):
-            register(BackendSpec(name="fancy", priority=50, devices=("cpu",), bits=(4,),
+            register(BackendSpec(name="fancy", priority=50, caps=KernelCaps(bits=(4,), devices=("cpu",)),
                                  available=lambda: (False, "fancy hardware missing"), kernel=lambda: None,
                                  install_hint="pip install fancy"))
 
@@ -156,3 +157,53 @@ def test_triton_unavailable_on_cpu_with_reason():
     assert rows_cpu["triton"][0] is False and "cpu" in rows_cpu["triton"][1]
     spec, why = reg.select_backend("auto", 2, "cpu")
     assert spec.name == "torch" and "triton rejected" in why
+
+
+# ---------------------------------------------------------------------- the specs module
+
+
+def _fresh_modules(code: str) -> set[str]:
+    """The names in ``sys.modules`` after running ``code`` in a fresh interpreter (this tree
+    first on the path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")]
+    )}
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_specs_module_imports_nothing_heavy():
+    mods = _fresh_modules("import eqat_cli.specs")
+    heavy = {"torch", "transformers", "pluggy", "eqat_cli.registry", "eqat_cli.plugin_manager",
+             "eqat_cli.hookspecs"}
+    assert not heavy & mods, heavy & mods
+
+
+def test_hookspecs_and_plugins_do_not_import_registry_or_plugin_manager():
+    """The old cycle hookspecs -> registry -> plugin_manager -> hookspecs is gone: hook
+    specifications and plugin modules only need the specs."""
+    mods = _fresh_modules(
+        "import eqat_cli.hookspecs, eqat_cli.plugins.llama, eqat_cli.plugins.qwen2, "
+        "eqat_cli.plugins.datasets, eqat_cli.plugins.backend_torch, eqat_cli.plugins.backend_triton"
+    )
+    assert "eqat_cli.specs" in mods
+    assert not {"eqat_cli.registry", "eqat_cli.plugin_manager", "torch"} & mods
+
+
+def test_registry_reexports_the_specs():
+    """Plugins written as ``from eqat_cli.registry import ArchitectureSpec`` keep working."""
+    from eqat_cli import registry, specs
+
+    for name in ("ArchitectureSpec", "BackendSpec", "DatasetSpec", "replace"):
+        assert getattr(registry, name) is getattr(specs, name)

@@ -1,4 +1,4 @@
-"""The fast torch kernel (``eqat_cli.quant.cpu_kernel.TorchKernel``) against the reference kernel.
+"""The fast torch kernel (``eqat_cli.quant.torch_kernel.TorchKernel``) against the reference kernel.
 
 Tolerance: the kernel sums in another order than the reference and applies the zero points as
 a separate per-group term, so each output may differ from the reference by fp32 rounding of
@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eqat_cli.quant import cpu_kernel
-from eqat_cli.quant.cpu_kernel import TorchKernel
+from eqat_cli.quant import torch_kernel
+from eqat_cli.quant.torch_kernel import TorchKernel
 from eqat_cli.quant.linear import REFERENCE_KERNEL, PackedLinear
 from eqat_cli.quant.primitives import expand_groups, n_groups
 
@@ -73,11 +73,11 @@ def test_groups_not_starting_on_words(bits):
 
 def test_many_chunks(monkeypatch):
     """Layers bigger than one chunk, including groups longer than a chunk (per-channel)."""
-    monkeypatch.setattr(cpu_kernel, "CHUNK_ELEMENTS", 64 * 48)
-    monkeypatch.setattr(cpu_kernel, "_GEOMETRIES", {})
+    monkeypatch.setattr(torch_kernel, "CHUNK_ELEMENTS", 64 * 48)
+    monkeypatch.setattr(torch_kernel, "_GEOMETRIES", {})
     for bits, group in ((2, 32), (3, 64), (4, -1), (2, 128)):
         layer = make_layer(576, 48, bits, group, seed=bits)
-        geo = cpu_kernel.geometry(layer, torch.device("cpu"))
+        geo = torch_kernel.geometry(layer, torch.device("cpu"))
         assert geo.chunk < 576
         for m in (1, 8, 40):
             assert_matches_reference(layer, torch.randn(m, 576))
@@ -168,7 +168,7 @@ def test_memory_stays_packed():
     """Nothing of the dense weight's size is kept per layer."""
     layer = make_layer(1024, 512, 2, 64)
     KERNEL.forward(layer, torch.randn(1, 1024))
-    zo = cpu_kernel._ZEROS[layer][-1]
+    zo = torch_kernel._ZEROS[layer][-1]
     cached = zo.numel() * zo.element_size()
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
     dense = 1024 * 512 * 4
@@ -179,7 +179,7 @@ def test_inference_mode_then_no_grad_and_training():
     """Buffers first made under inference_mode must not break later no_grad or autograd runs."""
     from torch import nn
 
-    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
     from eqat_cli.quant.linear import QuantLinear
 
     torch.manual_seed(0)

@@ -149,16 +149,29 @@ def test_backend_matches_reference_kernel(shape):
 
 
 def test_backend_falls_back_to_differentiable_path_for_training():
-    """E2E-QP trains the step sizes: the kernel then runs a differentiable path."""
+    """Trained step sizes: the kernel the ``triton`` plugin builds runs a differentiable path
+    (the torch kernel it passes in; eqat_kernels imports nothing of eqat_cli)."""
+    from eqat_cli.plugins.backend_triton import TRITON_BACKEND
+
     layer = make_layer(96, 40, 2, 32, seed=11, scales_dtype=torch.float32)
     layer.scales.requires_grad_(True)
-    layer.set_kernel(TritonKernel())
+    layer.set_kernel(TRITON_BACKEND.kernel())
     x = torch.randn(4, 96, generator=torch.Generator().manual_seed(12))
     layer(x).square().sum().backward()
     got = layer.scales.grad.clone()
     layer.scales.grad = None
     REFERENCE_KERNEL.forward(layer, x).square().sum().backward()
     torch.testing.assert_close(got, layer.scales.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_without_a_grad_fallback_refuses_gradients():
+    layer = make_layer(96, 40, 2, 32, seed=11, scales_dtype=torch.float32)
+    layer.scales.requires_grad_(True)
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(12))
+    with pytest.raises(RuntimeError, match="no backward"):
+        TritonKernel().forward(layer, x)
+    with torch.no_grad():  # inference still runs the Triton kernels
+        assert_close_matmul(TritonKernel().forward(layer, x), x, layer)
 
 
 def test_rejects_bad_inputs():

@@ -145,7 +145,8 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
             with torch.no_grad():
                 rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
             lm.model.to(device)
-            why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type)
+            why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type,
+                                 cfg.group)
             release_memory()
         run_variant("quant", lm, peak.peak, time.perf_counter() - t0,
                     {"format": "rtn", "bits": cfg.bits, "group": cfg.group, "backend": why,

@@ -77,10 +77,10 @@ def plan(cfg: BenchConfig) -> Plan:
         torch.set_num_threads(cfg.threads)
     dev = pick_device(cfg.device)
     reg = get_registry()
-    spec, why = reg.select_backend(cfg.backend, cfg.bits, dev.type)
+    spec, why = reg.select_backend(cfg.backend, cfg.bits, dev.type, cfg.group)
     candidates = [
         {"name": s.name, "priority": s.priority, "usable": ok, "reason": reason}
-        for s, ok, reason in reg.explain_backends(cfg.bits, dev.type)
+        for s, ok, reason in reg.explain_backends(cfg.bits, dev.type, cfg.group)
     ]
     backend = {"requested": cfg.backend, "name": spec.name, "why": why, "candidates": candidates}
     shapes = resolve_shapes(cfg.shapes)

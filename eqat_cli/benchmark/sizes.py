@@ -23,7 +23,7 @@ def kernel_cache_bytes(layer, kernel) -> int:
     if getattr(kernel, "name", None) == "torch":
         import torch
 
-        from eqat_cli.quant.cpu_kernel import zero_rows
+        from eqat_cli.quant.torch_kernel import zero_rows
 
         return tensor_bytes(zero_rows(layer, torch.uint8))  # the cached uint8 zero points
     return 0

@@ -1,7 +1,8 @@
-"""The torch backend: runs everywhere, the reference every other backend is tested against."""
+"""The torch backend: runs everywhere; the default on CPUs, the fallback on GPUs, E2E-QP's kernel."""
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.registry import BackendSpec
+from eqat_cli.quant.caps import TORCH_KERNEL_CAPS
+from eqat_cli.specs import BackendSpec
 
 
 def _available():
@@ -9,7 +10,7 @@ def _available():
 
 
 def _kernel():
-    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
     return TORCH_KERNEL
 
@@ -17,8 +18,7 @@ def _kernel():
 TORCH_BACKEND = BackendSpec(
     name="torch",
     priority=0,
-    devices=("cpu", "cuda", "mps"),
-    bits=(2, 3, 4, 8),
+    caps=TORCH_KERNEL_CAPS,
     available=_available,
     kernel=_kernel,
     description="codes stay packed; chunked unpack + fp32 matmul, custom backward for step sizes",

@@ -3,7 +3,8 @@
 import importlib.util
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.registry import BackendSpec
+from eqat_cli.specs import BackendSpec, KernelCaps
+from eqat_kernels.caps import CAPS as TRITON_CAPS
 
 
 def _available():
@@ -17,16 +18,17 @@ def _available():
 
 
 def _kernel():
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
     from eqat_kernels.backend import TritonKernel
 
-    return TritonKernel()
+    # The Triton kernels have no backward: a forward that needs gradients runs the torch kernel.
+    return TritonKernel(grad_fallback=TORCH_KERNEL)
 
 
 TRITON_BACKEND = BackendSpec(
     name="triton",
     priority=100,
-    devices=("cuda",),
-    bits=(2, 3, 4),
+    caps=KernelCaps(**TRITON_CAPS),
     available=_available,
     kernel=_kernel,
     install_hint="pip install triton, on a machine with an NVIDIA GPU",

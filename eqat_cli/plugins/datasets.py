@@ -5,7 +5,7 @@ Each resolves to the Hugging Face Hub for users, or to a local copy under the da
 """
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.registry import DatasetSpec
+from eqat_cli.specs import DatasetSpec
 
 DATASETS = (
     DatasetSpec(

@@ -10,7 +10,7 @@ config's ``layer_types``. The quantized linears are Llama's.
 
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugins.llama import LLAMA
-from eqat_cli.registry import replace
+from eqat_cli.specs import replace
 
 GEMMA3 = replace(
     LLAMA,

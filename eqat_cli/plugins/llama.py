@@ -1,7 +1,7 @@
 """Llama family: Llama-2, Llama-3 (GQA, llama3 rope scaling), SmolLM2 and other `llama` models."""
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.registry import ArchitectureSpec
+from eqat_cli.specs import ArchitectureSpec
 
 LLAMA_LINEARS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -2,7 +2,7 @@
 
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugins.llama import LLAMA_LINEARS
-from eqat_cli.registry import ArchitectureSpec
+from eqat_cli.specs import ArchitectureSpec
 
 LLAVA = ArchitectureSpec(
     name="llava",

@@ -2,7 +2,7 @@
 
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugins.llama import LLAMA
-from eqat_cli.registry import replace
+from eqat_cli.specs import replace
 
 MISTRAL = replace(LLAMA, name="mistral", model_types=("mistral",), description="Mistral 7B family")
 

@@ -3,7 +3,7 @@ turns it on) only from ``max_window_layers`` on, which the layer-aware ``block_k
 
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugins.llama import LLAMA
-from eqat_cli.registry import replace
+from eqat_cli.specs import replace
 
 QWEN2 = replace(
     LLAMA,

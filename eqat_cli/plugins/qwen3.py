@@ -3,7 +3,7 @@ stay in full precision and train with the block's other non-linear parameters in
 
 from eqat_cli.hookspecs import hookimpl
 from eqat_cli.plugins.llama import LLAMA
-from eqat_cli.registry import replace
+from eqat_cli.specs import replace
 
 QWEN3 = replace(
     LLAMA,

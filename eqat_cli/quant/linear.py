@@ -108,7 +108,12 @@ class Kernel(Protocol):
 
 
 class _ReferenceKernel:
-    """Unpack, dequantize, matmul: the torch reference every backend is tested against."""
+    """Unpack, dequantize, matmul: the torch reference every backend is tested against.
+
+    The ``reference`` backend; what it runs is declared in
+    :data:`eqat_cli.quant.caps.REFERENCE_KERNEL_CAPS` (autograd reaches both the step sizes and
+    E2E-QP's float zero points).
+    """
 
     name = "torch-reference"
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from eqat_cli.errors import BadInputError, EqatError
-from eqat_cli.quant.linear import REFERENCE_KERNEL, PackedLinear
+from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.train.amp import Amp
 from eqat_cli.train.sft_data import IGNORE, Examples
 
@@ -313,16 +313,36 @@ def _disable_checkpointing(model) -> None:
         off()
 
 
-def prepare_student(model: torch.nn.Module, train_zeros: bool, checkpointing: bool) -> list[torch.nn.Parameter]:
-    """Freeze everything but the packed layers' step sizes (and zero points); return those."""
-    from eqat_cli.quant.cpu_kernel import TORCH_KERNEL
+def training_kernel(layers: dict[str, PackedLinear], train_zeros: bool, device: str | None = None):
+    """The kernel E2E-QP trains these layers with, from the registry: the highest-priority
+    backend available on ``device`` (default: where the layers are) for their bit widths and
+    group sizes whose kernel has a backward for the step sizes (and the zero points with
+    ``train_zeros``). Raises :class:`~eqat_cli.errors.UnsupportedError` when none has."""
+    from eqat_cli.registry import get_registry
 
+    if device is None:
+        device = next(iter(layers.values())).qweight.device.type
+    trains = ("scales", "zeros") if train_zeros else ("scales",)
+    bits = sorted({m.bits for m in layers.values()})
+    groups = sorted({m.group_size for m in layers.values()})
+    spec, _why = get_registry().training_backend(bits, device, groups, trains)
+    return spec.kernel()
+
+
+def prepare_student(
+    model: torch.nn.Module, train_zeros: bool, checkpointing: bool, device: str | None = None
+) -> list[torch.nn.Parameter]:
+    """Freeze everything but the packed layers' step sizes (and zero points); return those.
+
+    The packed layers get the kernel :func:`training_kernel` picks for ``device`` (a device type;
+    default: where the layers are now).
+    """
     for p in model.parameters():
         p.requires_grad_(False)
-    # The torch kernel differentiates w.r.t. step sizes; float zero points need the reference.
-    kernel = REFERENCE_KERNEL if train_zeros else TORCH_KERNEL
+    layers = trainable_layers(model)
+    kernel = training_kernel(layers, train_zeros, device) if layers else None
     params = []
-    for m in trainable_layers(model).values():
+    for m in layers.values():
         m.set_kernel(kernel)
         params.extend(m.start_training(train_zeros))
     if checkpointing:
@@ -415,7 +435,7 @@ class _Schedule:
 def _prepare_models(model: torch.nn.Module, eval_teacher: torch.nn.Module | None, cfg: E2EConfig, device,
                     amp: Amp | None) -> tuple[list[torch.nn.Parameter], Amp]:
     """The student's trainable step sizes on the device, the frozen teacher beside it, the precision."""
-    params = prepare_student(model, cfg.train_zeros, cfg.gradient_checkpointing)
+    params = prepare_student(model, cfg.train_zeros, cfg.gradient_checkpointing, torch.device(device).type)
     model.to(device)
     if eval_teacher is not None:
         eval_teacher.to(device).eval()

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_BITS = (2, 3, 4)
+from eqat_kernels.caps import SUPPORTED_BITS
 
 # Rows of x up to which :func:`matmul` takes the decode kernel.
 DECODE_MAX_ROWS = 16

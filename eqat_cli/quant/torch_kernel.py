@@ -1,4 +1,5 @@
-"""The fast torch kernel for :class:`~eqat_cli.quant.linear.PackedLinear` (the "torch" backend).
+"""The torch kernel for :class:`~eqat_cli.quant.linear.PackedLinear`: the "torch" backend on every
+device (fast on the CPU, the portable fallback on GPUs) and E2E-QP's gradient path for step sizes.
 
 The reference kernel unpacks the whole weight into int32 codes, dequantizes it and runs one
 matmul: for a 4096x4096 layer that is 200 MB of temporaries and ~10x the time of the dense
@@ -368,7 +369,11 @@ class _PackedMatmul(torch.autograd.Function):
 
 
 class TorchKernel:
-    """Chunked unpack + matmul in plain torch, fast on the CPU (see the module docstring)."""
+    """Chunked unpack + matmul in plain torch, fast on the CPU (see the module docstring).
+
+    The ``torch`` backend; what it runs is declared in
+    :data:`eqat_cli.quant.caps.TORCH_KERNEL_CAPS`.
+    """
 
     name = "torch"
 
