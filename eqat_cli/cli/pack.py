@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from eqat_cli.cli.common import (
-    JsonOpt, ModelArg, OutOpt, OverwriteOpt, TrustRemoteCodeOpt, console, emit_json, guarded,
+    JsonOpt, ModelArg, OutOpt, OverwriteOpt, TrustRemoteCodeOpt, console, emit_json,
 )
 from eqat_cli.errors import BadInputError
 
@@ -120,31 +120,26 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False) -> di
     return summary
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("pack")
-    @guarded
-    def pack_cmd(
-        model: ModelArg,
-        fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
-        output: OutOpt,
-        overwrite: OverwriteOpt = False,
-        trust_remote_code: TrustRemoteCodeOpt = False,
-        json_out: JsonOpt = None,
-    ):
-        """Write a quantized model as eqat native, GPTQ v1/v2, dense fp16, or GGUF.
+def pack_cmd(
+    model: ModelArg,
+    fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
+    output: OutOpt,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = None,
+):
+    """GPTQ needs in_features to be a multiple of the group size; v1 cannot hold a zero point of
+    0 (use gptq_v2, which is lossless). GGUF is exact for 4-bit models with groups that are
+    multiples of 32 (Q4_1). Output is written atomically.
 
-        GPTQ needs in_features to be a multiple of the group size; v1 cannot hold a zero point of
-        0 (use gptq_v2, which is lossless). GGUF is exact for 4-bit models with groups that are
-        multiples of 32 (Q4_1). Output is written atomically.
+    Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
+    """
+    from eqat_cli.formats.detect import human_bytes
 
-        Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
-        """
-        from eqat_cli.formats.detect import human_bytes
-
-        summary = pack_model(model, fmt, output, overwrite)
-        console.print(f"[green]wrote[/] {summary['output']} ({summary['format']}, "
-                      f"{human_bytes(summary['size_bytes'])})")
-        for note in summary.get("notes", []):
-            console.print(f"[yellow]note:[/] {note}")
-        console.print(f"load with: {summary['load_with']}", soft_wrap=True)
-        emit_json(summary, json_out)
+    summary = pack_model(model, fmt, output, overwrite)
+    console.print(f"[green]wrote[/] {summary['output']} ({summary['format']}, "
+                  f"{human_bytes(summary['size_bytes'])})")
+    for note in summary.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"load with: {summary['load_with']}", soft_wrap=True)
+    emit_json(summary, json_out)

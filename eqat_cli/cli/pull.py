@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from eqat_cli.cli.common import JsonOpt, console, emit_json, guarded
+from eqat_cli.cli.common import JsonOpt, console, emit_json
 
 
 def rich_tqdm_class(progress: Any) -> type:
@@ -134,38 +134,33 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
     return inspect_path(path)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("pull")
-    @guarded
-    def pull_cmd(
-        repo_id: Annotated[str, typer.Argument(help="Hub repo id, e.g. ChenMnZ/Llama-2-7b-EfficientQAT-w2g64.", show_default=False)],
-        revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
-        local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download here instead of the HF cache.")] = None,
-        json_out: JsonOpt = None,
-    ):
-        """Download a model (resumable), then print its format, bits, group and size.
+def pull_cmd(
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, e.g. ChenMnZ/Llama-2-7b-EfficientQAT-w2g64.", show_default=False)],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download here instead of the HF cache.")] = None,
+    json_out: JsonOpt = None,
+):
+    """Bits and group size are detected from the safetensors headers (tensor shapes), so
+    EfficientQAT releases without an eqat section in config.json are recognised too.
+    HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
 
-        Bits and group size are detected from the safetensors headers (tensor shapes), so
-        EfficientQAT releases without an eqat section in config.json are recognised too.
-        HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
+    Example: [bold]eqat pull ChenMnZ/Llama-2-7b-EfficientQAT-w2g64[/]
+    """
+    from rich.table import Table
 
-        Example: [bold]eqat pull ChenMnZ/Llama-2-7b-EfficientQAT-w2g64[/]
-        """
-        from rich.table import Table
-
-        info = pull(repo_id, revision, local_dir)
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
-        table.add_row("model", repo_id + (f" @ {revision}" if revision else ""))
-        table.add_row("path", info.path)
-        for key, value in info.summary_lines():
-            table.add_row(key, value)
-        console.print(table)
-        for note in info.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        console.print(f"next: [bold]{info.next_command()}[/]", soft_wrap=True)
-        data = info.to_dict()
-        data["repo_id"] = repo_id
-        data["revision"] = revision
-        emit_json(data, json_out)
+    info = pull(repo_id, revision, local_dir)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("model", repo_id + (f" @ {revision}" if revision else ""))
+    table.add_row("path", info.path)
+    for key, value in info.summary_lines():
+        table.add_row(key, value)
+    console.print(table)
+    for note in info.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"next: [bold]{info.next_command()}[/]", soft_wrap=True)
+    data = info.to_dict()
+    data["repo_id"] = repo_id
+    data["revision"] = revision
+    emit_json(data, json_out)
