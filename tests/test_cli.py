@@ -148,3 +148,19 @@ def test_bash_completion_completes_subcommands():
     env = dict(os.environ, _EQAT_COMPLETE="complete_bash", COMP_WORDS="eqat bl", COMP_CWORD="1")
     out = subprocess.run([sys.executable, "-m", "eqat_cli"], capture_output=True, text=True, env=env, timeout=60)
     assert "block-ap" in out.stdout.split()
+
+
+def test_one_progress_display_draws_library_counting_events():
+    """Library progress is one callback form, ``progress(event, info)``; the CLI draws counting
+    events on its one Rich display, one bar per key."""
+    from eqat_cli.cli.common import counting_bars, progress_bars
+    from eqat_cli.progress import count, from_counts
+
+    bars = progress_bars(transient=True, disable=True)
+    cb = counting_bars(bars, key=lambda e, i: (e, i["label"]), describe=lambda e, i: f"{i['label']} ({e})")
+    count(cb, "ppl", "wikitext2", 0, 4)
+    count(cb, "ppl", "wikitext2", 3, 4)
+    from_counts(cb)("task", "piqa", 1, 2)  # the (stage, label, done, total) form of eqat_cli.benchmark
+    tasks = {t.description: (t.completed, t.total) for t in bars.tasks}
+    assert tasks == {"wikitext2 (ppl)": (3, 4), "piqa (task)": (1, 2)}
+    count(None, "ppl", "x", 1, 1)  # no callback: nothing happens

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    AT_LEAST_1, BITS, GROUP, BackendOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, emit_json,
+    AT_LEAST_1, BITS, GROUP, BackendOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, counting_bars, emit_json,
+    progress_bars,
 )
 
 
@@ -49,20 +50,12 @@ def bench_cmd(
 
 
 def _run(p: Any) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from eqat_cli.benchmark import run
+    from eqat_cli.progress import from_counts
 
-    bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
-    ids: dict[str, Any] = {}
-
-    def progress(stage: str, label: str, done: int, total: int) -> None:
-        if stage not in ids:
-            ids[stage] = bars.add_task(label, total=total)
-        bars.update(ids[stage], description=f"{stage}: {label}", completed=done, total=total)
+    bars = progress_bars(transient=True)
+    progress = counting_bars(bars, key=lambda event, info: event,
+                             describe=lambda event, info: f"{event}: {info['label']}")
 
     m = p.shapes.model
     console.print(
@@ -76,7 +69,7 @@ def _run(p: Any) -> dict:
 
         transformers.utils.logging.disable_progress_bar()
     with bars:
-        return run(p, progress)
+        return run(p, from_counts(progress))
 
 
 def _mib(n: Optional[float]) -> str:

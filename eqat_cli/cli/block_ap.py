@@ -9,7 +9,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, POSITIVE, BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt,
-    ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json,
+    ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
 )
 
 
@@ -17,15 +17,7 @@ class _LiveProgress:
     """Renders Block-AP progress events with Rich: blocks, steps, losses, elapsed/remaining."""
 
     def __init__(self, n_blocks_hint: int = 0):
-        from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, transient=False,
-        )
+        self.progress = progress_bars(eta=True, info=True)
         self.blocks = self.progress.add_task("blocks", total=n_blocks_hint or None, info="")
         self.steps = None
 

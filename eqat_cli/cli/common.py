@@ -289,6 +289,43 @@ def emit_json(obj: Any, target: Optional[Path]) -> None:
         console.print(f"wrote {target}")
 
 
+# ---------------------------------------------------------------------- progress
+
+
+def progress_bars(*, eta: bool = False, info: bool = False, columns: tuple = (), transient: bool = False,
+                  disable: bool = False) -> Any:
+    """The CLI's one Rich progress display, on the shared console (stderr).
+
+    Each bar shows its description and the bar, then ``columns`` if given, else done/total and
+    the elapsed time, plus the time remaining with ``eta`` and the task's ``info`` field with
+    ``info`` (tasks must then be added with ``info=...``). Library functions report through
+    :class:`eqat_cli.progress.Progress`; a command turns those events into bars on this display.
+    """
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    if not columns:
+        columns = (MofNCompleteColumn(), TimeElapsedColumn()) + ((TimeRemainingColumn(),) if eta else ())
+        columns += (TextColumn("{task.fields[info]}"),) if info else ()
+    return Progress(TextColumn("{task.description}"), BarColumn(), *columns, console=console,
+                    transient=transient, disable=disable)
+
+
+def counting_bars(bars: Any, key: Callable[[str, dict], Any], describe: Callable[[str, dict], str]):
+    """A library progress callback that draws counting events (``label``, ``done``, ``total``) on
+    ``bars``: one bar per ``key(event, info)``, its description ``describe(event, info)``."""
+    ids: dict = {}
+
+    def progress(event: str, info: dict) -> None:
+        k = key(event, info)
+        if k not in ids:
+            ids[k] = bars.add_task(describe(event, info), total=info["total"])
+        bars.update(ids[k], description=describe(event, info), completed=info["done"], total=info["total"])
+
+    return progress
+
+
 # ---------------------------------------------------------------------- option aliases
 
 ModelArg = Annotated[

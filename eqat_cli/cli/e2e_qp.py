@@ -8,7 +8,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, Range,
-    SeedOpt, TrustRemoteCodeOpt, console, emit_json,
+    SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
 )
 
 
@@ -61,8 +61,6 @@ def e2e_qp_cmd(
 
     Example: [bold]eqat e2e-qp out/w2g64 --dataset c4 --seqlen 1024 --samples 512 -o out/w2g64-e2e[/]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from eqat_cli.errors import BadInputError
     from eqat_cli.models import resolve
     from eqat_cli.train.e2e_qp import LOSSES, E2EConfig, init_distributed, run_e2e_qp, world
@@ -125,8 +123,7 @@ def e2e_qp_cmd(
         console.print(f"E2E-QP ({loss}) on {dev} x{ws}: {len(train)} train / {len(val)} val examples "
                       f"of {seqlen} tokens, lr {cfg.resolved_lr(bits):g}, global batch {global_batch} "
                       f"({ws} x {micro} x {accum} accumulation)")
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=rank != 0)
+    bar = progress_bars(eta=True, info=True, disable=rank != 0)
     task = bar.add_task("E2E-QP", total=None, info="")
 
     def progress(event, info):

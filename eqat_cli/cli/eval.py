@@ -16,7 +16,9 @@ from eqat_cli.cli.common import (
     Range,
     TrustRemoteCodeOpt,
     console,
+    counting_bars,
     emit_json,
+    progress_bars,
 )
 
 
@@ -56,26 +58,15 @@ def eval_cmd(
 
 
 def _run(cfg: Any, plans: list) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from eqat_cli.eval.runner import run_eval
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bar replaces "Loading weights"
-    bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
-    ids: dict[tuple[str, str], Any] = {}
-
-    def progress(stage: str, label: str, done: int, total: int) -> None:
-        key = (stage, label)
-        if key not in ids:
-            what = {"load": "loading", "ppl": "windows", "task": "requests"}[stage]
-            ids[key] = bars.add_task(f"{label} ({what})", total=total)
-        bars.update(ids[key], completed=done, total=total)
-
+    bars = progress_bars(transient=True)
+    what = {"load": "loading", "ppl": "windows", "task": "requests"}
+    progress = counting_bars(bars, key=lambda event, info: (event, info["label"]),
+                             describe=lambda event, info: f"{info['label']} ({what[event]})")
     console.print(f"evaluating [bold]{cfg.model}[/]")
     with bars:
         return run_eval(cfg, plans, progress)

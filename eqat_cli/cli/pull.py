@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from eqat_cli.cli.common import JsonOpt, console, emit_json
+from eqat_cli.cli.common import JsonOpt, console, emit_json, progress_bars
 
 
 def rich_tqdm_class(progress: Any) -> type:
@@ -96,10 +96,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
         from eqat_cli.errors import BadInputError
 
         raise BadInputError(f"--revision {revision!r} is not a branch, tag or commit")
-    from rich.progress import (
-        BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import DownloadColumn, ProgressColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.text import Text
 
     from eqat_cli.formats.detect import inspect_path
@@ -122,10 +119,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
         def render(self, task):
             return super().render(task) if task.fields.get("unit") == "B" else Text("")
 
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), AmountColumn(), SpeedColumn(),
-        TimeRemainingColumn(), console=console, transient=False, disable=not show_progress,
-    )
+    progress = progress_bars(columns=(AmountColumn(), SpeedColumn(), TimeRemainingColumn()), disable=not show_progress)
     with progress:
         path = download(
             repo_id, revision=revision, local_dir=str(local_dir) if local_dir else None,
