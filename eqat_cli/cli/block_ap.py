@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -105,12 +106,11 @@ def block_ap_cmd(
 
     from eqat_cli.device import pick_device
     from eqat_cli.errors import BadInputError
-    from eqat_cli.models import classify, load_tokenizer, local_path
     from eqat_cli.fsutil import check_output
     from eqat_cli.readers import check_full_precision_model, preflight_model
     from eqat_cli.quant.primitives import check_bits, effective_group
     from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
-    from eqat_cli.train.calib import check_tokenizer, load_calibration
+    from eqat_cli.train.calib import calibration_for
 
     check_bits(bits)
     if group != -1:
@@ -126,15 +126,8 @@ def block_ap_cmd(
     )
     check_output(output, overwrite)
     preflight_model(model)
-    if calib is not None:
-        c = load_calibration(calib)
-        path = local_path(classify(model))
-        tok = load_tokenizer(path)
-        check_tokenizer(c, tok, str(calib))
-    else:
-        from eqat_cli.cli.calibrate import make_calibration
-
-        c, tok, path = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+    with console.status(f"reading and tokenizing {dataset}...") if dataset is not None else nullcontext():
+        c, tok, path = calibration_for(model, calib, dataset, samples, seqlen, val_samples, seed, data_dir)
     check_full_precision_model(path)
     dev = pick_device(device)
     console.print(

@@ -16,21 +16,6 @@ DatasetOpt = Annotated[
 ]
 
 
-def make_calibration(model: str, dataset: str, samples: int, seqlen: int, val_samples: int, seed: int, data_dir):
-    """Shared by `calibrate` and `block-ap --dataset`: returns (calibration, tokenizer, model dir)."""
-    from eqat_cli.data import read_corpus
-    from eqat_cli.models import classify, load_tokenizer, local_path
-    from eqat_cli.train.calib import build_windows
-
-    path = local_path(classify(model))
-    tok = load_tokenizer(path)
-    with console.status(f"reading and tokenizing {dataset}..."):
-        docs = read_corpus(dataset, "train", data_dir)
-        calib = build_windows(docs, tok, samples, seqlen, val_samples, seed, source=dataset)
-    calib.meta["model"] = model
-    return calib, tok, path
-
-
 def calibrate_cmd(
     model: ModelArg,
     dataset: DatasetOpt,
@@ -50,11 +35,12 @@ def calibrate_cmd(
     """
     from eqat_cli.fsutil import check_output
     from eqat_cli.readers import preflight_model
-    from eqat_cli.train.calib import save_calibration
+    from eqat_cli.train.calib import calibrate, save_calibration
 
     check_output(output, overwrite, kind="file")
     preflight_model(model)
-    calib, _, _ = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+    with console.status(f"reading and tokenizing {dataset}..."):
+        calib, _, _ = calibrate(model, dataset, samples, seqlen, val_samples, seed, data_dir)
     save_calibration(calib, output)
     console.print(
         f"wrote {output}: {samples} train + {val_samples} validation windows of {seqlen} tokens "

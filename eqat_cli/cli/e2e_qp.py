@@ -67,6 +67,7 @@ def e2e_qp_cmd(
 
     from eqat_cli.fsutil import check_output
     from eqat_cli.readers import preflight_model, read_jsonl
+    from eqat_cli.train.sft_data import training_examples
 
     if data_format not in ("pt", "instruct"):
         raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
@@ -101,20 +102,7 @@ def e2e_qp_cmd(
             raise BadInputError(f"{model} does not record the model it was quantized from; pass --teacher MODEL "
                                 f"(its full-precision source) or use --loss ntp")
         teacher_model = load_teacher(spec, lm.model, device)
-    if data_format == "pt":
-        from eqat_cli.data import read_corpus
-        from eqat_cli.train.calib import build_windows
-        from eqat_cli.train.sft_data import from_windows
-
-        docs = read_corpus(dataset, "train", data_dir)
-        w = build_windows(docs, lm.tokenizer, samples, seqlen, val_samples, seed, source=dataset)
-        train, val = from_windows(w.train, w.meta), from_windows(w.val, w.meta)
-    else:
-        from eqat_cli.train.sft_data import load_instruct
-
-        ex = load_instruct(dataset, lm.tokenizer, seqlen, limit=samples + val_samples)
-        k = len(ex) - min(val_samples, len(ex) // 2)
-        train, val = ex.subset(slice(None, k)), ex.subset(slice(k, None))
+    train, val = training_examples(dataset, lm.tokenizer, data_format, samples, seqlen, val_samples, seed, data_dir)
     dev = next(lm.model.parameters()).device
     eqat_meta.setdefault("bits", bits)
     eqat_meta.setdefault("group_size", lm.quant["group_size"])
