@@ -314,9 +314,9 @@ def test_bad_input(case, world, tmp_path, monkeypatch):
 
 
 def test_at_least_40_cases_over_every_command():
-    from eqat_cli.cli.app import COMMAND_MODULES
+    from eqat_cli.cli.app import COMMANDS
 
-    commands = [m.replace("_", "-") for m in COMMAND_MODULES]
+    commands = [name for name, _, _ in COMMANDS]
     covered = {next(cmd for cmd in commands if c.id.startswith(cmd + "-")) for c in CASES}
     assert len(CASES) >= 40 and covered == set(commands)
     assert len({c.id for c in CASES}) == len(CASES)
@@ -334,16 +334,19 @@ def test_existing_output_is_untouched(world, tmp_path):
 
 
 def test_every_numeric_option_declares_a_range():
-    """The generic mechanism: each int/float option carries a ``Range`` (see eqat_cli/cli/common.py)."""
-    from eqat_cli.cli.app import build_app
+    """The generic mechanism: each int/float option carries a ``Range`` (see eqat_cli/cli/common.py),
+    checked by ``EqatCommand`` before the command runs: every built-in command is one."""
+    import typer
 
-    app = build_app()
+    from eqat_cli.cli.app import COMMANDS, build_app
+    from eqat_cli.cli.common import EqatCommand, numeric_options
+
+    group = typer.main.get_command(build_app())
     seen = 0
-    for info in app.registered_commands:
-        options = getattr(info.callback, "__eqat_options__", None)
-        assert options is not None, f"{info.name} is not wrapped by @guarded"
-        for opt in options:
-            assert opt.declared, f"eqat {info.name} {opt.flag}: numeric option without a Range(...)"
+    for name, fn, _ in COMMANDS:
+        assert isinstance(group.commands[name], EqatCommand), f"eqat {name} does not check its Ranges"
+        for opt in numeric_options(fn):
+            assert opt.declared, f"eqat {name} {opt.flag}: numeric option without a Range(...)"
             seen += 1
     assert seen >= 40
 

@@ -228,6 +228,25 @@ def test_corpus_too_short_says_how_many():
         build_windows(TEXT[:2], tiny_tokenizer(), 100, 512, 4, 0, source="tiny")
 
 
+def test_calibration_for_a_file_or_on_the_fly(llama_dir, tmp_path):
+    """Block-AP's windows come from one library call: a calibration file, or a corpus tokenized on
+    the fly exactly as `eqat calibrate` would (same seed, same windows)."""
+    from eqat_cli.train.calib import calibrate, calibration_for
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT))
+    made, tok, path = calibrate(str(llama_dir), str(corpus), 6, 32, 2, 3)
+    assert made.train.shape == (6, 32) and made.val.shape == (2, 32) and made.meta["model"] == str(llama_dir)
+    assert path == llama_dir
+    fly, _, _ = calibration_for(str(llama_dir), dataset=str(corpus), samples=6, seqlen=32, val_samples=2, seed=3)
+    assert torch.equal(fly.train, made.train) and torch.equal(fly.val, made.val)
+    save_calibration(made, tmp_path / "c.safetensors")
+    got, tok2, _ = calibration_for(str(llama_dir), tmp_path / "c.safetensors")
+    assert torch.equal(got.train, made.train) and len(tok2) == len(tok)
+    with pytest.raises(BadInputError, match="exactly one of --calib"):
+        calibration_for(str(llama_dir))
+
+
 def test_other_tokenizer_refused(tmp_path, smollm2_dir):
     from eqat_cli.models import load_tokenizer
 

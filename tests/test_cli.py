@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from eqat_cli import __version__
-from eqat_cli.cli.app import COMMAND_MODULES, build_app
+from eqat_cli.cli.app import COMMANDS as TABLE, build_app
 from eqat_cli.cli.completions import OUT_DIR, SHELLS, generate
 
 runner = CliRunner()
@@ -24,7 +24,7 @@ def test_help_lists_every_command():
     assert res.exit_code == 0
     for cmd in COMMANDS:
         assert cmd in res.output
-    assert len(COMMAND_MODULES) == len(COMMANDS)
+    assert [name for name, _, _ in TABLE] == COMMANDS
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -64,22 +64,57 @@ def test_plugins_shows_three_architectures_and_two_backends(tmp_path):
     assert all(a["source"] for a in data["architectures"])
 
 
+def _app_with(fn):
+    """The eqat app plus one command added the way a plugin adds it (plain ``@app.command``)."""
+    app = build_app()
+    app.command("boom")(fn)
+    return app
+
+
 def test_known_error_is_one_line_exit_2_and_debug_shows_traceback(tmp_path, monkeypatch):
-    from eqat_cli.cli.common import guarded
+    """Errors are mapped in the group's main(), once for every command, plugin commands included."""
     from eqat_cli.errors import BadInputError
 
-    @guarded
     def boom():
-        raise BadInputError(f"model not found: {tmp_path / 'nope'}")
+        raise BadInputError(f"model not found: {tmp_path / 'nope'}", hint="check the path")
 
-    import typer
-
-    with pytest.raises(typer.Exit) as ei:
-        boom()
-    assert ei.value.exit_code == 2
+    monkeypatch.delenv("EQAT_DEBUG", raising=False)
+    res = runner.invoke(_app_with(boom), ["boom"], prog_name="eqat")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert lines == [f"error: model not found: {tmp_path / 'nope'} (hint: check the path)"]
     monkeypatch.setenv("EQAT_DEBUG", "1")
-    with pytest.raises(BadInputError):
-        boom()
+    res = runner.invoke(_app_with(boom), ["boom"], prog_name="eqat")
+    assert isinstance(res.exception, BadInputError) and "error:" not in res.output
+
+
+@pytest.mark.parametrize("exc, code, line", [
+    (OSError(28, "No space left on device", "/x/model.safetensors"), 1,
+     "error: disk full while writing /x/model.safetensors"),
+    (OSError(5, "Input/output error", "/x/a"), 1, "error: Input/output error (/x/a)"),
+    (ModuleNotFoundError("no module", name="gptqmodel"), 2,
+     "error: missing optional dependency: gptqmodel (hint: pip install gptqmodel)"),
+    (KeyboardInterrupt(), 130, "interrupted: finished work is kept; re-run to resume"),
+])
+def test_failures_map_to_one_line_and_exit_code(exc, code, line, monkeypatch):
+    def boom():
+        raise exc
+
+    monkeypatch.delenv("EQAT_DEBUG", raising=False)
+    res = runner.invoke(_app_with(boom), ["boom"], prog_name="eqat")
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == code and len(lines) == 1 and lines[0].startswith(line), res.output
+    assert "Traceback" not in res.output
+
+
+def test_unknown_exception_is_not_hidden(monkeypatch):
+    """A bug is not an `error:` line: it propagates with its traceback."""
+    def boom():
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.delenv("EQAT_DEBUG", raising=False)
+    res = runner.invoke(_app_with(boom), ["boom"], prog_name="eqat")
+    assert isinstance(res.exception, ZeroDivisionError) and "error:" not in res.output
 
 
 def test_bad_path_via_cli_is_one_line_exit_2(tmp_path):
@@ -113,3 +148,19 @@ def test_bash_completion_completes_subcommands():
     env = dict(os.environ, _EQAT_COMPLETE="complete_bash", COMP_WORDS="eqat bl", COMP_CWORD="1")
     out = subprocess.run([sys.executable, "-m", "eqat_cli"], capture_output=True, text=True, env=env, timeout=60)
     assert "block-ap" in out.stdout.split()
+
+
+def test_one_progress_display_draws_library_counting_events():
+    """Library progress is one callback form, ``progress(event, info)``; the CLI draws counting
+    events on its one Rich display, one bar per key."""
+    from eqat_cli.cli.common import counting_bars, progress_bars
+    from eqat_cli.progress import count, from_counts
+
+    bars = progress_bars(transient=True, disable=True)
+    cb = counting_bars(bars, key=lambda e, i: (e, i["label"]), describe=lambda e, i: f"{i['label']} ({e})")
+    count(cb, "ppl", "wikitext2", 0, 4)
+    count(cb, "ppl", "wikitext2", 3, 4)
+    from_counts(cb)("task", "piqa", 1, 2)  # the (stage, label, done, total) form of eqat_cli.benchmark
+    tasks = {t.description: (t.completed, t.total) for t in bars.tasks}
+    assert tasks == {"wikitext2 (ppl)": (3, 4), "piqa (task)": (1, 2)}
+    count(None, "ppl", "x", 1, 1)  # no callback: nothing happens

@@ -414,3 +414,27 @@ def test_cli_rejects_full_precision_and_bad_options(tmp_path, fp_dir):
     r = _cli(["e2e-qp", str(fp_dir), "--dataset", "c4", "--global-batch", "6", "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "multiple of --batch-size" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_training_examples_pt_and_instruct(tmp_path):
+    """E2E-QP's data in one library call: windows drawn on the fly (pt) or an instruction file
+    whose last examples are held out (instruct)."""
+    from eqat_cli.train.sft_data import training_examples
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT))
+    tok = tiny_tokenizer()
+    train_ex, val_ex = training_examples(str(corpus), tok, "pt", samples=8, seqlen=32, val_samples=4, seed=0)
+    from eqat_cli.data import read_corpus
+
+    w = build_windows(read_corpus(str(corpus)), tok, 8, 32, 4, 0, source=str(corpus))
+    assert len(train_ex) == 8 and len(val_ex) == 4
+    assert torch.equal(torch.stack(train_ex.input_ids), w.train) and torch.equal(torch.stack(val_ex.input_ids), w.val)
+    p = tmp_path / "sft.jsonl"
+    p.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i} said"}) + "\n" for i in range(10)))
+    train_ex, val_ex = training_examples(str(p), tok, "instruct", samples=5, seqlen=512, val_samples=3)
+    first8 = load_instruct(p, tok, 512).input_ids[:8]  # the first 8 examples, the last 3 held out
+    assert len(train_ex) == 5 and len(val_ex) == 3
+    assert all(torch.equal(a, b) for a, b in zip(train_ex.input_ids + val_ex.input_ids, first8))
+    with pytest.raises(BadInputError, match="--format must be pt or instruct"):
+        training_examples(str(p), tok, "chat")

@@ -183,8 +183,12 @@ def test_perplexity_matches_direct_computation(model, tokenizer, fake_data_dir):
     assert res.ppl == pytest.approx(reference_ppl(model, ids, seqlen), rel=1e-5)
     assert res.nll == pytest.approx(math.log(res.ppl))
     # --limit takes the first windows; batching does not change the numbers.
-    lim = perplexity(model, tokenizer, corpus, seqlen=seqlen, limit=3, batch_size=2)
+    events = []
+    lim = perplexity(model, tokenizer, corpus, seqlen=seqlen, limit=3, batch_size=2,
+                     progress=lambda event, info: events.append((event, info)))
     assert lim.windows == 3
+    # Progress in the library's one form: ("ppl", {label, done, total}) per batch.
+    assert events == [("ppl", {"label": "wikitext2", "done": d, "total": 3}) for d in (0, 2, 3)]
     assert lim.ppl == pytest.approx(reference_ppl(model, ids, seqlen, limit=3), rel=1e-5)
 
 
@@ -357,7 +361,7 @@ def test_local_tasks_score_like_an_independent_scorer(model, tokenizer, fake_dat
     plans = plan_tasks(["piqa", "arc_easy", "hellaswag"], fake_data_dir)
     seen = []
     results = zeroshot(model, tokenizer, plans, fake_data_dir, batch_size=2, log_samples=True,
-                       progress=lambda key, done, total: seen.append((key, done, total)))
+                       progress=lambda event, info: seen.append((info["label"], info["done"], info["total"])))
     by_key = {r.key: r for r in results}
     assert set(by_key) == {"piqa", "arc_easy", "hellaswag_local"}
     assert "llama.cpp" in by_key["hellaswag_local"].note

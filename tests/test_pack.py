@@ -281,6 +281,24 @@ def test_gguf_refuses_what_q4_1_cannot_hold(tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
+def test_pack_model_is_a_library_function(tiny_src, tmp_path):
+    """`eqat pack` is one library call: it reports progress through the callback, never prints."""
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.pack import normalize_format, pack_model
+
+    assert normalize_format("GPTQ-v2") == "gptq_v2" and normalize_format("native") == "eqat"
+    with pytest.raises(BadInputError, match="unknown format"):
+        pack_model(str(tiny_src["dir"]), "awq", tmp_path / "x")
+    events = []
+    summary = pack_model(str(tiny_src["dir"]), "gptq-v2", tmp_path / "out",
+                         progress=lambda event, info: events.append((event, info)))
+    label = str(tiny_src["dir"])
+    assert events == [("load", {"label": label, "done": 0, "total": 1}),
+                      ("load", {"label": label, "done": 1, "total": 1})]
+    assert summary["format"] == "gptq_v2" and summary["output"] == str(tmp_path / "out")
+    assert summary["source"]["bits"] == 4 and (tmp_path / "out" / "config.json").exists()
+
+
 def test_pack_refuses_overwrite_unless_asked(tiny_src, tmp_path):
     out = tmp_path / "o"
     assert invoke("pack", tiny_src["dir"], "--format", "fp16", "-o", out).exit_code == 0

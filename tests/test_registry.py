@@ -76,8 +76,12 @@ def test_hook_register_datasets(registered):
 
 
 def test_hook_register_commands(registered):
+    from typing import Annotated
+
     import typer
     from typer.testing import CliRunner
+
+    from eqat_cli.cli.common import EqatCommand, Range
 
     class MyCmd:
         @hookimpl
@@ -86,11 +90,28 @@ def test_hook_register_commands(registered):
             def hello():
                 typer.echo("hello from a plugin")
 
+            @app.command("fails")
+            def fails():
+                raise UnsupportedError("a plugin's refusal")
+
+            @app.command("checked", cls=EqatCommand)
+            def checked(n: Annotated[int, typer.Option("--n", help="How many."), Range(ge=1)] = 1):
+                typer.echo(f"n={n}")
+
     registered(MyCmd(), "my-cmd")
     from eqat_cli.cli.app import build_app
 
     res = CliRunner().invoke(build_app(), ["hello"])
     assert res.exit_code == 0 and "hello from a plugin" in res.output
+    # A plugin command's errors are mapped like a built-in's: one line, exit 2.
+    res = CliRunner().invoke(build_app(), ["fails"], env={"EQAT_DEBUG": ""})
+    assert res.exit_code == 2 and res.output.strip() == "error: a plugin's refusal"
+    # With cls=EqatCommand its options are range-checked (and --help shows the range).
+    res = CliRunner().invoke(build_app(), ["checked", "--n", "0"], env={"EQAT_DEBUG": ""})
+    assert res.exit_code == 2 and res.output.strip() == "error: --n must be >= 1, got 0"
+    res = CliRunner().invoke(build_app(), ["checked", "--n", "3"])
+    assert res.exit_code == 0 and res.output.strip() == "n=3"
+    assert "(allowed: >= 1)" in CliRunner().invoke(build_app(), ["checked", "--help"]).output
 
 
 def test_every_hook_has_a_test():

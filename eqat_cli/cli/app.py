@@ -1,4 +1,5 @@
-"""The ``eqat`` command: a thin Typer app. Each subcommand lives in its own module."""
+"""The ``eqat`` command: a thin Typer app. Each command is a module-level function in its own
+module, registered here, in :data:`COMMANDS`; plugins add theirs through ``register_commands``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli import __version__
-from eqat_cli.cli import common
+from eqat_cli.cli import bench, block_ap, calibrate, common, e2e_qp, pack, plugins, pull
+from eqat_cli.cli import eval as eval_
 
 HELP = """EfficientQAT for everyone: quantize LLMs to 2-4 bits, evaluate, pack and serve them.
 
@@ -28,16 +30,25 @@ shows the traceback); disk full or an I/O error is exit code 1, Ctrl-C 130, and 
 is kept for a resume in every case.
 """
 
-# Modules that each add one command (kept in help order).
-COMMAND_MODULES = (
-    "calibrate",
-    "block_ap",
-    "e2e_qp",
-    "pack",
-    "eval",
-    "pull",
-    "bench",
-    "plugins",
+# The built-in commands, in help order: (name, function, help). ``help`` is the line shown in
+# ``eqat --help``; ``eqat NAME --help`` shows it followed by the function's docstring.
+COMMANDS = (
+    ("calibrate", calibrate.calibrate_cmd,
+     "Tokenize a corpus into random calibration windows (safetensors + metadata)."),
+    ("block-ap", block_ap.block_ap_cmd,
+     "Block-AP: train each decoder block's quantization to reproduce the full-precision block (MSE)."),
+    ("e2e-qp", e2e_qp.e2e_qp_cmd,
+     "E2E-QP: train step sizes end to end (codes stay frozen), by distillation or next-token loss."),
+    ("pack", pack.pack_cmd,
+     "Write a quantized model as eqat native, GPTQ v1/v2, dense fp16, or GGUF."),
+    ("eval", eval_.eval_cmd,
+     "Measure perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval)."),
+    ("pull", pull.pull_cmd,
+     "Download a model (resumable), then print its format, bits, group and size."),
+    ("bench", bench.bench_cmd,
+     "Benchmark quantized layers against dense ones (median and spread of several runs)."),
+    ("plugins", plugins.plugins_cmd,
+     "List registered architectures, kernel backends and data sets, with their sources."),
 )
 
 
@@ -48,7 +59,7 @@ def _version(value: bool):
 
 
 def build_app() -> typer.Typer:
-    import importlib
+    import inspect
 
     app = typer.Typer(
         name="eqat",
@@ -69,8 +80,9 @@ def build_app() -> typer.Typer:
     ):
         """EfficientQAT toolkit."""
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"eqat_cli.cli.{name}").register(app)
+    for name, fn, help_line in COMMANDS:
+        details = (inspect.getdoc(fn) or "").strip()
+        app.command(name, cls=common.EqatCommand, help=f"{help_line}\n\n{details}" if details else help_line)(fn)
 
     # Plugins may add commands; built-in plugins load through the same path.
     try:
@@ -81,8 +93,13 @@ def build_app() -> typer.Typer:
         if common.debug_enabled():
             raise
         common.console.print(f"[yellow]warning:[/] plugins not loaded: {e}")
+    for info in app.registered_commands:  # before typer builds the options: their help shows the Range
+        if isinstance(info.cls, type) and issubclass(info.cls, common.EqatCommand):
+            common.numeric_options(info.callback)
     return app
 
 
 def main() -> None:
+    """The console script ``eqat``. Errors are mapped to one line and an exit code in
+    :meth:`common.OneLineErrorsGroup.main`, which this call, and ``CliRunner``, run."""
     build_app()(prog_name="eqat")

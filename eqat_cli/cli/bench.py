@@ -7,67 +7,55 @@ from typing import Annotated, Any, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    AT_LEAST_1, BITS, GROUP, BackendOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, emit_json, guarded,
+    AT_LEAST_1, BITS, GROUP, BackendOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, counting_bars, emit_json,
+    progress_bars,
 )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("bench")
-    @guarded
-    def bench_cmd(
-        bits: Annotated[int, typer.Option("--bits", "-b", help="Weight bits: 2, 3, 4 or 8."), BITS] = 2,
-        group: Annotated[int, typer.Option("--group", "-g", help="Group size; -1 = per-channel."), GROUP] = 64,
-        shapes: Annotated[str, typer.Option("--shapes", help="llama-2-7b, llama-3-8b, or a model spec (directory, Hub id, .gguf, alias 'smollm2'): its layer shapes, plus end-to-end generation.")] = "llama-2-7b",
-        backend: BackendOpt = "auto",
-        prefill_tokens: Annotated[int, typer.Option("--prefill-tokens", help="Rows of the prefill batch (decode is 1 row)."), AT_LEAST_1] = 512,
-        repeats: Annotated[Optional[int], typer.Option("--repeats", help="Timed runs per figure (default: 10 for layers, 3 for generation).", show_default=False), Range(ge=2)] = None,
-        new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per end-to-end run."), AT_LEAST_1] = 32,
-        threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).", show_default=False), AT_LEAST_1] = None,
-        device: DeviceOpt = "auto",
-        trust_remote_code: TrustRemoteCodeOpt = False,
-        json_out: JsonOpt = None,
-    ):
-        """Benchmark quantized layers against dense ones (median and spread of several runs).
+def bench_cmd(
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Weight bits: 2, 3, 4 or 8."), BITS] = 2,
+    group: Annotated[int, typer.Option("--group", "-g", help="Group size; -1 = per-channel."), GROUP] = 64,
+    shapes: Annotated[str, typer.Option("--shapes", help="llama-2-7b, llama-3-8b, or a model spec (directory, Hub id, .gguf, alias 'smollm2'): its layer shapes, plus end-to-end generation.")] = "llama-2-7b",
+    backend: BackendOpt = "auto",
+    prefill_tokens: Annotated[int, typer.Option("--prefill-tokens", help="Rows of the prefill batch (decode is 1 row)."), AT_LEAST_1] = 512,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Timed runs per figure (default: 10 for layers, 3 for generation).", show_default=False), Range(ge=2)] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per end-to-end run."), AT_LEAST_1] = 32,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).", show_default=False), AT_LEAST_1] = None,
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = None,
+):
+    """For each distinct linear shape of the model: latency of the packed layer (random weights,
+    min-max quantized, run by the selected backend) vs the dense layer (fp32 on CPU) at batch
+    1 and a prefill batch, and the weight bytes of each. With a model spec, also greedy
+    generation tokens/s and memory of the full-precision model vs the quantized one.
 
-        For each distinct linear shape of the model: latency of the packed layer (random weights,
-        min-max quantized, run by the selected backend) vs the dense layer (fp32 on CPU) at batch
-        1 and a prefill batch, and the weight bytes of each. With a model spec, also greedy
-        generation tokens/s and memory of the full-precision model vs the quantized one.
+    Example: [bold]eqat bench --bits 2 --group 64 --shapes llama-2-7b[/]
 
-        Example: [bold]eqat bench --bits 2 --group 64 --shapes llama-2-7b[/]
+    Example: [bold]eqat bench --shapes smollm2 --json bench.json[/]
+    """
+    from eqat_cli.benchmark import BenchConfig, plan
 
-        Example: [bold]eqat bench --shapes smollm2 --json bench.json[/]
-        """
-        from eqat_cli.benchmark import BenchConfig, plan
-
-        cfg = BenchConfig(
-            bits=bits, group=group, shapes=shapes, backend=backend, device=device,
-            prefill_tokens=prefill_tokens, repeats=repeats, new_tokens=new_tokens,
-            threads=threads,
-        )
-        cfg.validate()  # fail fast, before torch and the model are loaded
-        p = plan(cfg)
-        console.print(f"backend: {p.backend['why']}", soft_wrap=True)
-        results = _run(p)
-        render(results)
-        emit_json(results, json_out)
+    cfg = BenchConfig(
+        bits=bits, group=group, shapes=shapes, backend=backend, device=device,
+        prefill_tokens=prefill_tokens, repeats=repeats, new_tokens=new_tokens,
+        threads=threads,
+    )
+    cfg.validate()  # fail fast, before torch and the model are loaded
+    p = plan(cfg)
+    console.print(f"backend: {p.backend['why']}", soft_wrap=True)
+    results = _run(p)
+    render(results)
+    emit_json(results, json_out)
 
 
 def _run(p: Any) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from eqat_cli.benchmark import run
+    from eqat_cli.progress import from_counts
 
-    bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
-    ids: dict[str, Any] = {}
-
-    def progress(stage: str, label: str, done: int, total: int) -> None:
-        if stage not in ids:
-            ids[stage] = bars.add_task(label, total=total)
-        bars.update(ids[stage], description=f"{stage}: {label}", completed=done, total=total)
+    bars = progress_bars(transient=True)
+    progress = counting_bars(bars, key=lambda event, info: event,
+                             describe=lambda event, info: f"{event}: {info['label']}")
 
     m = p.shapes.model
     console.print(
@@ -81,7 +69,7 @@ def _run(p: Any) -> dict:
 
         transformers.utils.logging.disable_progress_bar()
     with bars:
-        return run(p, progress)
+        return run(p, from_counts(progress))
 
 
 def _mib(n: Optional[float]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, POSITIVE, BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt,
-    ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, guarded,
+    ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
 )
 
 
@@ -17,15 +18,7 @@ class _LiveProgress:
     """Renders Block-AP progress events with Rich: blocks, steps, losses, elapsed/remaining."""
 
     def __init__(self, n_blocks_hint: int = 0):
-        from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, transient=False,
-        )
+        self.progress = progress_bars(eta=True, info=True)
         self.blocks = self.progress.add_task("blocks", total=n_blocks_hint or None, info="")
         self.steps = None
 
@@ -59,118 +52,105 @@ class _LiveProgress:
                      info=f"loss {info['loss_before']:.3g} -> {info['loss_after']:.3g}")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("block-ap")
-    @guarded
-    def block_ap_cmd(
-        model: ModelArg,
-        output: OutOpt,
-        bits: BitsOpt = 2,
-        group: GroupOpt = 64,
-        calib: Annotated[Optional[Path], typer.Option("--calib", help="File from `eqat calibrate`.")] = None,
-        dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibrate on the fly from this corpus.")] = None,
-        samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset)."), AT_LEAST_1] = 4096,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset)."), Range(ge=2)] = 2048,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset)."), NON_NEGATIVE] = 64,
-        recipe: Annotated[str, typer.Option("--recipe", help="default: eqat's recipe (min-max start; learned rounding offsets and clipping factors; signed gradient descent, linear schedule; 4 epochs of batch 8; each block ends at its best validation state); paper: EfficientQAT's Block-AP exactly as published (min-max start; weights, step sizes and zero points with AdamW; 2 epochs of batch 2; cosine). Options given below override the recipe's values.")] = "default",
-        epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs per block (default: 4; paper: 2); 0 with --steps 0 = the starting point only (RTN, or GPTQ with --init gptq)."), NON_NEGATIVE] = None,
-        steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per block, instead of --epochs (0 = use --epochs)."), NON_NEGATIVE] = None,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows per step (default 8; paper 2)."), AT_LEAST_1] = None,
-        param: Annotated[Optional[str], typer.Option("--param", help="What trains: round (rounding offsets in [-0.5, 0.5] and per-group clipping factors; default) or free (weights, step sizes, zero points; paper).")] = None,
-        optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sign (signed gradient descent; default) or adamw (paper).")] = None,
-        schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule: linear to 0 (default) or cosine to lr/--min-lr-factor (paper).")] = None,
-        quant_lr: Annotated[Optional[float], typer.Option("--quant-lr", help="Learning rate of step sizes and zero points (free; paper 1e-4) or clipping factors (round; default 1/steps)."), LEARNING_RATE] = None,
-        weight_lr: Annotated[Optional[float], typer.Option("--weight-lr", help="Learning rate of weights (free; paper 2e-5 at 2 bits, else 1e-5) or rounding offsets (round; default 1/steps)."), LEARNING_RATE] = None,
-        min_lr_factor: Annotated[float, typer.Option("--min-lr-factor", help="Cosine schedule ends at lr / this."), Range(ge=1)] = 20.0,
-        weight_decay: Annotated[float, typer.Option("--wd", help="AdamW weight decay."), NON_NEGATIVE] = 0.0,
-        max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset)."), POSITIVE] = None,
-        early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off)."), NON_NEGATIVE] = 0,
-        loss: Annotated[Optional[str], typer.Option("--loss", help="Block reconstruction loss: mse (default and paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = None,
-        init: Annotated[Optional[str], typer.Option("--init", help="Starting point of each block: minmax (round-to-nearest; default and paper) or gptq (GPTQ codes from the block's own inputs). With no training steps this is the result: RTN or GPTQ.")] = None,
-        gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
-        best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
-        keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
-        precision: Annotated[str, typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling).")] = "auto",
-        offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
-        resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
-        seed: SeedOpt = 2,
-        device: DeviceOpt = "auto",
-        data_dir: DataDirOpt = None,
-        overwrite: OverwriteOpt = False,
-        trust_remote_code: TrustRemoteCodeOpt = False,
-        json_out: JsonOpt = None,
-    ):
-        """Block-AP: train each decoder block's quantization to reproduce the full-precision block (MSE).
+def block_ap_cmd(
+    model: ModelArg,
+    output: OutOpt,
+    bits: BitsOpt = 2,
+    group: GroupOpt = 64,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="File from `eqat calibrate`.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibrate on the fly from this corpus.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset)."), AT_LEAST_1] = 4096,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset)."), Range(ge=2)] = 2048,
+    val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset)."), NON_NEGATIVE] = 64,
+    recipe: Annotated[str, typer.Option("--recipe", help="default: eqat's recipe (min-max start; learned rounding offsets and clipping factors; signed gradient descent, linear schedule; 4 epochs of batch 8; each block ends at its best validation state); paper: EfficientQAT's Block-AP exactly as published (min-max start; weights, step sizes and zero points with AdamW; 2 epochs of batch 2; cosine). Options given below override the recipe's values.")] = "default",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs per block (default: 4; paper: 2); 0 with --steps 0 = the starting point only (RTN, or GPTQ with --init gptq)."), NON_NEGATIVE] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per block, instead of --epochs (0 = use --epochs)."), NON_NEGATIVE] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows per step (default 8; paper 2)."), AT_LEAST_1] = None,
+    param: Annotated[Optional[str], typer.Option("--param", help="What trains: round (rounding offsets in [-0.5, 0.5] and per-group clipping factors; default) or free (weights, step sizes, zero points; paper).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sign (signed gradient descent; default) or adamw (paper).")] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule: linear to 0 (default) or cosine to lr/--min-lr-factor (paper).")] = None,
+    quant_lr: Annotated[Optional[float], typer.Option("--quant-lr", help="Learning rate of step sizes and zero points (free; paper 1e-4) or clipping factors (round; default 1/steps)."), LEARNING_RATE] = None,
+    weight_lr: Annotated[Optional[float], typer.Option("--weight-lr", help="Learning rate of weights (free; paper 2e-5 at 2 bits, else 1e-5) or rounding offsets (round; default 1/steps)."), LEARNING_RATE] = None,
+    min_lr_factor: Annotated[float, typer.Option("--min-lr-factor", help="Cosine schedule ends at lr / this."), Range(ge=1)] = 20.0,
+    weight_decay: Annotated[float, typer.Option("--wd", help="AdamW weight decay."), NON_NEGATIVE] = 0.0,
+    max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping (off if unset)."), POSITIVE] = None,
+    early_stop: Annotated[int, typer.Option("--early-stop", help="Stop a block after N epochs without val improvement (0 = off)."), NON_NEGATIVE] = 0,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="Block reconstruction loss: mse (default and paper) or token-rel (each token's error relative to its size; for models with massive activations).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Starting point of each block: minmax (round-to-nearest; default and paper) or gptq (GPTQ codes from the block's own inputs). With no training steps this is the result: RTN or GPTQ.")] = None,
+    gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
+    best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
+    keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling).")] = "auto",
+    offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
+    seed: SeedOpt = 2,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = None,
+):
+    """Blocks are trained in order; the inputs of block i are the outputs of the quantized blocks
+    before it. Only one block is on the accelerator; weights are read block by block. A finished
+    block is never lost: re-running the same command resumes after the last finished block.
 
-        Blocks are trained in order; the inputs of block i are the outputs of the quantized blocks
-        before it. Only one block is on the accelerator; weights are read block by block. A finished
-        block is never lost: re-running the same command resumes after the last finished block.
+    Examples:
 
-        Examples:
+      [bold]eqat block-ap meta-llama/Llama-2-70b --bits 2 --group 64 --calib calib.safetensors -o out/70b-w2g64[/]
 
-          [bold]eqat block-ap meta-llama/Llama-2-70b --bits 2 --group 64 --calib calib.safetensors -o out/70b-w2g64[/]
+      [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
 
-          [bold]eqat block-ap smollm2 --bits 4 --group 64 --epochs 0 --dataset c4 -o out/rtn-w4g64[/]  (RTN baseline)
+      [bold]eqat block-ap smollm2 --bits 2 --group 64 --recipe paper --dataset c4 -o out/w2g64-paper[/]  (the paper's recipe)
+    """
+    from rich.table import Table
 
-          [bold]eqat block-ap smollm2 --bits 2 --group 64 --recipe paper --dataset c4 -o out/w2g64-paper[/]  (the paper's recipe)
-        """
-        from rich.table import Table
+    from eqat_cli.device import pick_device
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.fsutil import check_output
+    from eqat_cli.readers import check_full_precision_model, preflight_model
+    from eqat_cli.quant.primitives import check_bits, effective_group
+    from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
+    from eqat_cli.train.calib import calibration_for
 
-        from eqat_cli.device import pick_device
-        from eqat_cli.errors import BadInputError
-        from eqat_cli.models import classify, load_tokenizer, local_path
-        from eqat_cli.fsutil import check_output
-        from eqat_cli.readers import check_full_precision_model, preflight_model
-        from eqat_cli.quant.primitives import check_bits, effective_group
-        from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
-        from eqat_cli.train.calib import check_tokenizer, load_calibration
-
-        check_bits(bits)
-        if group != -1:
-            effective_group(group, 1 << 30)
-        if (calib is None) == (dataset is None):
-            raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
-        given = dict(epochs=epochs, steps=steps, batch_size=batch_size, param=param, optimizer=optimizer,
-                     schedule=schedule, quant_lr=quant_lr, weight_lr=weight_lr, loss=loss, init=init, best=best)
-        cfg = BlockAPConfig.from_recipe(  # validates every option before any data is loaded
-            recipe, bits=bits, group_size=group, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
-            gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, **{k: v for k, v in given.items() if v is not None},
+    check_bits(bits)
+    if group != -1:
+        effective_group(group, 1 << 30)
+    if (calib is None) == (dataset is None):
+        raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
+    given = dict(epochs=epochs, steps=steps, batch_size=batch_size, param=param, optimizer=optimizer,
+                 schedule=schedule, quant_lr=quant_lr, weight_lr=weight_lr, loss=loss, init=init, best=best)
+    cfg = BlockAPConfig.from_recipe(  # validates every option before any data is loaded
+        recipe, bits=bits, group_size=group, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
+        gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, **{k: v for k, v in given.items() if v is not None},
+    )
+    check_output(output, overwrite)
+    preflight_model(model)
+    with console.status(f"reading and tokenizing {dataset}...") if dataset is not None else nullcontext():
+        c, tok, path = calibration_for(model, calib, dataset, samples, seqlen, val_samples, seed, data_dir)
+    check_full_precision_model(path)
+    dev = pick_device(device)
+    console.print(
+        f"Block-AP w{bits}g{group} on {dev}: {tuple(c.train.shape)} train / {tuple(c.val.shape)} val windows, "
+        f"recipe {cfg.recipe}: {cfg.total_steps(c.train.shape[0])} steps of {cfg.batch_size} per block, "
+        f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
+    )
+    with _LiveProgress() as live:
+        result = run_block_ap(
+            path, tok, c.train, c.val, cfg, output, dev,
+            extra_meta={"calibration": c.meta, "source_model": model},
+            progress=live, resume=resume, overwrite=overwrite,
         )
-        check_output(output, overwrite)
-        preflight_model(model)
-        if calib is not None:
-            c = load_calibration(calib)
-            path = local_path(classify(model))
-            tok = load_tokenizer(path)
-            check_tokenizer(c, tok, str(calib))
-        else:
-            from eqat_cli.cli.calibrate import make_calibration
-
-            c, tok, path = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
-        check_full_precision_model(path)
-        dev = pick_device(device)
-        console.print(
-            f"Block-AP w{bits}g{group} on {dev}: {tuple(c.train.shape)} train / {tuple(c.val.shape)} val windows, "
-            f"recipe {cfg.recipe}: {cfg.total_steps(c.train.shape[0])} steps of {cfg.batch_size} per block, "
-            f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
-        )
-        with _LiveProgress() as live:
-            result = run_block_ap(
-                path, tok, c.train, c.val, cfg, output, dev,
-                extra_meta={"calibration": c.meta, "source_model": model},
-                progress=live, resume=resume, overwrite=overwrite,
-            )
-        t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
-        for col in ("block", f"val {cfg.loss} before ({'RTN' if cfg.init == 'minmax' else 'GPTQ'})", f"val {cfg.loss} after", "time (s)"):
-            t.add_column(col, justify="right")
-        for b in result.blocks:
-            t.add_row(str(b["block"]), f"{b['loss_before']:.4g}", f"{b['loss_after']:.4g}", f"{b['seconds']:.1f}")
-        console.print(t)
-        if result.resumed_from:
-            console.print(f"resumed after {result.resumed_from} finished blocks")
-        console.print(f"peak RSS {result.peak_rss_mb:,.0f} MiB")
-        console.print(f"wrote {result.output}  next: [bold]eqat eval {result.output} --ppl wikitext2[/]")
-        emit_json({"output": str(result.output), "seconds": result.seconds, "resumed_from": result.resumed_from,
-                   "peak_rss_mb": result.peak_rss_mb,
-                   "config": cfg.to_json(), "blocks": result.blocks}, json_out)
+    t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
+    for col in ("block", f"val {cfg.loss} before ({'RTN' if cfg.init == 'minmax' else 'GPTQ'})", f"val {cfg.loss} after", "time (s)"):
+        t.add_column(col, justify="right")
+    for b in result.blocks:
+        t.add_row(str(b["block"]), f"{b['loss_before']:.4g}", f"{b['loss_after']:.4g}", f"{b['seconds']:.1f}")
+    console.print(t)
+    if result.resumed_from:
+        console.print(f"resumed after {result.resumed_from} finished blocks")
+    console.print(f"peak RSS {result.peak_rss_mb:,.0f} MiB")
+    console.print(f"wrote {result.output}  next: [bold]eqat eval {result.output} --ppl wikitext2[/]")
+    emit_json({"output": str(result.output), "seconds": result.seconds, "resumed_from": result.resumed_from,
+               "peak_rss_mb": result.peak_rss_mb,
+               "config": cfg.to_json(), "blocks": result.blocks}, json_out)

@@ -8,7 +8,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, NON_NEGATIVE, DataDirOpt, ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt,
-    console, guarded,
+    console,
 )
 
 DatasetOpt = Annotated[
@@ -16,52 +16,33 @@ DatasetOpt = Annotated[
 ]
 
 
-def make_calibration(model: str, dataset: str, samples: int, seqlen: int, val_samples: int, seed: int, data_dir):
-    """Shared by `calibrate` and `block-ap --dataset`: returns (calibration, tokenizer, model dir)."""
-    from eqat_cli.data import read_corpus
-    from eqat_cli.models import classify, load_tokenizer, local_path
-    from eqat_cli.train.calib import build_windows
+def calibrate_cmd(
+    model: ModelArg,
+    dataset: DatasetOpt,
+    output: OutOpt,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Training windows."), AT_LEAST_1] = 4096,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window."), Range(ge=2)] = 2048,
+    val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (disjoint text)."), NON_NEGATIVE] = 64,
+    seed: SeedOpt = 2,
+    data_dir: DataDirOpt = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+):
+    """Train and validation windows come from disjoint parts of the corpus; the same seed gives
+    the same file. The file records the tokenizer, and Block-AP refuses it for another model.
 
-    path = local_path(classify(model))
-    tok = load_tokenizer(path)
+    Example: [bold]eqat calibrate smollm2 --dataset c4 --samples 128 --seqlen 512 -o calib.safetensors[/]
+    """
+    from eqat_cli.fsutil import check_output
+    from eqat_cli.readers import preflight_model
+    from eqat_cli.train.calib import calibrate, save_calibration
+
+    check_output(output, overwrite, kind="file")
+    preflight_model(model)
     with console.status(f"reading and tokenizing {dataset}..."):
-        docs = read_corpus(dataset, "train", data_dir)
-        calib = build_windows(docs, tok, samples, seqlen, val_samples, seed, source=dataset)
-    calib.meta["model"] = model
-    return calib, tok, path
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("calibrate")
-    @guarded
-    def calibrate_cmd(
-        model: ModelArg,
-        dataset: DatasetOpt,
-        output: OutOpt,
-        samples: Annotated[int, typer.Option("--samples", "-n", help="Training windows."), AT_LEAST_1] = 4096,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window."), Range(ge=2)] = 2048,
-        val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (disjoint text)."), NON_NEGATIVE] = 64,
-        seed: SeedOpt = 2,
-        data_dir: DataDirOpt = None,
-        overwrite: OverwriteOpt = False,
-        trust_remote_code: TrustRemoteCodeOpt = False,
-    ):
-        """Tokenize a corpus into random calibration windows (safetensors + metadata).
-
-        Train and validation windows come from disjoint parts of the corpus; the same seed gives
-        the same file. The file records the tokenizer, and Block-AP refuses it for another model.
-
-        Example: [bold]eqat calibrate smollm2 --dataset c4 --samples 128 --seqlen 512 -o calib.safetensors[/]
-        """
-        from eqat_cli.fsutil import check_output
-        from eqat_cli.readers import preflight_model
-        from eqat_cli.train.calib import save_calibration
-
-        check_output(output, overwrite, kind="file")
-        preflight_model(model)
-        calib, _, _ = make_calibration(model, dataset, samples, seqlen, val_samples, seed, data_dir)
-        save_calibration(calib, output)
-        console.print(
-            f"wrote {output}: {samples} train + {val_samples} validation windows of {seqlen} tokens "
-            f"from {dataset} (seed {seed}, tokenizer {calib.meta['tokenizer_fingerprint']})"
-        )
+        calib, _, _ = calibrate(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+    save_calibration(calib, output)
+    console.print(
+        f"wrote {output}: {samples} train + {val_samples} validation windows of {seqlen} tokens "
+        f"from {dataset} (seed {seed}, tokenizer {calib.meta['tokenizer_fingerprint']})"
+    )

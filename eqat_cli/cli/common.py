@@ -1,4 +1,6 @@
-"""Shared CLI pieces: one Rich console (stderr), option aliases, error -> exit-code mapping.
+"""Shared CLI pieces: one Rich console (stderr), option aliases and ranges, the class of the
+built-in commands, and the ``eqat`` group whose ``main`` maps every error to one line and an exit
+code.
 
 Nothing here imports torch: ``eqat --help`` must stay fast.
 """
@@ -6,7 +8,7 @@ Nothing here imports torch: ``eqat --help`` must stay fast.
 from __future__ import annotations
 
 import errno
-import functools
+import inspect
 import json
 import math
 import os
@@ -17,12 +19,16 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.20 vendors click
     from typer._click.exceptions import ClickException as _ClickException
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException as _ClickException
+try:  # typer >= 0.20 has its own Exit and Abort
+    from typer.exceptions import Abort as _Abort, Exit as _Exit
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort as _Abort, Exit as _Exit
 
 from eqat_cli.errors import EqatError
 
@@ -51,7 +57,7 @@ def fail(message: str, hint: str | None = None, code: int = 2) -> "typer.Exit":
 
 @dataclass(frozen=True)
 class Range:
-    """The allowed values of a numeric option, checked by :func:`guarded` before the command runs.
+    """The allowed values of a numeric option, checked by :class:`EqatCommand` before the command runs.
 
     Put it in the option's ``Annotated`` metadata, next to ``typer.Option``::
 
@@ -149,74 +155,101 @@ def check_options(options: list[_NumericOption], values: dict) -> None:
             raise BadInputError(f"{opt.flag} must be {opt.range.describe()}, got {v!r}")
 
 
-# ---------------------------------------------------------------------- the command guard
+# ---------------------------------------------------------------------- built-in commands
+
+
+class EqatCommand(TyperCommand):
+    """The class of the built-in commands (``cli/app.py`` registers them with it; a plugin command
+    may pass ``cls=EqatCommand`` to get the same). Before the command function runs, its numeric
+    options are checked against their :class:`Range` and ``--trust-remote-code`` is applied for
+    the duration of the command. Errors are not handled here but in :meth:`OneLineErrorsGroup.main`.
+    """
+
+    def invoke(self, ctx):
+        from eqat_cli import readers
+
+        # --trust-remote-code allows; without it EQAT_TRUST_REMOTE_CODE=1 decides (default: refuse)
+        readers.set_trust_remote_code(True if ctx.params.get("trust_remote_code") else None)
+        try:
+            check_options(numeric_options(inspect.unwrap(self.callback)), ctx.params)
+            return super().invoke(ctx)
+        finally:
+            readers.set_trust_remote_code(None)
+
+
+# ---------------------------------------------------------------------- errors -> one line
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def guarded(fn: Callable) -> Callable:
-    """Wrap a command: validate its numeric options, apply ``--trust-remote-code``, and map known
-    failures to one line (``EQAT_DEBUG=1`` re-raises).
+class _CommandFailed(Exception):
+    """Carries the exception of a command, unchanged, past typer's own ``main`` (which turns
+    Ctrl-C and a broken pipe into silent exits) to :meth:`OneLineErrorsGroup.main`."""
 
-    Exit codes: 2 for bad input (:class:`EqatError`, an option out of range, an unreadable
-    file), 1 for a failure of the machine (disk full, I/O error), 130 for Ctrl-C. Finished work
-    (Block-AP blocks, E2E-QP steps) is kept in every case; re-running the command resumes.
+    def __init__(self, error: BaseException):
+        super().__init__(repr(error))
+        self.error = error
+
+
+def _report(e: BaseException) -> Optional[int]:
+    """Print a known failure as one line on stderr and return its exit code; None for anything
+    else (a bug: it propagates with its traceback), and for everything but Ctrl-C when
+    ``EQAT_DEBUG=1``.
+
+    Exit codes: 2 for bad input (:class:`EqatError`, an option out of range, an unreadable file,
+    a missing optional dependency), 1 for a failure of the machine (disk full, I/O error), 130 for
+    Ctrl-C. Finished work (Block-AP blocks, E2E-QP steps) is kept in every case; re-running the
+    command resumes.
     """
-    options = numeric_options(fn)
+    if isinstance(e, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/]: finished work is kept; re-run to resume")
+        return 130
+    if debug_enabled():
+        return None
+    if isinstance(e, EqatError):
+        return fail(str(e), e.hint, e.exit_code).exit_code
+    if isinstance(e, ModuleNotFoundError):
+        return fail(f"missing optional dependency: {e.name}", f"pip install {e.name}").exit_code
+    if isinstance(e, OSError) and e.errno is not None:
+        if e.errno in DISK_FULL_ERRNOS:
+            from eqat_cli.errors import DiskFullError
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from eqat_cli import readers
-
-        # --trust-remote-code allows; without it EQAT_TRUST_REMOTE_CODE=1 decides (default: refuse)
-        readers.set_trust_remote_code(True if kwargs.get("trust_remote_code") else None)
-        try:
-            check_options(options, kwargs)
-            return fn(*args, **kwargs)
-        except EqatError as e:
-            if debug_enabled():
-                raise
-            raise fail(str(e), e.hint, e.exit_code) from None
-        except ModuleNotFoundError as e:
-            if debug_enabled():
-                raise
-            raise fail(
-                f"missing optional dependency: {e.name}", f"pip install {e.name}"
-            ) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: finished work is kept; re-run to resume")
-            raise typer.Exit(130) from None
-        except OSError as e:
-            if debug_enabled() or e.errno is None:
-                raise
-            if e.errno in DISK_FULL_ERRNOS:
-                from eqat_cli.errors import DiskFullError
-
-                err = DiskFullError(e.filename or "the output", os.strerror(e.errno).lower())
-                raise fail(str(err), err.hint, err.exit_code) from None
-            where = f" ({e.filename})" if e.filename else ""
-            raise fail(f"{os.strerror(e.errno)}{where}", code=1) from None
-        finally:
-            readers.set_trust_remote_code(None)
-
-    wrapper.__eqat_options__ = options
-    return wrapper
-
-
-# ---------------------------------------------------------------------- usage errors
+            err = DiskFullError(e.filename or "the output", os.strerror(e.errno).lower())
+            return fail(str(err), err.hint, err.exit_code).exit_code
+        where = f" ({e.filename})" if e.filename else ""
+        return fail(f"{os.strerror(e.errno)}{where}", code=1).exit_code
+    return None
 
 
 class OneLineErrorsGroup(TyperGroup):
-    """The ``eqat`` group: usage errors (unknown option, bad type, missing argument) are one
-    ``error:`` line with exit code 2, like every other refused input."""
+    """The ``eqat`` group, and the one place where errors become one ``error:`` line and an exit
+    code: usage errors (unknown option, bad type, missing argument; exit 2) and the failures of
+    every command, built-in or added by a plugin (see :func:`_report`). ``EQAT_DEBUG=1`` shows
+    the traceback instead.
+
+    The console script (``cli.app.main``) and ``typer.testing.CliRunner`` both enter through
+    :meth:`main`, so tests exercise exactly this mapping. With ``standalone_mode=False`` nothing
+    is mapped: exceptions reach the caller as they were raised.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (_ClickException, _Exit, _Abort):
+            raise  # usage errors and typer's own exits: handled in main()
+        except (Exception, KeyboardInterrupt) as e:
+            raise _CommandFailed(e) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        failed: Optional[BaseException] = None
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CommandFailed as e:
+            failed = e.error
         except _ClickException as e:
+            if not standalone_mode:
+                raise
             if type(e).__name__ == "NoArgsIsHelpError":  # `eqat` alone: the help, as before
                 if e.format_message().strip():
                     e.show()
@@ -225,9 +258,18 @@ class OneLineErrorsGroup(TyperGroup):
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             fail(f"{e.format_message()}{where}", code=e.exit_code)
             sys.exit(e.exit_code)
-        except typer.Abort:
+        except _Abort:
+            if not standalone_mode:
+                raise
             console.print("aborted")
             sys.exit(1)
+        if failed is not None:
+            code = _report(failed) if standalone_mode else None
+            if code is None:
+                raise failed  # outside the except block: its own traceback, no chained carrier
+            sys.exit(code)
+        if not standalone_mode:
+            return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -245,6 +287,43 @@ def emit_json(obj: Any, target: Optional[Path]) -> None:
         with atomic_file(target) as tmp:
             tmp.write_text(text + "\n")
         console.print(f"wrote {target}")
+
+
+# ---------------------------------------------------------------------- progress
+
+
+def progress_bars(*, eta: bool = False, info: bool = False, columns: tuple = (), transient: bool = False,
+                  disable: bool = False) -> Any:
+    """The CLI's one Rich progress display, on the shared console (stderr).
+
+    Each bar shows its description and the bar, then ``columns`` if given, else done/total and
+    the elapsed time, plus the time remaining with ``eta`` and the task's ``info`` field with
+    ``info`` (tasks must then be added with ``info=...``). Library functions report through
+    :class:`eqat_cli.progress.Progress`; a command turns those events into bars on this display.
+    """
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    if not columns:
+        columns = (MofNCompleteColumn(), TimeElapsedColumn()) + ((TimeRemainingColumn(),) if eta else ())
+        columns += (TextColumn("{task.fields[info]}"),) if info else ()
+    return Progress(TextColumn("{task.description}"), BarColumn(), *columns, console=console,
+                    transient=transient, disable=disable)
+
+
+def counting_bars(bars: Any, key: Callable[[str, dict], Any], describe: Callable[[str, dict], str]):
+    """A library progress callback that draws counting events (``label``, ``done``, ``total``) on
+    ``bars``: one bar per ``key(event, info)``, its description ``describe(event, info)``."""
+    ids: dict = {}
+
+    def progress(event: str, info: dict) -> None:
+        k = key(event, info)
+        if k not in ids:
+            ids[k] = bars.add_task(describe(event, info), total=info["total"])
+        bars.update(ids[k], description=describe(event, info), completed=info["done"], total=info["total"])
+
+    return progress
 
 
 # ---------------------------------------------------------------------- option aliases

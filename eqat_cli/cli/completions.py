@@ -1,7 +1,11 @@
 """Generate the shell completion scripts kept in ``completions/`` (bash, zsh, fish).
 
 ``python -m eqat_cli.cli.completions`` rewrites them; ``tests/test_cli.py`` fails on drift.
-Uses only Typer's public surface: the ``--show-completion SHELL`` option through ``CliRunner``.
+Uses Typer's public surface: the ``--show-completion SHELL`` option through
+``typer.testing.CliRunner``, nothing from Typer's private modules. One caveat: with shellingham
+installed, Typer makes ``--show-completion`` a flag for the detected shell; the environment
+variable set below (the switch Typer's own tests use, not documented) makes it take the shell name,
+as it does without shellingham.
 """
 
 from __future__ import annotations

@@ -16,72 +16,57 @@ from eqat_cli.cli.common import (
     Range,
     TrustRemoteCodeOpt,
     console,
+    counting_bars,
     emit_json,
-    guarded,
+    progress_bars,
 )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("eval")
-    @guarded
-    def eval_cmd(
-        model: ModelArg,
-        ppl: Annotated[Optional[str], typer.Option("--ppl", help="Perplexity sets, e.g. wikitext2,c4.")] = None,
-        tasks: Annotated[Optional[str], typer.Option("--tasks", help="Zero-shot tasks, e.g. piqa,arc_easy,hellaswag.")] = None,
-        seqlen: Annotated[int, typer.Option("--seqlen", help="Perplexity context length."), Range(ge=2)] = 2048,
-        limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only N windows / examples."), AT_LEAST_1] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows / lm-eval requests per forward."), AT_LEAST_1] = 1,
-        device: DeviceOpt = "auto",
-        backend: BackendOpt = "auto",
-        data_dir: DataDirOpt = None,
-        trust_remote_code: TrustRemoteCodeOpt = False,
-        json_out: JsonOpt = None,
-    ):
-        """Measure perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval).
+def eval_cmd(
+    model: ModelArg,
+    ppl: Annotated[Optional[str], typer.Option("--ppl", help="Perplexity sets, e.g. wikitext2,c4.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Zero-shot tasks, e.g. piqa,arc_easy,hellaswag.")] = None,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Perplexity context length."), Range(ge=2)] = 2048,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only N windows / examples."), AT_LEAST_1] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows / lm-eval requests per forward."), AT_LEAST_1] = 1,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    data_dir: DataDirOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = None,
+):
+    """Perplexity sets: wikitext2, c4, or a .txt/.raw/.jsonl/.parquet file.
 
-        Perplexity sets: wikitext2, c4, or a .txt/.raw/.jsonl/.parquet file.
+    Tasks: piqa, arc_easy, hellaswag (local copies with --data-dir), or any lm-eval task.
 
-        Tasks: piqa, arc_easy, hellaswag (local copies with --data-dir), or any lm-eval task.
+    Example: [bold]eqat eval ./out --ppl wikitext2 --tasks piqa,arc_easy[/]
+    """
+    from eqat_cli.eval.runner import EvalConfig, split_list, validate
 
-        Example: [bold]eqat eval ./out --ppl wikitext2 --tasks piqa,arc_easy[/]
-        """
-        from eqat_cli.eval.runner import EvalConfig, split_list, validate
+    cfg = EvalConfig(
+        model=model, ppl=split_list(ppl), tasks=split_list(tasks), seqlen=seqlen,
+        limit=limit, batch_size=batch_size, device=device, backend=backend,
+        data_dir=data_dir,
+    )
+    from eqat_cli.readers import preflight_model
 
-        cfg = EvalConfig(
-            model=model, ppl=split_list(ppl), tasks=split_list(tasks), seqlen=seqlen,
-            limit=limit, batch_size=batch_size, device=device, backend=backend,
-            data_dir=data_dir,
-        )
-        from eqat_cli.readers import preflight_model
-
-        plans = validate(cfg)  # fail fast, before loading the model
-        preflight_model(model)
-        results = _run(cfg, plans)
-        render(results)
-        emit_json(results, json_out)
+    plans = validate(cfg)  # fail fast, before loading the model
+    preflight_model(model)
+    results = _run(cfg, plans)
+    render(results)
+    emit_json(results, json_out)
 
 
 def _run(cfg: Any, plans: list) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from eqat_cli.eval.runner import run_eval
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bar replaces "Loading weights"
-    bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
-    ids: dict[tuple[str, str], Any] = {}
-
-    def progress(stage: str, label: str, done: int, total: int) -> None:
-        key = (stage, label)
-        if key not in ids:
-            what = {"load": "loading", "ppl": "windows", "task": "requests"}[stage]
-            ids[key] = bars.add_task(f"{label} ({what})", total=total)
-        bars.update(ids[key], completed=done, total=total)
-
+    bars = progress_bars(transient=True)
+    what = {"load": "loading", "ppl": "windows", "task": "requests"}
+    progress = counting_bars(bars, key=lambda event, info: (event, info["label"]),
+                             describe=lambda event, info: f"{info['label']} ({what[event]})")
     console.print(f"evaluating [bold]{cfg.model}[/]")
     with bars:
         return run_eval(cfg, plans, progress)

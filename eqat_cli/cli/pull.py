@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from eqat_cli.cli.common import JsonOpt, console, emit_json, guarded
+from eqat_cli.cli.common import JsonOpt, console, emit_json, progress_bars
 
 
 def rich_tqdm_class(progress: Any) -> type:
@@ -96,10 +96,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
         from eqat_cli.errors import BadInputError
 
         raise BadInputError(f"--revision {revision!r} is not a branch, tag or commit")
-    from rich.progress import (
-        BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import DownloadColumn, ProgressColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.text import Text
 
     from eqat_cli.formats.detect import inspect_path
@@ -122,10 +119,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
         def render(self, task):
             return super().render(task) if task.fields.get("unit") == "B" else Text("")
 
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), AmountColumn(), SpeedColumn(),
-        TimeRemainingColumn(), console=console, transient=False, disable=not show_progress,
-    )
+    progress = progress_bars(columns=(AmountColumn(), SpeedColumn(), TimeRemainingColumn()), disable=not show_progress)
     with progress:
         path = download(
             repo_id, revision=revision, local_dir=str(local_dir) if local_dir else None,
@@ -134,38 +128,33 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
     return inspect_path(path)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("pull")
-    @guarded
-    def pull_cmd(
-        repo_id: Annotated[str, typer.Argument(help="Hub repo id, e.g. ChenMnZ/Llama-2-7b-EfficientQAT-w2g64.", show_default=False)],
-        revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
-        local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download here instead of the HF cache.")] = None,
-        json_out: JsonOpt = None,
-    ):
-        """Download a model (resumable), then print its format, bits, group and size.
+def pull_cmd(
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, e.g. ChenMnZ/Llama-2-7b-EfficientQAT-w2g64.", show_default=False)],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download here instead of the HF cache.")] = None,
+    json_out: JsonOpt = None,
+):
+    """Bits and group size are detected from the safetensors headers (tensor shapes), so
+    EfficientQAT releases without an eqat section in config.json are recognised too.
+    HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
 
-        Bits and group size are detected from the safetensors headers (tensor shapes), so
-        EfficientQAT releases without an eqat section in config.json are recognised too.
-        HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
+    Example: [bold]eqat pull ChenMnZ/Llama-2-7b-EfficientQAT-w2g64[/]
+    """
+    from rich.table import Table
 
-        Example: [bold]eqat pull ChenMnZ/Llama-2-7b-EfficientQAT-w2g64[/]
-        """
-        from rich.table import Table
-
-        info = pull(repo_id, revision, local_dir)
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
-        table.add_row("model", repo_id + (f" @ {revision}" if revision else ""))
-        table.add_row("path", info.path)
-        for key, value in info.summary_lines():
-            table.add_row(key, value)
-        console.print(table)
-        for note in info.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        console.print(f"next: [bold]{info.next_command()}[/]", soft_wrap=True)
-        data = info.to_dict()
-        data["repo_id"] = repo_id
-        data["revision"] = revision
-        emit_json(data, json_out)
+    info = pull(repo_id, revision, local_dir)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("model", repo_id + (f" @ {revision}" if revision else ""))
+    table.add_row("path", info.path)
+    for key, value in info.summary_lines():
+        table.add_row(key, value)
+    console.print(table)
+    for note in info.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"next: [bold]{info.next_command()}[/]", soft_wrap=True)
+    data = info.to_dict()
+    data["repo_id"] = repo_id
+    data["revision"] = revision
+    emit_json(data, json_out)

@@ -9,7 +9,8 @@ The reference code sums ``loss_i * seqlen`` and divides by ``n * seqlen``, so
 
     nll = mean_i(loss_i),    ppl = exp(nll).
 
-No Rich, no typer: progress is reported through a callback ``progress(done, total)``.
+No Rich, no typer: progress is reported through :class:`eqat_cli.progress.Progress` as
+``("ppl", {"label": set name, "done": windows scored, "total": windows})``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from eqat_cli.errors import BadInputError
-
-Progress = Optional[Callable[[int, int], None]]
+from eqat_cli.progress import Progress, count
 
 
 @dataclass
@@ -77,7 +77,8 @@ def window_losses(
     seqlen: int,
     limit: int | None = None,
     batch_size: int = 1,
-    progress: Progress = None,
+    progress: Optional[Progress] = None,
+    label: str = "",
 ) -> list[float]:
     """Mean next-token loss of each non-overlapping ``seqlen`` window of ``ids`` (1-D)."""
     if seqlen < 2:
@@ -96,8 +97,7 @@ def window_losses(
     device = _model_device(model)
     windows = ids[: n * seqlen].view(n, seqlen)
     losses: list[float] = []
-    if progress:
-        progress(0, n)
+    count(progress, "ppl", label, 0, n)
     for start in range(0, n, batch_size):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
@@ -108,8 +108,7 @@ def window_losses(
         ).view(batch.shape[0], seqlen - 1)
         losses.extend(loss.mean(dim=1).tolist())
         del logits, shift
-        if progress:
-            progress(len(losses), n)
+        count(progress, "ppl", label, len(losses), n)
     return losses
 
 
@@ -120,7 +119,7 @@ def perplexity(
     seqlen: int = 2048,
     limit: int | None = None,
     batch_size: int = 1,
-    progress: Progress = None,
+    progress: Optional[Progress] = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a :class:`eqat_cli.data.PplCorpus`."""
     t0 = time.perf_counter()
@@ -131,7 +130,7 @@ def perplexity(
         )
     max_tokens = corpus.max_windows * seqlen if corpus.max_windows else None
     ids = tokenize(tokenizer, corpus.text, max_tokens)
-    losses = window_losses(model, ids, seqlen, limit, batch_size, progress)
+    losses = window_losses(model, ids, seqlen, limit, batch_size, progress, corpus.name)
     # GPTQ: sum(loss_i * seqlen) / (n * seqlen)
     nll = sum(l * seqlen for l in losses) / (len(losses) * seqlen)
     return PerplexityResult(

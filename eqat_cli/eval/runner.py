@@ -9,12 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.progress import Progress, count
 
-# progress(stage, label, done, total); stage is "load", "ppl" or "task"
-EvalProgress = Optional[Callable[[str, str, int, int], None]]
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,12 @@ def bits_per_weight(model: Any, arch: Any, path: Optional[Path]) -> dict:
 # ---------------------------------------------------------------------- run
 
 
-def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: EvalProgress = None) -> dict:
-    """Load ``cfg.model``, measure perplexity and zero-shot accuracy; return the results dict."""
+def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[Progress] = None) -> dict:
+    """Load ``cfg.model``, measure perplexity and zero-shot accuracy; return the results dict.
+
+    Progress events count with ``label``/``done``/``total``: ``load`` (the model), ``ppl`` (windows
+    of one set), ``task`` (lm-eval requests of one task).
+    """
     import torch
 
     import eqat_cli
@@ -159,11 +162,9 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: EvalProgre
     t_start = time.perf_counter()
     if plans is None:
         plans = validate(cfg)
-    if progress:
-        progress("load", cfg.model, 0, 1)
+    count(progress, "load", cfg.model, 0, 1)
     loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend, require_arch=False)
-    if progress:
-        progress("load", cfg.model, 1, 1)
+    count(progress, "load", cfg.model, 1, 1)
     model, tok = loaded.model, loaded.tokenizer
     t_loaded = time.perf_counter()
     files = model_files(loaded)
@@ -188,17 +189,15 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: EvalProgre
     t0 = time.perf_counter()
     for name in cfg.ppl:
         corpus = perplexity_text(name, cfg.data_dir)
-        cb = (lambda d, t, _n=name: progress("ppl", _n, d, t)) if progress else None
-        res = perplexity(model, tok, corpus, cfg.seqlen, cfg.limit, cfg.batch_size, cb)
+        res = perplexity(model, tok, corpus, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
         out["perplexity"][name] = res.to_dict()
     t_ppl = time.perf_counter() - t0
     t0 = time.perf_counter()
     if plans:
         from eqat_cli.eval.zeroshot import zeroshot
 
-        cb = (lambda key, d, t: progress("task", key, d, t)) if progress else None
         with torch.no_grad():
-            for r in zeroshot(model, tok, plans, cfg.data_dir, cfg.limit, cfg.batch_size, cb):
+            for r in zeroshot(model, tok, plans, cfg.data_dir, cfg.limit, cfg.batch_size, progress):
                 out["zeroshot"][r.key] = r.to_dict()
     t_zs = time.perf_counter() - t0
     out["timing"] = {

@@ -13,7 +13,8 @@ Two task sources:
   load from their task folders only (fast); any other lm-eval task name needs lm-eval's full
   index (about 12 s).
 
-No Rich, no typer: progress goes through ``progress(task, done, total)``.
+No Rich, no typer: progress goes through :class:`eqat_cli.progress.Progress` as
+``("task", {"label": task key, "done": requests scored, "total": requests})``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from eqat_cli.progress import Progress, count
 from eqat_cli.errors import BadInputError, EqatError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -46,7 +48,6 @@ LOCAL_TASKS: dict[str, tuple[str, str, Optional[str]]] = {
 # user-facing name -> folder of lm-eval's standard task (loaded without the full index)
 STANDARD_TASK_DIRS = {"piqa": "piqa", "arc_easy": "arc", "hellaswag": "hellaswag"}
 
-TaskProgress = Optional[Callable[[str, int, int], None]]
 
 
 @dataclass
@@ -245,7 +246,7 @@ def run_task(
     plan: TaskPlan,
     data_dir: Optional[Path],
     limit: Optional[int] = None,
-    progress: TaskProgress = None,
+    progress: Optional[Progress] = None,
     log_samples: bool = False,
 ) -> list[TaskResult]:
     """Evaluate one planned task (a group or tag yields one result per sub-task)."""
@@ -277,7 +278,7 @@ def run_task(
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=1234)
-        lm.progress = (lambda d, t: progress(plan.key, d, t)) if progress else None
+        lm.progress = (lambda d, t: count(progress, "task", plan.key, d, t)) if progress else None
         try:
             out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=log_samples)
         finally:
@@ -319,7 +320,7 @@ def zeroshot(
     data_dir: Optional[Path] = None,
     limit: Optional[int] = None,
     batch_size: int = 1,
-    progress: TaskProgress = None,
+    progress: Optional[Progress] = None,
     log_samples: bool = False,
 ) -> list[TaskResult]:
     """Run every planned task on ``model``; results in plan order."""

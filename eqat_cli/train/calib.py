@@ -144,3 +144,52 @@ def check_tokenizer(calib: Calibration, tokenizer: Any, path: str) -> None:
             f"calibration file {path} was made with another tokenizer "
             f"({calib.meta.get('tokenizer') or want}); re-run `eqat calibrate` with this model"
         )
+
+
+def calibrate(
+    model: str,
+    dataset: str,
+    samples: int,
+    seqlen: int,
+    val_samples: int,
+    seed: int,
+    data_dir: str | Path | None = None,
+) -> tuple[Calibration, Any, Path]:
+    """Calibration windows drawn on the fly: ``dataset`` (a named set or a text file) tokenized
+    with ``model``'s tokenizer. ``eqat calibrate`` saves the result; ``eqat block-ap --dataset``
+    trains on it. Returns (windows, tokenizer, local model directory)."""
+    from eqat_cli.data import read_corpus
+    from eqat_cli.models import classify, load_tokenizer, local_path
+
+    path = local_path(classify(model))
+    tok = load_tokenizer(path)
+    docs = read_corpus(dataset, "train", data_dir)
+    calib = build_windows(docs, tok, samples, seqlen, val_samples, seed, source=dataset)
+    calib.meta["model"] = model
+    return calib, tok, path
+
+
+def calibration_for(
+    model: str,
+    calib: str | Path | None = None,
+    dataset: str | None = None,
+    samples: int = 4096,
+    seqlen: int = 2048,
+    val_samples: int = 64,
+    seed: int = 2,
+    data_dir: str | Path | None = None,
+) -> tuple[Calibration, Any, Path]:
+    """Block-AP's windows for ``model``: the file ``calib`` (made by ``eqat calibrate``; refused if
+    made with another tokenizer), or, without it, drawn on the fly from ``dataset`` by
+    :func:`calibrate`. Returns (windows, tokenizer, local model directory)."""
+    if calib is None:
+        if dataset is None:
+            raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
+        return calibrate(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+    from eqat_cli.models import classify, load_tokenizer, local_path
+
+    c = load_calibration(calib)
+    path = local_path(classify(model))
+    tok = load_tokenizer(path)
+    check_tokenizer(c, tok, str(calib))
+    return c, tok, path

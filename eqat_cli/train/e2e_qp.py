@@ -42,7 +42,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.progress import Progress, no_progress
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.train.amp import Amp
 from eqat_cli.train.sft_data import IGNORE, Examples
@@ -362,7 +363,7 @@ def run_e2e_qp(
     device: torch.device,
     bits: int,
     eqat_meta: dict,
-    progress: Callable[[str, dict], None] = lambda e, i: None,
+    progress: Progress = no_progress,
     resume: bool = True,
     overwrite: bool = False,
     teacher: torch.nn.Module | None = None,

@@ -179,3 +179,31 @@ def load_instruct(path: str | Path, tokenizer: Any, seqlen: int, limit: int | No
         raise BadInputError(f"{path}: no usable examples (prompts longer than --seqlen {seqlen}?)")
     return Examples(ids, labels, {"source": str(path), "format": "instruct", "examples": len(ids),
                                   "seqlen": seqlen, "tokens": sum(len(x) for x in ids)}, pad)
+
+
+def training_examples(
+    dataset: str,
+    tokenizer: Any,
+    data_format: str = "pt",
+    samples: int = 4096,
+    seqlen: int = 4096,
+    val_samples: int = 64,
+    seed: int = 2,
+    data_dir: str | Path | None = None,
+) -> tuple[Examples, Examples]:
+    """E2E-QP's (train, validation) examples. ``pt``: calibration windows drawn on the fly from
+    the corpus ``dataset`` (train and validation from disjoint text); ``instruct``: the first
+    ``samples + val_samples`` usable examples of the instruction file ``dataset``, the last
+    ``val_samples`` of them (at most half) held out."""
+    if data_format == "pt":
+        from eqat_cli.data import read_corpus
+        from eqat_cli.train.calib import build_windows
+
+        docs = read_corpus(dataset, "train", data_dir)
+        w = build_windows(docs, tokenizer, samples, seqlen, val_samples, seed, source=dataset)
+        return from_windows(w.train, w.meta), from_windows(w.val, w.meta)
+    if data_format != "instruct":
+        raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
+    ex = load_instruct(dataset, tokenizer, seqlen, limit=samples + val_samples)
+    k = len(ex) - min(val_samples, len(ex) // 2)
+    return ex.subset(slice(None, k)), ex.subset(slice(k, None))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
-
 from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
 
 LOSSES = ("mse", "token-rel")
 INITS = ("minmax", "gptq")
@@ -165,8 +164,3 @@ class NonFiniteLossError(EqatError):
     pass
 
 
-Progress = Callable[[str, dict], None]
-
-
-def no_progress(event: str, info: dict) -> None:
-    pass

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.progress import Progress
 from eqat_cli.train.block_ap.blockio import block_kwargs_cached, block_loss, eval_block_loss
-from eqat_cli.train.block_ap.config import BlockAPConfig, NonFiniteLossError, Progress
+from eqat_cli.train.block_ap.config import BlockAPConfig, NonFiniteLossError
 
 
 class SignSGD(torch.optim.Optimizer):
