@@ -486,7 +486,7 @@ class _Run:
     ws: int
     work: Path
     run_key: dict
-    progress: Callable[[str, dict], None]
+    progress: Progress
     state: _TrainState = field(default_factory=_TrainState)
     resumed_from: int = 0
     tokens: int = 0  # tokens trained on by this process since it started
