@@ -150,15 +150,18 @@ def test_rtn_block_ap_equals_per_layer_fake_quant(rtn_run):
     torch.testing.assert_close(b, a, rtol=0, atol=REL * float(a.abs().max()))
     assert json.loads((out / "config.json").read_text())["eqat"]["architecture"] == name
     # Block-AP ran each block with its own layer's mask and RoPE: every block's reported loss is
-    # MSE(packed block on the quantized chain, FP block on the FP chain), recomputed here.
+    # loss (the default recipe's token-rel) between the packed block on the quantized chain and the
+    # FP block on the FP chain, recomputed here.
+    from eqat_cli.train.block_ap.blockio import block_loss
+
     fp = build(TINY_CONFIGS[name]())
     with torch.no_grad():
         h_fp = h_q = arch.embed(fp)(calib.val)
         for i, (fp_block, q_block) in enumerate(zip(arch.layers(fp), arch.layers(packed))):
             h_fp = fp_block(h_fp, **arch.block_kwargs(fp, h_fp, i))
             h_q = q_block(h_q, **arch.block_kwargs(packed, h_q, i))
-            mse = float(torch.nn.functional.mse_loss(h_q, h_fp))
-            assert blocks[i]["loss_after"] == pytest.approx(mse, rel=1e-4), (name, i)
+            want = float(block_loss(h_q, h_fp, "token-rel"))
+            assert blocks[i]["loss_after"] == pytest.approx(want, rel=1e-4), (name, i)
 
 
 def test_pack_and_eval_round_trip(rtn_run):

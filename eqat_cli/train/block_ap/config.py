@@ -59,7 +59,7 @@ class BlockAPConfig:
     early_stop: int = 0
     seed: int = 2
     offload_to_disk: bool = False
-    loss: str = "mse"
+    loss: str = "token-rel"  # chosen on the C4 hold-out at 2/3/4 bits (docs/RESULTS.md, issue #13)
     init: str = "minmax"
     gptq_damp: float = 0.01
     best: str = "val"
