@@ -38,7 +38,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "default+e2e": (
         "e2e-qp",
         ["--dataset", "c4", "--samples", "{samples}", "--seqlen", "{seqlen}", "--val-samples", "8", "--loss", "kd",
-         "--global-batch", "8", "--lr", "1e-3", "--eval-steps", "2", "--no-gradient-checkpointing"],
+         "--global-batch", "8", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--eval-steps", "4",
+         "--no-gradient-checkpointing"],
     ),
     "autoround": ("autoround", ["--iters", "50", "--batch-size", "8"]),
 }
