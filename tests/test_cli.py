@@ -154,13 +154,13 @@ def test_one_progress_display_draws_library_counting_events():
     """Library progress is one callback form, ``progress(event, info)``; the CLI draws counting
     events on its one Rich display, one bar per key."""
     from eqat_cli.cli.common import counting_bars, progress_bars
-    from eqat_cli.progress import count, from_counts
+    from eqat_cli.progress import count
 
     bars = progress_bars(transient=True, disable=True)
     cb = counting_bars(bars, key=lambda e, i: (e, i["label"]), describe=lambda e, i: f"{i['label']} ({e})")
     count(cb, "ppl", "wikitext2", 0, 4)
     count(cb, "ppl", "wikitext2", 3, 4)
-    from_counts(cb)("task", "piqa", 1, 2)  # the (stage, label, done, total) form of eqat_cli.benchmark
+    count(cb, "task", "piqa", 1, 2)
     tasks = {t.description: (t.completed, t.total) for t in bars.tasks}
     assert tasks == {"wikitext2 (ppl)": (3, 4), "piqa (task)": (1, 2)}
     count(None, "ppl", "x", 1, 1)  # no callback: nothing happens
