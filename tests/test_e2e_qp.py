@@ -416,6 +416,29 @@ def test_cli_rejects_full_precision_and_bad_options(tmp_path, fp_dir):
     assert not (tmp_path / "o").exists()
 
 
+def test_library_prepares_the_run_from_a_model_spec(quant_dir, fp_dir, tmp_path):
+    """`eqat e2e-qp` is one library call: load the student and the teacher (the recorded source),
+    check the checkpoint, report what is about to run, train; it never prints."""
+    from eqat_cli.train.e2e_qp_runner import e2e_qp_from_spec
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(TEXT))
+    cfg = E2EConfig(global_batch=4, batch_size=2, gradient_checkpointing=False)
+    kw = dict(seqlen=32, samples=8, val_samples=2, device="cpu")
+    events = []
+    res = e2e_qp_from_spec(str(quant_dir), str(corpus), tmp_path / "o", cfg,
+                           progress=lambda event, info: events.append((event, info)), **kw)
+    assert events[0] == ("prepared", {"rank": 0, "world_size": 1, "device": "cpu", "loss": "kd", "train": 8, "val": 2,
+                                      "seqlen": 32, "lr": 2e-5, "global_batch": 4, "micro_batch": 2, "grad_accum": 2})
+    assert {e for e, _ in events} >= {"start", "step", "eval"}
+    assert (res.rank, res.world_size, res.steps) == (0, 1, 2) and (tmp_path / "o" / "last").is_dir()
+    with pytest.raises(BadInputError, match="the teacher must be full precision"):
+        e2e_qp_from_spec(str(quant_dir), str(corpus), tmp_path / "o2", cfg, teacher=str(quant_dir), **kw)
+    with pytest.raises(BadInputError, match="is not quantized; run `eqat block-ap` first"):
+        e2e_qp_from_spec(str(fp_dir), str(corpus), tmp_path / "o3", cfg, **kw)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
 def test_training_examples_pt_and_instruct(tmp_path):
     """E2E-QP's data in one library call: windows drawn on the fly (pt) or an instruction file
     whose last examples are held out (instruct)."""

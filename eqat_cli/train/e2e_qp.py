@@ -298,6 +298,8 @@ class E2EResult:
     global_batch: int = 0
     micro_batch: int = 0
     grad_accum: int = 0
+    world_size: int = 1  # processes that trained (torchrun)
+    rank: int = 0  # this process's rank
 
 
 def _enable_checkpointing(model) -> None:
@@ -389,7 +391,8 @@ def run_e2e_qp(
     _write_output(run, output, tokenizer, eqat_meta)
     st = run.state
     return E2EResult(output, st.step, st.history["train_loss"], st.history["val_loss"], st.best_val, seconds,
-                     run.tokens / max(seconds, 1e-9), run.resumed_from, cfg.global_batch, sched.micro, sched.accum)
+                     run.tokens / max(seconds, 1e-9), run.resumed_from, cfg.global_batch, sched.micro, sched.accum,
+                     world_size=ws, rank=rank)
 
 
 # ---------------------------------------------------------------------- the steps
