@@ -78,7 +78,9 @@ def test_only_scales_train_and_loss_drops(quant_dir, tmp_path):
 
     tr, va = data()
     before = evaluate_loss(resolve(str(quant_dir)).model, va, 2, torch.device("cpu"))
-    res, _ = train(quant_dir, tmp_path / "e2e", ntp(epochs=3, lr=5e-3, global_batch=2, warmup_ratio=0.0))
+    # fp32: the baseline held-out loss below must equal evaluate_loss's (fp32) to 1e-5
+    res, _ = train(quant_dir, tmp_path / "e2e", ntp(epochs=3, lr=5e-3, global_batch=2, warmup_ratio=0.0,
+                                                    precision="fp32"))
     after = evaluate_loss(resolve(str(res.output)).model, va, 2, torch.device("cpu"))
     assert after < before
     a, b = load_file(str(quant_dir / "model.safetensors")), load_file(str(res.output / "model.safetensors"))
@@ -319,6 +321,45 @@ def test_amp_choice_and_fp16_loss_scaling():
     amp.unscale_(opt)
     assert not amp.step(opt) and torch.equal(w, before) and amp.scaler.get_scale() < scale
     assert json.loads(json.dumps(amp.state_dict()))["scale"] == amp.scaler.get_scale()
+
+
+def test_torch_kernel_trains_through_an_autocast_matmul(quant_dir):
+    """While step sizes train under bf16 autocast, the torch kernel multiplies by the dequantized
+    weight in bf16 (the reference kernel's math, autocast); its step-size gradient stays close to
+    the fp32 streaming path's."""
+    from eqat_cli.models import resolve
+    from eqat_cli.quant.linear import PackedLinear
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
+
+    layer = next(m for m in resolve(str(quant_dir)).model.modules() if isinstance(m, PackedLinear))
+    layer.set_kernel(TORCH_KERNEL)
+    layer.start_training()
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+    def forward_backward(autocast):
+        layer.scales.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        (y.float() ** 2).sum().backward()
+        return y.detach(), layer.scales.grad.clone()
+
+    y32, g32 = forward_backward(False)
+    y16, g16 = forward_backward(True)
+    assert y32.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(y16, F.linear(x, layer.dequantize(torch.float32)))
+    assert float((y16.float() - y32).norm() / y32.norm()) < 0.02
+    assert float((g16 - g32).norm() / g32.norm()) < 0.05
+
+
+def test_precision_bf16_trains_and_is_recorded(quant_dir, tmp_path):
+    with pytest.raises(BadInputError, match="--precision must be one of"):
+        E2EConfig(precision="fp8")
+    res, _ = train(quant_dir, tmp_path / "bf16", ntp(epochs=3, lr=5e-3, global_batch=2, warmup_ratio=0.0,
+                                                    precision="bf16"))
+    assert res.val_loss[-1][1] < res.val_loss[0][1]
+    meta = json.loads((res.output / "config.json").read_text())["eqat"]["e2e_qp"]
+    assert meta["precision"] == "bf16" and meta["amp"] == "bf16"
 
 
 def _cli(args, nproc=None, env_extra=None, popen=False):

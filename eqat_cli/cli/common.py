@@ -346,6 +346,11 @@ JsonOpt = Annotated[
     typer.Option("--json", help="Write machine-readable results to FILE ('-' = stdout)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as "
+                 "AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling)."),
+]
 
 
 def backend_help(names: Optional[list[str]] = None) -> str:

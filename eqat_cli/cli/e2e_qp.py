@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, Range,
-    SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
+    AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt,
+    PrecisionOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
 )
 
 
@@ -67,6 +67,7 @@ def e2e_qp_cmd(
     save_steps: Annotated[int, typer.Option("--save-steps", help="Resume state every K steps."), AT_LEAST_1] = 50,
     train_zeros: Annotated[bool, typer.Option("--train-zeros", help="Also train zero points.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
+    precision: PrecisionOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last saved step.")] = True,
     seed: SeedOpt = 2,
     device: DeviceOpt = "auto",
@@ -87,7 +88,7 @@ def e2e_qp_cmd(
     cfg = E2EConfig(epochs=epochs, lr=lr, global_batch=global_batch, batch_size=batch_size,
                     warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
                     eval_steps=eval_steps, save_steps=save_steps, train_zeros=train_zeros,
-                    gradient_checkpointing=gradient_checkpointing, seed=seed, loss=loss)
+                    gradient_checkpointing=gradient_checkpointing, seed=seed, loss=loss, precision=precision)
     live = _LiveProgress(loss)
     try:
         res = e2e_qp_from_spec(model, dataset, output, cfg, data_format=data_format, teacher=teacher,
