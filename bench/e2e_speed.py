@@ -5,12 +5,14 @@ Times, on the same random token batch and the same machine, one after the other:
 * ``dense``: full-precision fp32 training step, every weight trained (AdamW), next-token loss;
 * ``e2e_ntp``: E2E-QP step on the packed model (RTN codes; step sizes train), next-token loss;
 * ``e2e_kd``: the same with ``--loss kd`` (the full-precision teacher alongside);
+* ``e2e_ntp_bf16``, ``e2e_kd_bf16``: the same two under bf16 autocast, what ``--precision auto``
+  runs on CPUs with bf16 units (timed only there, or with ``--bf16``);
 * ``teacher_forward``: the teacher's forward alone (what KD adds per step, and what a cache of
   top-k teacher logits would cost once per example);
 * ``topk_cache``: bytes per token of a cached top-k teacher distribution, and the time to read
   every block's weights from the checkpoint (what a block-streamed teacher pays per micro-batch).
 
-Steps of the four kinds are interleaved and the median is reported, so that a changing load on a
+Steps of all kinds are interleaved and the median is reported, so that a changing load on a
 shared machine affects all alike. Prints a table and writes JSON (``--json``). Speeds are training
 tokens per second.
 
@@ -65,7 +67,8 @@ def _read_all_weights(path: Path) -> float:
 
 
 def run(spec: str, bits: int, group: int, seqlen: int, batch: int, steps: int, checkpointing: bool,
-        topk: int = 64) -> dict:
+        topk: int = 64, bf16: bool | None = None) -> dict:
+    from eqat_cli.device import cpu_has_bf16
     from eqat_cli.models import resolve
     from eqat_cli.quantize import rtn_quantize_model
     from eqat_cli.train.e2e_qp import (_enable_checkpointing, loss_sums, prepare_student)
@@ -84,9 +87,10 @@ def run(spec: str, bits: int, group: int, seqlen: int, batch: int, steps: int, c
     opt = torch.optim.AdamW(params, lr=1e-5)
     packed.train()
 
-    def e2e_step(teacher=None):
+    def e2e_step(teacher=None, autocast=False):
         opt.zero_grad(set_to_none=True)
-        obj, _, n = loss_sums(packed, ids, labels, mask, teacher)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            obj, _, n = loss_sums(packed, ids, labels, mask, teacher)
         (obj / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -119,8 +123,11 @@ def run(spec: str, bits: int, group: int, seqlen: int, batch: int, steps: int, c
         torch.nn.utils.clip_grad_norm_(list(dense.parameters()), 0.3)
         dense_opt.step()
 
-    res, cpu = _interleaved({"dense": dense_step, "e2e_ntp": e2e_step, "e2e_kd": lambda: e2e_step(teacher),
-                        "teacher_forward": teacher_forward}, steps)
+    kinds = {"dense": dense_step, "e2e_ntp": e2e_step, "e2e_kd": lambda: e2e_step(teacher),
+             "teacher_forward": teacher_forward}
+    if cpu_has_bf16() if bf16 is None else bf16:
+        kinds |= {"e2e_ntp_bf16": lambda: e2e_step(None, True), "e2e_kd_bf16": lambda: e2e_step(teacher, True)}
+    res, cpu = _interleaved(kinds, steps)
     out["seconds_per_step"] = res
     out["cpu_seconds_per_step"] = cpu
     out["tokens_per_second"] = {k: tokens / v for k, v in res.items()}
@@ -145,9 +152,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the bf16-autocast E2E-QP steps (default: where the CPU has bf16 units)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    out = run(a.model, a.bits, a.group, a.seqlen, a.batch, a.steps, a.checkpointing)
+    out = run(a.model, a.bits, a.group, a.seqlen, a.batch, a.steps, a.checkpointing, bf16=a.bf16)
     print(f"{a.model} w{a.bits}g{a.group}, {a.batch} x {a.seqlen} tokens, {out['threads']} threads, "
           f"checkpointing {'on' if a.checkpointing else 'off'}")
     print(f"  {'':16s} {'wall s/step':>12s} {'tok/s':>8s} {'CPU s/step':>11s} {'tok/CPU-s':>10s}")

@@ -1,8 +1,8 @@
 """Device and precision choices: precision follows the device.
 
 bf16 on a CPU without bf16 hardware is ~18x slower than fp32, so CPUs compute in fp32; CUDA
-computes in bf16 where supported, else fp16. Training forwards (Block-AP) run under bf16 autocast
-on CPUs that do have bf16 units (AVX512-BF16 or AMX), where it is faster than fp32
+computes in bf16 where supported, else fp16. Training forwards (Block-AP and E2E-QP) run under bf16
+autocast on CPUs that do have bf16 units (AVX512-BF16 or AMX), where it is faster than fp32
 (:func:`train_autocast_dtype`).
 """
 
@@ -35,6 +35,9 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
     checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(c()) for c in checks if c is not None)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # the trainers' --precision values
 
 
 def train_autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:

@@ -14,7 +14,7 @@ No torch, Rich or Typer here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 
 class Progress(Protocol):
@@ -32,12 +32,3 @@ def count(progress: Optional[Progress], event: str, label: str, done: int, total
     if progress is not None:
         progress(event, {"label": label, "done": done, "total": total})
 
-
-def from_counts(progress: Progress) -> Callable[[str, str, int, int], None]:
-    """``progress`` as a ``(stage, label, done, total)`` callable, the form ``eqat_cli.benchmark``
-    still calls (it is being split up; it reports events itself once that lands)."""
-
-    def counts(stage: str, label: str, done: int, total: int) -> None:
-        progress(stage, {"label": label, "done": done, "total": total})
-
-    return counts

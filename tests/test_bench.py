@@ -94,6 +94,22 @@ def test_tiny_preset_json_bytes_and_ratios(bits, group):
     assert data["generation"] is None  # a preset has no model to run
 
 
+def test_library_reports_progress_in_the_one_form():
+    """``eqat_cli.benchmark`` reports through ``eqat_cli.progress.Progress``: counting events
+    ``progress(event, {label, done, total})``, passed straight through by ``eqat bench``."""
+    from eqat_cli.benchmark import BenchConfig, plan, run
+
+    events = []
+    cfg = BenchConfig(shapes="tiny", repeats=2, prefill_tokens=8, warmup=0, device="cpu")
+    run(plan(cfg), lambda event, info: events.append((event, dict(info))))
+    assert {e for e, _ in events} == {"shapes", "layer"}
+    assert all(set(info) == {"label", "done", "total"} for _, info in events)
+    assert events[0] == ("shapes", {"label": "tiny", "done": 0, "total": 4})
+    assert events[-1] == ("shapes", {"label": "tiny", "done": 4, "total": 4})
+    layer_ends = [i for e, i in events if e == "layer" and i["done"] == i["total"]]
+    assert len(layer_ends) == 4 and all(i["total"] == 2 for i in layer_ends)  # batches 1 and 8
+
+
 def test_llama_presets_resolve_to_published_shapes():
     from eqat_cli.benchmark import resolve_shapes
 

@@ -62,6 +62,61 @@ def test_plugins_shows_three_architectures_and_two_backends(tmp_path):
     assert backends["triton"]["usable"] is False and backends["triton"]["reason"]
     assert data["auto"]["backend"] == "torch" and "triton rejected" in data["auto"]["why"]
     assert all(a["source"] for a in data["architectures"])
+    # Each backend's group sizes and backward, from its KernelCaps (None: every group size).
+    from eqat_cli.registry import get_registry
+
+    for name, b in backends.items():
+        caps = get_registry().backends[name].spec.caps
+        assert b["group_sizes"] == (None if caps.group_sizes is None else list(caps.group_sizes))
+        assert b["backward"] == list(caps.backward)
+    assert backends["reference"]["backward"] == ["scales", "zeros"] and backends["triton"]["backward"] == []
+
+
+def _backend_help(app, command: str) -> str:
+    import typer.main
+
+    cmd = typer.main.get_command(app).commands[command]
+    return next(p.help for p in cmd.params if p.name == "backend")
+
+
+def test_backend_option_and_plugins_come_from_the_registry():
+    """`--backend`'s help names every registered backend, best first, a plugin's included; `eqat
+    plugins` shows a plugin backend's group sizes and backward from its KernelCaps."""
+    from eqat_cli.hookspecs import hookimpl
+    from eqat_cli.plugin_manager import get_plugin_manager
+    from eqat_cli.registry import reset_registry
+    from eqat_cli.specs import BackendSpec, KernelCaps
+
+    builtins = "auto (the highest-priority one that runs here), triton, torch, reference;"
+    for command in ("bench", "eval"):
+        assert builtins in _backend_help(build_app(), command)
+
+    class Fancy:
+        @hookimpl
+        def register_backends(self, register):
+            register(BackendSpec(name="fancy", priority=50,
+                                 caps=KernelCaps(bits=(4,), devices=("cpu",), group_sizes=(64, 128)),
+                                 available=lambda: (False, "fancy hardware missing"), kernel=lambda: None))
+
+    pm = get_plugin_manager()
+    plugin = Fancy()
+    pm.register(plugin, name="fancy-backend")
+    reset_registry()
+    try:
+        app = build_app()
+        assert "triton, fancy, torch, reference;" in _backend_help(app, "bench")
+        res = runner.invoke(app, ["plugins", "--device", "cpu", "--bits", "4", "--json", "-"], prog_name="eqat")
+        assert res.exit_code == 0, res.output
+        import json
+
+        fancy = next(b for b in json.loads(res.stdout)["backends"] if b["name"] == "fancy")
+        assert (fancy["group_sizes"], fancy["backward"], fancy["usable"]) == ([64, 128], [], False)
+        assert "64,128" in res.stderr
+    finally:
+        pm.unregister(plugin)
+        reset_registry()
+        build_app()  # the help names the built-ins again
+    assert "fancy" not in _backend_help(build_app(), "bench")
 
 
 def _app_with(fn):
@@ -154,13 +209,13 @@ def test_one_progress_display_draws_library_counting_events():
     """Library progress is one callback form, ``progress(event, info)``; the CLI draws counting
     events on its one Rich display, one bar per key."""
     from eqat_cli.cli.common import counting_bars, progress_bars
-    from eqat_cli.progress import count, from_counts
+    from eqat_cli.progress import count
 
     bars = progress_bars(transient=True, disable=True)
     cb = counting_bars(bars, key=lambda e, i: (e, i["label"]), describe=lambda e, i: f"{i['label']} ({e})")
     count(cb, "ppl", "wikitext2", 0, 4)
     count(cb, "ppl", "wikitext2", 3, 4)
-    from_counts(cb)("task", "piqa", 1, 2)  # the (stage, label, done, total) form of eqat_cli.benchmark
+    count(cb, "task", "piqa", 1, 2)
     tasks = {t.description: (t.completed, t.total) for t in bars.tasks}
     assert tasks == {"wikitext2 (ppl)": (3, 4), "piqa (task)": (1, 2)}
     count(None, "ppl", "x", 1, 1)  # no callback: nothing happens

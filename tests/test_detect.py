@@ -45,12 +45,23 @@ def test_layout_from_config_and_tensor_names():
     assert gptq_version({"quant_method": "gptq"}) == "gptq"
 
 
+def load_gptq(path, dtype=torch.float32):
+    """A GPTQ v1/v2 reader of the test's own, beside ``models.resolve``: the layout detection
+    finds, then the packed loader with its zero offset (v1 zeros get their +1 back)."""
+    from eqat_cli.formats.detect import detect_layout
+    from eqat_cli.formats.native import load_packed_model
+
+    layout = detect_layout(path)
+    assert layout.format in ("gptq", "gptq_v2"), layout
+    return load_packed_model(path, dtype, zero_offset=layout.zero_offset, gptq3=layout.gptq3)
+
+
 def test_gptq_v2_with_the_legacy_format_key_loads_as_v2_everywhere(tmp_path):
     """A GPTQ v2 checkpoint that names its version only with the legacy ``format`` key: ``eqat
-    pull``'s description, ``resolve`` (eval, pack) and ``load_gptq`` all read v2 (resolve used to
-    ignore the key and load it as v1, adding 1 to every zero point)."""
+    pull``'s description, ``resolve`` (eval, pack) and the reader above all read v2 (resolve used
+    to ignore the key and load it as v1, adding 1 to every zero point)."""
     from eqat_cli.formats.detect import inspect_path
-    from eqat_cli.formats.gptq import load_gptq, save_gptq
+    from eqat_cli.formats.gptq import save_gptq
     from eqat_cli.models import resolve
     from eqat_cli.quantize import rtn_quantize_model
     from eqat_cli.registry import get_registry

@@ -78,7 +78,9 @@ def test_only_scales_train_and_loss_drops(quant_dir, tmp_path):
 
     tr, va = data()
     before = evaluate_loss(resolve(str(quant_dir)).model, va, 2, torch.device("cpu"))
-    res, _ = train(quant_dir, tmp_path / "e2e", ntp(epochs=3, lr=5e-3, global_batch=2, warmup_ratio=0.0))
+    # fp32: the baseline held-out loss below must equal evaluate_loss's (fp32) to 1e-5
+    res, _ = train(quant_dir, tmp_path / "e2e", ntp(epochs=3, lr=5e-3, global_batch=2, warmup_ratio=0.0,
+                                                    precision="fp32"))
     after = evaluate_loss(resolve(str(res.output)).model, va, 2, torch.device("cpu"))
     assert after < before
     a, b = load_file(str(quant_dir / "model.safetensors")), load_file(str(res.output / "model.safetensors"))
@@ -321,6 +323,45 @@ def test_amp_choice_and_fp16_loss_scaling():
     assert json.loads(json.dumps(amp.state_dict()))["scale"] == amp.scaler.get_scale()
 
 
+def test_torch_kernel_trains_through_an_autocast_matmul(quant_dir):
+    """While step sizes train under bf16 autocast, the torch kernel multiplies by the dequantized
+    weight in bf16 (the reference kernel's math, autocast); its step-size gradient stays close to
+    the fp32 streaming path's."""
+    from eqat_cli.models import resolve
+    from eqat_cli.quant.linear import PackedLinear
+    from eqat_cli.quant.torch_kernel import TORCH_KERNEL
+
+    layer = next(m for m in resolve(str(quant_dir)).model.modules() if isinstance(m, PackedLinear))
+    layer.set_kernel(TORCH_KERNEL)
+    layer.start_training()
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+    def forward_backward(autocast):
+        layer.scales.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        (y.float() ** 2).sum().backward()
+        return y.detach(), layer.scales.grad.clone()
+
+    y32, g32 = forward_backward(False)
+    y16, g16 = forward_backward(True)
+    assert y32.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(y16, F.linear(x, layer.dequantize(torch.float32)))
+    assert float((y16.float() - y32).norm() / y32.norm()) < 0.02
+    assert float((g16 - g32).norm() / g32.norm()) < 0.05
+
+
+def test_precision_bf16_trains_and_is_recorded(quant_dir, tmp_path):
+    with pytest.raises(BadInputError, match="--precision must be one of"):
+        E2EConfig(precision="fp8")
+    res, _ = train(quant_dir, tmp_path / "bf16", ntp(epochs=3, lr=5e-3, global_batch=2, warmup_ratio=0.0,
+                                                    precision="bf16"))
+    assert res.val_loss[-1][1] < res.val_loss[0][1]
+    meta = json.loads((res.output / "config.json").read_text())["eqat"]["e2e_qp"]
+    assert meta["precision"] == "bf16" and meta["amp"] == "bf16"
+
+
 def _cli(args, nproc=None, env_extra=None, popen=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "eqat_cli", *args]
@@ -414,6 +455,29 @@ def test_cli_rejects_full_precision_and_bad_options(tmp_path, fp_dir):
     r = _cli(["e2e-qp", str(fp_dir), "--dataset", "c4", "--global-batch", "6", "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "multiple of --batch-size" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_library_prepares_the_run_from_a_model_spec(quant_dir, fp_dir, tmp_path):
+    """`eqat e2e-qp` is one library call: load the student and the teacher (the recorded source),
+    check the checkpoint, report what is about to run, train; it never prints."""
+    from eqat_cli.train.e2e_qp_runner import e2e_qp_from_spec
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(TEXT))
+    cfg = E2EConfig(global_batch=4, batch_size=2, gradient_checkpointing=False)
+    kw = dict(seqlen=32, samples=8, val_samples=2, device="cpu")
+    events = []
+    res = e2e_qp_from_spec(str(quant_dir), str(corpus), tmp_path / "o", cfg,
+                           progress=lambda event, info: events.append((event, info)), **kw)
+    assert events[0] == ("prepared", {"rank": 0, "world_size": 1, "device": "cpu", "loss": "kd", "train": 8, "val": 2,
+                                      "seqlen": 32, "lr": 2e-5, "global_batch": 4, "micro_batch": 2, "grad_accum": 2})
+    assert {e for e, _ in events} >= {"start", "step", "eval"}
+    assert (res.rank, res.world_size, res.steps) == (0, 1, 2) and (tmp_path / "o" / "last").is_dir()
+    with pytest.raises(BadInputError, match="the teacher must be full precision"):
+        e2e_qp_from_spec(str(quant_dir), str(corpus), tmp_path / "o2", cfg, teacher=str(quant_dir), **kw)
+    with pytest.raises(BadInputError, match="is not quantized; run `eqat block-ap` first"):
+        e2e_qp_from_spec(str(fp_dir), str(corpus), tmp_path / "o3", cfg, **kw)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 def test_training_examples_pt_and_instruct(tmp_path):

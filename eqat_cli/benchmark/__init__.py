@@ -1,7 +1,9 @@
 """Benchmarks of packed layers and quantized models: latency, weight memory, generation speed.
 
 The library side of ``eqat bench`` and ``bench/bench_kernels.py``. Nothing here prints or imports
-Rich; long steps report through ``progress(stage, label, done, total)``.
+Rich; long steps report through the library's one callback, :class:`eqat_cli.progress.Progress`:
+counting events ``progress(event, {"label", "done", "total"})`` with ``event`` one of ``"shapes"``,
+``"layer"``, ``"load"``, ``"generate"``.
 
 What is measured (and what is not):
 

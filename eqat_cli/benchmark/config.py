@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from eqat_cli.errors import BadInputError, UnsupportedError
-
-Progress = Callable[[str, str, int, int], None]
+from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # eqat_cli.quant.primitives.SUPPORTED_BITS (kept torch-free here)
 DEFAULT_PROMPT = "The three most important ideas in the history of computing are"
 LAYER_REPEATS = 10
 GENERATION_REPEATS = 3
-
-
-def no_progress(stage: str, label: str, done: int, total: int) -> None:
-    pass
-
 
 
 @dataclass(frozen=True)

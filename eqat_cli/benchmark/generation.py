@@ -12,6 +12,7 @@ from eqat_cli.benchmark.sizes import model_weight_bytes
 from eqat_cli.benchmark.timing import device_sync, summarize
 from eqat_cli.errors import BadInputError
 from eqat_cli.memory import release_memory, rss_bytes
+from eqat_cli.progress import count
 
 
 def measure_generation(
@@ -44,17 +45,17 @@ def measure_generation(
         out = model.generate(input_ids, attention_mask=mask, generation_config=gc_)
 
     for i in range(warmup):
-        progress("generate", f"{label} (warm-up)", i, warmup)
+        count(progress, "generate", f"{label} (warm-up)", i, warmup)
         run()
     sync()
     secs = []
     for i in range(repeats):
-        progress("generate", label, i, repeats)
+        count(progress, "generate", label, i, repeats)
         t0 = time.perf_counter()
         run()
         sync()
         secs.append(time.perf_counter() - t0)
-    progress("generate", label, repeats, repeats)
+    count(progress, "generate", label, repeats, repeats)
     produced = out.shape[1] - input_ids.shape[1]
     if produced != new_tokens:
         raise RuntimeError(f"generate() produced {produced} tokens, expected {new_tokens}")
@@ -129,7 +130,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
 
     fmt = detect_format(path)
     if fmt == "fp":
-        progress("load", "full precision", 0, 1)
+        count(progress, "load", "full precision", 0, 1)
         t0 = time.perf_counter()
         with PeakRSS() as peak:
             lm = resolve(str(path), device=str(device))
@@ -137,7 +138,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
         dtype = str(lm.model.dtype).replace("torch.", "")
         run_variant("fp", lm, peak.peak, time.perf_counter() - t0,
                     {"format": "fp", "dtype": dtype, "description": f"full precision, {dtype}"})
-        progress("load", "quantize (RTN)", 0, 1)
+        count(progress, "load", "quantize (RTN)", 0, 1)
         from eqat_cli.quantize import rtn_quantize_model
 
         t0 = time.perf_counter()
@@ -154,7 +155,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
                                     f"process, decoder linear layers packed; {why}"})
         del lm
     else:
-        progress("load", "quantized", 0, 1)
+        count(progress, "load", "quantized", 0, 1)
         t0 = time.perf_counter()
         with PeakRSS() as peak:
             lm = resolve(str(path), device=str(device), backend=cfg.backend)
@@ -181,7 +182,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
         else:
             from eqat_cli.errors import EqatError
 
-            progress("load", "full precision", 0, 1)
+            count(progress, "load", "full precision", 0, 1)
             baseline = rss_bytes()
             t0 = time.perf_counter()
             try:

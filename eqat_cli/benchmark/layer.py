@@ -8,6 +8,7 @@ from eqat_cli.benchmark.config import Progress, no_progress
 from eqat_cli.benchmark.shapes import LayerShape
 from eqat_cli.benchmark.sizes import kernel_cache_bytes, packed_bytes, tensor_bytes
 from eqat_cli.benchmark.timing import device_sync, time_runs
+from eqat_cli.progress import count
 
 
 def quantized_random_layer(k: int, n: int, bits: int, group: int, seed: int = 0):
@@ -72,7 +73,7 @@ def bench_layer(
     # allocated under inference_mode cannot be written later outside it.
     with torch.no_grad():
         for i, m in enumerate(batches):
-            progress("layer", f"{shape.label} {k}x{n} tokens={m}", i, len(batches))
+            count(progress, "layer", f"{shape.label} {k}x{n} tokens={m}", i, len(batches))
             x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
             row: dict[str, Any] = {"tokens": m}
             row["dense"] = time_runs(lambda: F.linear(x, dense_w), repeats, warmup, sync)
@@ -104,5 +105,5 @@ def bench_layer(
     entry["memory_ratio_with_cache"] = (pb["total"] + cache) / dense_bytes
     entry["compression"] = dense_bytes / pb["total"]
     entry["bits_per_weight"] = 8 * pb["total"] / (k * n)
-    progress("layer", f"{shape.label} {k}x{n}", len(batches), len(batches))
+    count(progress, "layer", f"{shape.label} {k}x{n}", len(batches), len(batches))
     return entry

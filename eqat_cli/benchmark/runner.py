@@ -14,6 +14,7 @@ from eqat_cli.benchmark.generation import bench_model
 from eqat_cli.benchmark.layer import bench_layer
 from eqat_cli.benchmark.shapes import ShapeSet, resolve_shapes
 from eqat_cli.memory import release_memory
+from eqat_cli.progress import count
 
 
 def machine_info() -> dict:
@@ -93,7 +94,7 @@ def run(p: Plan, progress: Progress = no_progress) -> dict:
     t_start = time.perf_counter()
     layers = []
     for i, shape in enumerate(p.shapes.shapes):
-        progress("shapes", p.shapes.name, i, len(p.shapes.shapes))
+        count(progress, "shapes", p.shapes.name, i, len(p.shapes.shapes))
         layers.append(
             bench_layer(
                 shape, cfg.bits, cfg.group, p.kernel, cfg.batches, cfg.layer_repeats,
@@ -101,7 +102,7 @@ def run(p: Plan, progress: Progress = no_progress) -> dict:
             )
         )
         release_memory()
-    progress("shapes", p.shapes.name, len(layers), len(layers))
+    count(progress, "shapes", p.shapes.name, len(layers), len(layers))
     per_block_dense = sum(e["weight_bytes"]["dense"] * len(e["names"]) for e in layers)
     per_block_packed = sum(e["weight_bytes"]["packed"] * len(e["names"]) for e in layers)
     totals = {

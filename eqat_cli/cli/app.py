@@ -93,6 +93,11 @@ def build_app() -> typer.Typer:
         if common.debug_enabled():
             raise
         common.console.print(f"[yellow]warning:[/] plugins not loaded: {e}")
+    try:
+        common.name_backends()
+    except Exception:  # a registry that fails to build fails the command that needs it, not --help
+        if common.debug_enabled():
+            raise
     for info in app.registered_commands:  # before typer builds the options: their help shows the Range
         if isinstance(info.cls, type) and issubclass(info.cls, common.EqatCommand):
             common.numeric_options(info.callback)

@@ -51,7 +51,6 @@ def bench_cmd(
 
 def _run(p: Any) -> dict:
     from eqat_cli.benchmark import run
-    from eqat_cli.progress import from_counts
 
     bars = progress_bars(transient=True)
     progress = counting_bars(bars, key=lambda event, info: event,
@@ -69,7 +68,7 @@ def _run(p: Any) -> dict:
 
         transformers.utils.logging.disable_progress_bar()
     with bars:
-        return run(p, from_counts(progress))
+        return run(p, progress)
 
 
 def _mib(n: Optional[float]) -> str:

@@ -10,7 +10,8 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, POSITIVE, BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt,
-    ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
+    ModelArg, OutOpt, OverwriteOpt, PrecisionOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json,
+    progress_bars,
 )
 
 
@@ -80,7 +81,7 @@ def block_ap_cmd(
     gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
     best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
     keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling).")] = "auto",
+    precision: PrecisionOpt = "auto",
     offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
     seed: SeedOpt = 2,

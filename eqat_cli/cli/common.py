@@ -346,9 +346,32 @@ JsonOpt = Annotated[
     typer.Option("--json", help="Write machine-readable results to FILE ('-' = stdout)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-BackendOpt = Annotated[
-    str, typer.Option("--backend", help="Kernel backend for packed layers: auto, torch, triton.")
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="Training forwards: auto (bf16 on GPUs and on CPUs with bf16 units such as "
+                 "AVX512-BF16/AMX, else fp32), fp32, bf16, fp16 (GPU, with loss scaling)."),
 ]
+
+
+def backend_help(names: Optional[list[str]] = None) -> str:
+    """``--backend``'s help: ``auto`` and the registered backends' ``names`` (best first)."""
+    if not names:
+        return "Kernel backend for packed layers: auto, or a backend `eqat plugins` lists."
+    return (f"Kernel backend for packed layers: auto (the highest-priority one that runs here), "
+            f"{', '.join(names)}; see `eqat plugins`.")
+
+
+BACKEND_OPTION = typer.Option("--backend", help=backend_help())
+BackendOpt = Annotated[str, BACKEND_OPTION]
+
+
+def name_backends() -> None:
+    """Name every registered backend, built-in or plugin, in ``--backend``'s help (``build_app``
+    calls this once the plugins are loaded; the registry is torch-free)."""
+    from eqat_cli.registry import get_registry
+
+    backends = sorted(get_registry().backends.values(), key=lambda r: -r.spec.priority)
+    BACKEND_OPTION.help = backend_help([r.spec.name for r in backends])
 DataDirOpt = Annotated[
     Optional[Path],
     typer.Option(

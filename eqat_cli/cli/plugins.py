@@ -46,17 +46,21 @@ def plugins_cmd(
     except Exception as e:
         why = str(e)
     t = Table(title=f"Kernel backends ({bits}-bit on {device})")
-    for col in ("name", "priority", "devices", "bits", "usable here", "why", "plugin"):
+    for col in ("name", "priority", "devices", "bits", "group sizes", "backward", "usable here", "why", "plugin"):
         t.add_column(col)
     for spec, ok, reason in reg.explain_backends(bits, device):
         plugin = reg.backends[spec.name].plugin
+        caps = spec.caps
         t.add_row(
             spec.name, str(spec.priority), ", ".join(spec.devices), ",".join(map(str, spec.bits)),
-            "[green]yes[/]" if ok else "[red]no[/]", reason, plugin,
+            "any" if caps.group_sizes is None else ",".join(map(str, caps.group_sizes)),
+            ", ".join(caps.backward) or "none", "[green]yes[/]" if ok else "[red]no[/]", reason, plugin,
         )
         result["backends"].append(
             {"name": spec.name, "priority": spec.priority, "devices": list(spec.devices),
-             "bits": list(spec.bits), "usable": ok, "reason": reason, "plugin": plugin,
+             "bits": list(spec.bits),
+             "group_sizes": None if caps.group_sizes is None else list(caps.group_sizes),
+             "backward": list(caps.backward), "usable": ok, "reason": reason, "plugin": plugin,
              "source": src.get(plugin)}
         )
     console.print(t)

@@ -1,4 +1,7 @@
-"""GPTQ v1 / v2 checkpoints, read and write.
+"""GPTQ v1 / v2 checkpoints: the writer.
+
+They are read like native checkpoints, by ``formats/native.load_packed_model`` with the zero offset
+and 3-bit packing of the layout ``formats/detect.py`` finds (``models.resolve`` does both).
 
 Same tensor names as the native layout (``X.qweight``, ``X.qzeros``, ``X.scales``, ``X.g_idx``) and
 the same packing for 2/4/8 bits. Differences (see ``docs/FORMATS.md``):
@@ -26,11 +29,9 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
-from eqat_cli.formats.detect import detect_layout
 from eqat_cli.formats.native import (
     write_sidecars,
     config_dict_for_save,
-    load_packed_model,
     packed_state_dict,
     save_state_dict_sharded,
 )
@@ -189,19 +190,3 @@ def save_gptq(
     (out / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
     return {"bits": bits, "group_size": group, "checkpoint_format": version}
 
-
-# ---------------------------------------------------------------------- read
-
-
-def load_gptq(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
-    """Load a GPTQ v1/v2 checkpoint into PackedLinear layers (v1 zeros get their +1 back).
-
-    Act-order checkpoints (non-sequential ``g_idx``) are rejected by the native loader with a
-    one-line message; ``desc_act: true`` with a sequential ``g_idx`` loads.
-    """
-    layout = detect_layout(path)
-    if layout.format not in VERSIONS:
-        raise BadInputError(f"{path} is not a GPTQ checkpoint (no quantization_config.quant_method=gptq)")
-    return load_packed_model(path, dtype, zero_offset=layout.zero_offset, gptq3=layout.gptq3)

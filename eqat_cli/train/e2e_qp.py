@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from eqat_cli.device import PRECISIONS
 from eqat_cli.errors import BadInputError, EqatError
 from eqat_cli.progress import Progress, no_progress
 from eqat_cli.quant.linear import PackedLinear
@@ -79,6 +80,13 @@ class E2EConfig:
     gradient_checkpointing: bool = True
     seed: int = 2
     loss: str = "kd"
+    # autocast of the training forwards: "auto" is bf16 on GPUs and on CPUs with bf16 units, else
+    # fp32 (fp16 with loss scaling on GPUs without bf16); or fp32 / bf16 / fp16
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def resolved_lr(self, bits: int) -> float:
         if self.lr is not None:
@@ -298,6 +306,8 @@ class E2EResult:
     global_batch: int = 0
     micro_batch: int = 0
     grad_accum: int = 0
+    world_size: int = 1  # processes that trained (torchrun)
+    rank: int = 0  # this process's rank
 
 
 def _enable_checkpointing(model) -> None:
@@ -389,7 +399,8 @@ def run_e2e_qp(
     _write_output(run, output, tokenizer, eqat_meta)
     st = run.state
     return E2EResult(output, st.step, st.history["train_loss"], st.history["val_loss"], st.best_val, seconds,
-                     run.tokens / max(seconds, 1e-9), run.resumed_from, cfg.global_batch, sched.micro, sched.accum)
+                     run.tokens / max(seconds, 1e-9), run.resumed_from, cfg.global_batch, sched.micro, sched.accum,
+                     world_size=ws, rank=rank)
 
 
 # ---------------------------------------------------------------------- the steps
@@ -442,9 +453,9 @@ def _prepare_models(model: torch.nn.Module, eval_teacher: torch.nn.Module | None
         eval_teacher.to(device).eval()
         for p in eval_teacher.parameters():
             p.requires_grad_(False)
-    # The packed layers' CPU kernel computes in fp32 (its matmuls do not autocast), so E2E-QP runs
-    # fp32 on CPUs; accelerators get their usual bf16 (or fp16 with loss scaling).
-    amp = amp or Amp.for_device(device, precision="auto" if torch.device(device).type == "cuda" else "fp32")
+    # Under autocast the torch kernel trains through a dequantized weight and an autocast matmul
+    # (eqat_cli/quant/torch_kernel.py), so bf16 pays off on CPUs with bf16 units as on GPUs.
+    amp = amp or Amp.for_device(device, precision=cfg.precision)
     return params, amp
 
 

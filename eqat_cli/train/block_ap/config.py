@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from eqat_cli.device import PRECISIONS
 from eqat_cli.errors import BadInputError, EqatError
 from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
 
@@ -14,7 +15,6 @@ OPTIMIZERS = ("adamw", "sign")
 SCHEDULES = ("cosine", "linear")
 BESTS = ("last", "val", "train")
 RECIPES = ("default", "paper")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
