@@ -29,8 +29,8 @@ BATCH=${BATCH:-4}               # micro-batch (accumulation = GLOBAL_BATCH / BAT
 EPOCHS=${EPOCHS:-2}
 EVAL_STEPS=${EVAL_STEPS:-8}     # held-out loss every N steps (0: per epoch); the best state is kept
 LR_2=${LR_2:-2e-3}
-LR_3=${LR_3:-1e-3}
-LR_4=${LR_4:-1e-3}
+LR_3=${LR_3:-4e-4}
+LR_4=${LR_4:-2e-4}
 PPL_LIMIT=${PPL_LIMIT:-40}
 TASK_LIMIT=${TASK_LIMIT:-500}
 TASKS=${TASKS:-piqa,arc_easy,hellaswag}
