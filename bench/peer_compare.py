@@ -29,7 +29,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 # method -> (tool, extra flags). Flags may use {samples} and {seqlen} (the calibration budget) and
-# {e2e_lr} (E2E_LR at the row's bits).
+# {e2e_lr} (E2E_LR at the row's bits) and {e2e_epochs} (E2E_EPOCHS).
 # "block-ap" and "e2e-qp" are eqat commands; "autoround" is bench/peer_autoround_run.py in the peer venv.
 METHODS: dict[str, tuple[str, list[str]]] = {
     "rtn": ("block-ap", ["--epochs", "0", "--init", "minmax"]),
@@ -39,14 +39,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "default+e2e": (
         "e2e-qp",
         ["--dataset", "c4", "--samples", "{samples}", "--seqlen", "{seqlen}", "--val-samples", "8", "--loss", "kd",
-         "--global-batch", "4", "--batch-size", "4", "--epochs", "2", "--lr", "{e2e_lr}", "--eval-steps", "8",
+         "--global-batch", "4", "--batch-size", "4", "--epochs", "{e2e_epochs}", "--lr", "{e2e_lr}", "--eval-steps", "8",
          "--no-gradient-checkpointing"],
     ),
     "autoround": ("autoround", ["--iters", "50", "--batch-size", "8"]),
 }
 E2E_BASE = "default"  # the Block-AP method E2E-QP starts from
-# E2E-QP learning rate per bit width for the small-budget recipe (32 steps), chosen on the C4 hold-out
-E2E_LR = {2: "2e-3", 3: "1e-3", 4: "1e-3"}
+# The small-budget E2E-QP recipe (global batch 4 of the calibration budget's windows): learning rate
+# per bit width and epochs, chosen on the C4 hold-out (docs/RESULTS.md)
+E2E_LR = {2: "2e-3", 3: "4e-4", 4: "2e-4"}
+E2E_EPOCHS = 4
 EVAL_FLAGS = ["--ppl", "wikitext2", "--seqlen", "512", "--limit", "40"]
 MODEL = "smollm2"
 
@@ -88,6 +90,7 @@ class Bench:
     def save(self) -> None:
         self.data["config"] = {
             "model": MODEL, "methods": METHODS, "eval": EVAL_FLAGS, "e2e_base": E2E_BASE, "e2e_lr": E2E_LR,
+            "e2e_epochs": E2E_EPOCHS,
             "env": {k: os.environ.get(k) for k in ("EQAT_DATA_DIR", "PYTHONPATH")},
         }
         self.json.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,8 @@ class Bench:
 
     def quantize(self, method: str, bits: int, out: Path, base: dict | None) -> dict:
         tool, flags = METHODS[method]
-        flags = [f.format(samples=self.a.samples, seqlen=self.a.seqlen, e2e_lr=E2E_LR[bits]) for f in flags]
+        flags = [f.format(samples=self.a.samples, seqlen=self.a.seqlen, e2e_lr=E2E_LR[bits],
+                          e2e_epochs=E2E_EPOCHS) for f in flags]
         for stale in (out, out.with_name(out.name + ".partial")):  # eqat's and the runner's work dir
             if stale.exists():  # unfinished (no row): start over, never time a resumed run
                 shutil.rmtree(stale)
