@@ -48,7 +48,7 @@ E2E_BASE = "default"  # the Block-AP method E2E-QP starts from
 # The small-budget E2E-QP recipe (global batch 4 of the calibration budget's windows): learning rate
 # per bit width and epochs, chosen on the C4 hold-out (docs/RESULTS.md)
 E2E_LR = {2: "2e-3", 3: "4e-4", 4: "2e-4"}
-E2E_EPOCHS = 4
+E2E_EPOCHS = 3
 EVAL_FLAGS = ["--ppl", "wikitext2", "--seqlen", "512", "--limit", "40"]
 MODEL = "smollm2"
 

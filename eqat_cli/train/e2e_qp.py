@@ -1,8 +1,9 @@
 """E2E-QP: end-to-end training of step sizes with frozen integer codes (EfficientQAT, phase 2).
 
 Only ``scales`` of every :class:`PackedLinear` train (``train_zeros`` adds zero points); codes stay
-packed. AdamW, linear warmup then cosine, gradient clipping, gradient checkpointing, autocast on
-GPUs (bf16, or fp16 with loss scaling: :mod:`eqat_cli.train.amp`). Held-out loss every
+packed. AdamW, linear warmup then cosine, gradient clipping, gradient checkpointing, autocast
+(``precision``: bf16 on GPUs and on CPUs with bf16 units, fp16 with loss scaling on other GPUs:
+:mod:`eqat_cli.train.amp`). Held-out loss every
 ``eval_steps``; the best and the last step sizes are both kept.
 
 Objectives (``loss``):
