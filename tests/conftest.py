@@ -147,6 +147,29 @@ def build(config, seed: int = 0):
 
 
 @pytest.fixture
+def registered():
+    """Register a plugin object for one test (returns the rebuilt registry); unregistered after it
+    unless the test already did."""
+    from eqat_cli.plugin_manager import get_plugin_manager
+    from eqat_cli.registry import get_registry, reset_registry
+
+    pm = get_plugin_manager()
+    added = []
+
+    def add(plugin, name):
+        pm.register(plugin, name=name)
+        added.append(plugin)
+        reset_registry()
+        return get_registry()
+
+    yield add
+    for p in added:
+        if pm.is_registered(p):
+            pm.unregister(p)
+    reset_registry()
+
+
+@pytest.fixture
 def tiny_llama():
     return build(tiny_llama_config())
 

@@ -79,7 +79,7 @@ def _backend_help(app, command: str) -> str:
     return next(p.help for p in cmd.params if p.name == "backend")
 
 
-def test_backend_option_and_plugins_come_from_the_registry():
+def test_backend_option_and_plugins_come_from_the_registry(registered):
     """`--backend`'s help names every registered backend, best first, a plugin's included; `eqat
     plugins` shows a plugin backend's group sizes and backward from its KernelCaps."""
     from eqat_cli.hookspecs import hookimpl
@@ -98,25 +98,20 @@ def test_backend_option_and_plugins_come_from_the_registry():
                                  caps=KernelCaps(bits=(4,), devices=("cpu",), group_sizes=(64, 128)),
                                  available=lambda: (False, "fancy hardware missing"), kernel=lambda: None))
 
-    pm = get_plugin_manager()
     plugin = Fancy()
-    pm.register(plugin, name="fancy-backend")
-    reset_registry()
-    try:
-        app = build_app()
-        assert "triton, fancy, torch, reference;" in _backend_help(app, "bench")
-        res = runner.invoke(app, ["plugins", "--device", "cpu", "--bits", "4", "--json", "-"], prog_name="eqat")
-        assert res.exit_code == 0, res.output
-        import json
+    registered(plugin, "fancy-backend")
+    app = build_app()
+    assert "triton, fancy, torch, reference;" in _backend_help(app, "bench")
+    res = runner.invoke(app, ["plugins", "--device", "cpu", "--bits", "4", "--json", "-"], prog_name="eqat")
+    assert res.exit_code == 0, res.output
+    import json
 
-        fancy = next(b for b in json.loads(res.stdout)["backends"] if b["name"] == "fancy")
-        assert (fancy["group_sizes"], fancy["backward"], fancy["usable"]) == ([64, 128], [], False)
-        assert "64,128" in res.stderr
-    finally:
-        pm.unregister(plugin)
-        reset_registry()
-        build_app()  # the help names the built-ins again
-    assert "fancy" not in _backend_help(build_app(), "bench")
+    fancy = next(b for b in json.loads(res.stdout)["backends"] if b["name"] == "fancy")
+    assert (fancy["group_sizes"], fancy["backward"], fancy["usable"]) == ([64, 128], [], False)
+    assert "64,128" in res.stderr
+    get_plugin_manager().unregister(plugin)
+    reset_registry()
+    assert "fancy" not in _backend_help(build_app(), "bench")  # the help names the built-ins again
 
 
 def _app_with(fn):

@@ -125,7 +125,7 @@ def test_no_training_backend_is_one_clear_error(monkeypatch):
     assert "KernelCaps" in e.value.hint
 
 
-def test_group_sizes_are_part_of_the_choice():
+def test_group_sizes_are_part_of_the_choice(registered):
     class Grouped:
         @hookimpl
         def register_backends(self, register):
@@ -135,21 +135,13 @@ def test_group_sizes_are_part_of_the_choice():
                 available=lambda: (True, "here"), kernel=lambda: "g128-kernel",
             ))
 
-    pm = get_plugin_manager()
-    plugin = Grouped()
-    pm.register(plugin, name="grouped")
-    reset_registry()
-    try:
-        reg = get_registry()
-        assert reg.select_backend("auto", 4, "cpu", 128)[0].name == "g128"
-        assert reg.training_backend(4, "cpu", [128])[0].name == "g128"
-        spec, why = reg.select_backend("auto", 4, "cpu", [128, 64])
-        assert spec.name == "torch" and "g128 rejected: supports group sizes 128, not 64" in why
-        with pytest.raises(UnsupportedError, match="cannot run 2/4-bit layers on cpu: supports bits 4, not 2"):
-            reg.select_backend("g128", [2, 4], "cpu")
-    finally:
-        pm.unregister(plugin)
-        reset_registry()
+    reg = registered(Grouped(), "grouped")
+    assert reg.select_backend("auto", 4, "cpu", 128)[0].name == "g128"
+    assert reg.training_backend(4, "cpu", [128])[0].name == "g128"
+    spec, why = reg.select_backend("auto", 4, "cpu", [128, 64])
+    assert spec.name == "torch" and "g128 rejected: supports group sizes 128, not 64" in why
+    with pytest.raises(UnsupportedError, match="cannot run 2/4-bit layers on cpu: supports bits 4, not 2"):
+        reg.select_backend("g128", [2, 4], "cpu")
 
 
 def test_e2e_qp_trains_with_the_registry_choice(monkeypatch):

@@ -14,24 +14,6 @@ from eqat_cli.specs import KernelCaps
 from eqat_cli.plugins.llama import LLAMA
 
 
-@pytest.fixture
-def registered():
-    """Register a plugin object for one test, then unregister it."""
-    pm = get_plugin_manager()
-    added = []
-
-    def add(plugin, name):
-        pm.register(plugin, name=name)
-        added.append(plugin)
-        reset_registry()
-        return get_registry()
-
-    yield add
-    for p in added:
-        pm.unregister(p)
-    reset_registry()
-
-
 def test_builtins_present():
     reg = get_registry()
     assert {"llama", "mistral", "llava", "qwen2", "qwen3", "gemma3"} <= set(reg.architectures)
