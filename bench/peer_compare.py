@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 # {e2e_lr} (E2E_LR at the row's bits) and {e2e_epochs} (E2E_EPOCHS).
 # "block-ap" and "e2e-qp" are eqat commands; "autoround" is bench/peer_autoround_run.py in the peer venv.
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "rtn": ("block-ap", ["--epochs", "0", "--init", "minmax"]),
-    "gptq": ("block-ap", ["--init", "gptq", "--epochs", "0"]),
+    "rtn": ("block-ap", ["--epochs", "0", "--init", "minmax", "--no-channel-scale"]),
+    "gptq": ("block-ap", ["--init", "gptq", "--epochs", "0", "--no-channel-scale"]),
     "paper": ("block-ap", ["--recipe", "paper"]),
     "default": ("block-ap", []),
     "default+e2e": (

@@ -42,6 +42,10 @@ class ArchitectureSpec:
     # (regex, replacement) pairs mapping key names in Hugging Face checkpoints on disk to module
     # paths, where the two differ (transformers renames legacy LLaVA keys on load).
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # (producer, consumer) linears of one block where the consumer's input is linear in the
+    # producer's output channel by channel (a gated MLP's up_proj -> down_proj), so a per-channel
+    # scale can move from one to the other without changing the block (eqat_cli.quant.scaling).
+    scale_pairs: tuple[tuple[str, str], ...] = ()
 
     def module_key(self, checkpoint_key: str) -> str:
         import re
@@ -57,6 +61,9 @@ class ArchitectureSpec:
             raise ValueError(f"architecture {self.name!r} declares no model_types")
         if not self.linear_groups or not all(self.linear_groups):
             raise ValueError(f"architecture {self.name!r} declares no linear layers")
+        for pair in self.scale_pairs:
+            if len(pair) != 2 or not set(pair) <= set(self.linear_names):
+                raise ValueError(f"architecture {self.name!r}: scale pair {pair!r} is not two of its linear layers")
 
     @property
     def linear_names(self) -> tuple[str, ...]:

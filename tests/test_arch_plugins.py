@@ -119,7 +119,7 @@ def rtn_run(request, tmp_path_factory):
     text = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(60)) for i in range(20)]
     calib = build_windows(text, tiny_tokenizer(), 4, 24, 1, 0, source="synthetic")
     res = run_block_ap(src, tiny_tokenizer(), calib.train, calib.val,
-                       BlockAPConfig(bits=4, group_size=32, epochs=0), tmp / "rtn", torch.device("cpu"))
+                       BlockAPConfig(bits=4, group_size=32, epochs=0, channel_scale=False), tmp / "rtn", torch.device("cpu"))
     return name, src, res.output, tmp, calib, res.blocks
 
 

@@ -81,6 +81,7 @@ def block_ap_cmd(
     gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
     best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
     keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
+    channel_scale: Annotated[Optional[bool], typer.Option("--channel-scale/--no-channel-scale", help="Before each block starts, fold AWQ-searched per-channel scales into up_proj/down_proj (the block computes the same function; its grid protects channels with large activations). Default on; paper: off.")] = None,
     precision: PrecisionOpt = "auto",
     offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,
@@ -119,7 +120,8 @@ def block_ap_cmd(
     if (calib is None) == (dataset is None):
         raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
     given = dict(epochs=epochs, steps=steps, batch_size=batch_size, param=param, optimizer=optimizer,
-                 schedule=schedule, quant_lr=quant_lr, weight_lr=weight_lr, loss=loss, init=init, best=best)
+                 schedule=schedule, quant_lr=quant_lr, weight_lr=weight_lr, loss=loss, init=init, best=best,
+                 channel_scale=channel_scale)
     cfg = BlockAPConfig.from_recipe(  # validates every option before any data is loaded
         recipe, bits=bits, group_size=group, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,

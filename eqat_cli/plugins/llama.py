@@ -10,6 +10,9 @@ LLAMA_LINEARS = (
     ("mlp.down_proj",),
 )
 
+# down_proj(act(gate_proj(x)) * up_proj(x)) is linear in up_proj's output, channel by channel.
+LLAMA_SCALE_PAIRS = (("mlp.up_proj", "mlp.down_proj"),)
+
 LLAMA = ArchitectureSpec(
     name="llama",
     model_types=("llama",),
@@ -19,6 +22,7 @@ LLAMA = ArchitectureSpec(
     rotary_path="model.rotary_emb",
     lm_head_path="lm_head",
     linear_groups=LLAMA_LINEARS,
+    scale_pairs=LLAMA_SCALE_PAIRS,
     description="Llama-2, Llama-3 (GQA, llama3 rope scaling), SmolLM2",
 )
 

@@ -1,7 +1,7 @@
 """LLaVA: only the language model is quantized; vision tower and projector stay full precision."""
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.plugins.llama import LLAMA_LINEARS
+from eqat_cli.plugins.llama import LLAMA_LINEARS, LLAMA_SCALE_PAIRS
 from eqat_cli.specs import ArchitectureSpec
 
 LLAVA = ArchitectureSpec(
@@ -13,6 +13,7 @@ LLAVA = ArchitectureSpec(
     rotary_path="model.language_model.rotary_emb",
     lm_head_path="lm_head",
     linear_groups=LLAMA_LINEARS,
+    scale_pairs=LLAMA_SCALE_PAIRS,
     full_precision_paths=("model.vision_tower", "model.multi_modal_projector"),
     text_config_attr="text_config",
     checkpoint_renames=(

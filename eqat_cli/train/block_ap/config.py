@@ -38,6 +38,10 @@ class BlockAPConfig:
     * ``precision``: autocast of the training forwards: ``auto`` is bf16 on GPUs and on CPUs with
       bf16 units (AVX512-BF16, AMX), fp16 on GPUs without bf16 (with loss scaling), else fp32.
       Targets, the quantized chain and every loss stay fp32.
+    * ``channel_scale``: before a block starts, move per-channel scales between the architecture's
+      scale pairs (Llama's ``up_proj`` rows / ``down_proj`` columns) with AWQ's search on the block's
+      own inputs (:mod:`eqat_cli.quant.scaling`); the block computes the same function, and its
+      quantization starts from a grid that protects the channels with large activations.
     * ``best``: which parameters a block ends with: ``last``; ``val``, the best validation loss at
       an epoch end, the start included; ``train``, the lowest training-batch loss seen at any step.
     """
@@ -64,6 +68,7 @@ class BlockAPConfig:
     gptq_damp: float = 0.01
     best: str = "val"
     keep_best: bool = False  # the older spelling of best="val"
+    channel_scale: bool = True
     precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
 
     def __post_init__(self) -> None:
@@ -151,7 +156,7 @@ MIN_STEPS = 32
 # The paper: Block-AP as published (EfficientQAT, Sec. 3 and its scripts).
 PAPER = dict(recipe="paper", param="free", optimizer="adamw", schedule="cosine", epochs=2, steps=0,
              batch_size=2, quant_lr=1e-4, weight_lr=None, min_lr_factor=20.0, loss="mse", init="minmax",
-             best="last")
+             best="last", channel_scale=False)
 
 
 def legacy_defaults() -> dict:

@@ -28,7 +28,7 @@ from eqat_cli.quantize import pack_block
 from eqat_cli.formats.shards import ShardReader, write_index
 from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
-from eqat_cli.train.block_ap.start import quantize_block_start
+from eqat_cli.train.block_ap.start import quantize_block_start, scale_block_pairs
 from eqat_cli.train.block_ap.train import check_keep_best, train_block
 
 STATE_FILE = "blockap_state.json"
@@ -312,7 +312,9 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     """Start (RTN/GPTQ), train if the recipe trains, pack, and write the block's file."""
     model, arch, cfg, device, fwd_batch = src.model, src.arch, src.cfg, src.device, src.fwd_batch
     q_in, fp_out, q_in_v, fp_out_v = acts.q_in, acts.fp_out, acts.q_in_v, acts.fp_out_v
-    # GPTQ Hessians from the quantized chain's inputs, as the block will see them.
+    # Channel scales, and GPTQ Hessians, from the quantized chain's inputs, as the block will see them.
+    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, cfg.bits, cfg.group_size) \
+        if cfg.channel_scale else []
     quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
     block.to(device)
     # Validation windows; without them, a slice of the training windows stands in (for the
@@ -334,8 +336,8 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     after = current_loss(block)
     _save_block(block.cpu(), prefix, block_path)
     block.to(device)
-    return {"block": i, "loss_before": before, "loss_after": after,
-            "history": history, "seconds": round(time.time() - tb, 2)}
+    return {"block": i, "loss_before": before, "loss_after": after, "history": history,
+            **({"channel_scale": scaled} if scaled else {}), "seconds": round(time.time() - tb, 2)}
 
 
 def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: dict | None) -> None:

@@ -42,6 +42,41 @@ def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, devic
     return {name: a.h for name, a in acc.items()}
 
 
+# Tokens of the block's inputs the scale search measures its error on (whole windows from the
+# start; the mean |x| per channel that sets the candidate scales comes from every window).
+SCALE_SEARCH_TOKENS = 2048
+
+
+def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, device, bits: int, group: int) -> list[dict]:
+    """Fold AWQ-searched per-channel scales into each of the architecture's scale pairs of
+    ``block`` (still full precision), from the consumers' inputs over ``inputs`` (the inputs the
+    block will train on). The block's function is unchanged. Returns one record per pair."""
+    from eqat_cli.quant.scaling import InputStats, apply_scales, search_scales
+
+    if not arch.scale_pairs:
+        return []
+    stats = {consumer: InputStats(SCALE_SEARCH_TOKENS) for _, consumer in arch.scale_pairs}
+    hooks = [block.get_submodule(c).register_forward_hook(st) for c, st in stats.items()]
+    try:
+        kw_cache: dict = {}
+        with torch.no_grad():
+            for s in range(0, len(inputs), batch):
+                x = inputs[s : s + batch].to(device=device, dtype=torch.float32)
+                block(x, **block_kwargs_cached(kw_cache, arch, model, x, block))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for producer, consumer in arch.scale_pairs:
+        lin = block.get_submodule(consumer)
+        st = stats[consumer]
+        scales, choice = search_scales(lin.weight, st.sample().to(lin.weight.device), st.mean_abs, bits, group)
+        apply_scales(block.get_submodule(producer), lin, scales)
+        out.append({"pair": f"{producer}->{consumer}", "alpha": choice.alpha, "error": choice.error,
+                    "error_unscaled": choice.error_unscaled})
+    return out
+
+
 def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp: float) -> None:
     """Set each :class:`QuantLinear` to its GPTQ solution: GPTQ's step sizes and zero points, and
     weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell

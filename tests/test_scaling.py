@@ -1,0 +1,119 @@
+"""Equivalent channel scaling before quantization (AWQ's search on up_proj -> down_proj)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIGS, build, save_tiny, tiny_llama_config
+from eqat_cli.quant.scaling import apply_scales, rtn, search_scales
+from eqat_cli.registry import get_registry
+from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
+from eqat_cli.train.block_ap.start import scale_block_pairs
+from test_block_ap import calib, tiny_tokenizer
+
+
+def massive_inputs(tokens=512, channels=128, big=(5, 77), seed=0):
+    """Inputs like SmolLM2's block-11 down_proj: two channels ~1000x the others on some tokens."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, channels, generator=g) * 0.1
+    x[::64, big[0]] = 300.0  # every 64th token (a window's first position)
+    x[::64, big[1]] = -120.0
+    return x
+
+
+def quant_error(w, x, s, bits, group):
+    ref = x @ w.T
+    return float(((x / s) @ rtn(w * s, bits, group).T - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def test_search_protects_massive_channels_and_never_loses_to_no_scaling():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 128, generator=g) * 0.05
+    x = massive_inputs()
+    for bits in (2, 4):
+        s, choice = search_scales(w, x, x.abs().mean(0), bits, 32)
+        assert choice.alpha > 0
+        assert choice.error <= choice.error_unscaled / 4  # the massive columns dominate the unscaled error
+        # the reported errors are what the scales give, measured independently
+        assert choice.error == pytest.approx(quant_error(w, x, s, bits, 32), rel=1e-4)
+        assert choice.error_unscaled == pytest.approx(quant_error(w, x, torch.ones(128), bits, 32), rel=1e-4)
+        assert s[5] > s.median() * 10 and s[77] > s.median() * 5
+    # no channel stands out: every candidate is the identity, and alpha 0 is kept
+    flat = torch.ones(128)
+    s, choice = search_scales(w, torch.randn(256, 128, generator=g), flat, 4, 32)
+    assert choice.alpha == 0 and torch.equal(s, torch.ones(128))
+
+
+def test_apply_scales_keeps_the_mlp_and_the_producers_quantization():
+    torch.manual_seed(0)
+    model = build(tiny_llama_config())
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[3] *= 50  # a channel with a large activation
+    x = torch.randn(2, 9, model.config.hidden_size)
+    with torch.no_grad():
+        before = mlp(x)
+        up_q = rtn(mlp.up_proj.weight, 4, 32)
+    s = torch.rand(mlp.up_proj.out_features) * 10 + 0.1
+    apply_scales(mlp.up_proj, mlp.down_proj, s)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
+        # min-max quantization of the producer is the same, row by row, up to the scale
+        torch.testing.assert_close(rtn(mlp.up_proj.weight, 4, 32) * s[:, None], up_q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_every_architecture_declares_its_mlp_pair_and_scaling_keeps_the_block(name):
+    model = build(TINY_CONFIGS[name]())
+    arch = get_registry().architecture_for(model.config.model_type)
+    assert arch.scale_pairs == (("mlp.up_proj", "mlp.down_proj"),)
+    block = arch.layers(model)[1]
+    hidden = arch.text_config(model.config).hidden_size
+    with torch.no_grad():
+        block.mlp.up_proj.weight[2] *= 40
+    x = torch.randn(4, 16, hidden)
+    kw = arch.block_kwargs(model, x, block)
+    with torch.no_grad():
+        before = block(x, **kw)
+    rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), 4, 32)
+    assert [r["pair"] for r in rec] == ["mlp.up_proj->mlp.down_proj"]
+    assert rec[0]["error"] <= rec[0]["error_unscaled"]
+    with torch.no_grad():
+        out = block(x, **kw)
+    out, before = (t[0] if isinstance(t, tuple) else t for t in (out, before))
+    torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-4)
+
+
+def test_spec_rejects_a_scale_pair_that_is_not_its_linears():
+    from eqat_cli.plugins.llama import LLAMA
+    from eqat_cli.specs import replace
+
+    with pytest.raises(ValueError, match="scale pair"):
+        replace(LLAMA, scale_pairs=(("mlp.up_proj", "mlp.nowhere"),))
+
+
+def test_block_ap_default_scales_paper_does_not(tmp_path):
+    d = save_tiny(build(tiny_llama_config()), tmp_path / "fp")
+    c = calib()
+    with torch.no_grad():  # a massive channel in every block's MLP, so the search has work to do
+        m = build(tiny_llama_config())
+        for layer in m.model.layers:
+            layer.mlp.up_proj.weight[1] *= 60
+    d2 = save_tiny(m, tmp_path / "fp-massive")
+    assert BlockAPConfig.paper().channel_scale is False and BlockAPConfig().channel_scale is True
+    paper = run_block_ap(d, tiny_tokenizer(), c.train, c.val, BlockAPConfig.paper(bits=4, group_size=32, epochs=0),
+                         tmp_path / "paper", torch.device("cpu"))
+    assert all("channel_scale" not in b for b in paper.blocks)
+    outs = {}
+    for on in (False, True):
+        cfg = BlockAPConfig(bits=4, group_size=32, epochs=0, channel_scale=on)
+        outs[on] = run_block_ap(d2, tiny_tokenizer(), c.train, c.val, cfg, tmp_path / f"rtn-{on}", torch.device("cpu"))
+    recs = [b["channel_scale"][0] for b in outs[True].blocks]
+    assert all(0 <= r["alpha"] <= 1 and r["error"] <= r["error_unscaled"] for r in recs)
+    assert any(r["alpha"] > 0 for r in recs)
+    # the scaled start is at least as good on the blocks' own validation loss, summed over blocks
+    assert sum(b["loss_after"] for b in outs[True].blocks) < sum(b["loss_after"] for b in outs[False].blocks)
+    summary = json.loads((outs[True].output / "blockap_summary.json").read_text())
+    assert summary[0]["channel_scale"] == outs[True].blocks[0]["channel_scale"]
+    assert json.loads((outs[True].output / "config.json").read_text())["eqat"]["block_ap"]["channel_scale"] is True
