@@ -42,10 +42,13 @@ class ArchitectureSpec:
     # (regex, replacement) pairs mapping key names in Hugging Face checkpoints on disk to module
     # paths, where the two differ (transformers renames legacy LLaVA keys on load).
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
-    # (producer, consumer) linears of one block where the consumer's input is linear in the
-    # producer's output channel by channel (a gated MLP's up_proj -> down_proj), so a per-channel
-    # scale can move from one to the other without changing the block (eqat_cli.quant.scaling).
-    scale_pairs: tuple[tuple[str, str], ...] = ()
+    # (producer, consumers) of one block where the consumers' input is the producer's output times
+    # something channel-wise linear in it, and nothing else reads it: a norm whose gain multiplies
+    # its output (Llama's input_layernorm -> q/k/v), or a linear (a gated MLP's up_proj ->
+    # down_proj). A per-channel scale can then move from the producer into the consumers' input
+    # columns without changing the block (eqat_cli.quant.scaling).
+    scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    norm_gain_offset: float = 0.0  # a norm's gain is offset + weight (Gemma: 1 + weight)
 
     def module_key(self, checkpoint_key: str) -> str:
         import re
@@ -62,8 +65,8 @@ class ArchitectureSpec:
         if not self.linear_groups or not all(self.linear_groups):
             raise ValueError(f"architecture {self.name!r} declares no linear layers")
         for pair in self.scale_pairs:
-            if len(pair) != 2 or not set(pair) <= set(self.linear_names):
-                raise ValueError(f"architecture {self.name!r}: scale pair {pair!r} is not two of its linear layers")
+            if len(pair) != 2 or not pair[1] or isinstance(pair[1], str) or not set(pair[1]) <= set(self.linear_names):
+                raise ValueError(f"architecture {self.name!r}: scale pair {pair!r} is not (producer, (its linear consumers))")
 
     @property
     def linear_names(self) -> tuple[str, ...]:

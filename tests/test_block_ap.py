@@ -276,6 +276,13 @@ def test_cli_block_ap_and_calibrate(llama_dir, tmp_path):
     assert summary["config"]["bits"] == 4 and len(summary["blocks"]) == 2
     assert summary["config"]["init"] == "gptq" and summary["config"]["keep_best"] is True
     assert all("best_epoch" in b["history"] for b in summary["blocks"])
+    assert summary["config"]["channel_scale"] is True and all(len(b["channel_scale"]) == 1 for b in summary["blocks"])
+    res = r.invoke(app, ["block-ap", str(llama_dir), "--bits", "4", "--group", "32", "--epochs", "0",
+                         "--calib", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "plain"),
+                         "--no-channel-scale", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    plain = json.loads((tmp_path / "p.json").read_text())
+    assert plain["config"]["channel_scale"] is False and all("channel_scale" not in b for b in plain["blocks"])
     assert 50 < summary["peak_rss_mb"] < 64 * 1024  # MiB of this process, not KiB or bytes
     # Bad input: both sources, unsupported bits, tokenizer/file errors -> exit 2, one line.
     for args in (

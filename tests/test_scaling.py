@@ -56,7 +56,7 @@ def test_apply_scales_keeps_the_mlp_and_the_producers_quantization():
         before = mlp(x)
         up_q = rtn(mlp.up_proj.weight, 4, 32)
     s = torch.rand(mlp.up_proj.out_features) * 10 + 0.1
-    apply_scales(mlp.up_proj, mlp.down_proj, s)
+    apply_scales(mlp.up_proj, [mlp.down_proj], s)
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
         # min-max quantization of the producer is the same, row by row, up to the scale
@@ -67,10 +67,10 @@ def test_apply_scales_keeps_the_mlp_and_the_producers_quantization():
 def test_every_architecture_declares_its_mlp_pair_and_scaling_keeps_the_block(name):
     model = build(TINY_CONFIGS[name]())
     arch = get_registry().architecture_for(model.config.model_type)
-    assert arch.scale_pairs == (("mlp.up_proj", "mlp.down_proj"),)
+    assert arch.scale_pairs == (("mlp.up_proj", ("mlp.down_proj",)),)
     block = arch.layers(model)[1]
     hidden = arch.text_config(model.config).hidden_size
-    with torch.no_grad():
+    with torch.no_grad():  # a channel with a large activation into down_proj
         block.mlp.up_proj.weight[2] *= 40
     x = torch.randn(4, 16, hidden)
     kw = arch.block_kwargs(model, x, block)
@@ -78,11 +78,59 @@ def test_every_architecture_declares_its_mlp_pair_and_scaling_keeps_the_block(na
         before = block(x, **kw)
     rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), 4, 32)
     assert [r["pair"] for r in rec] == ["mlp.up_proj->mlp.down_proj"]
-    assert rec[0]["error"] <= rec[0]["error_unscaled"]
+    assert rec[0]["alpha"] > 0 and rec[0]["error"] <= rec[0]["error_unscaled"]
     with torch.no_grad():
         out = block(x, **kw)
     out, before = (t[0] if isinstance(t, tuple) else t for t in (out, before))
     torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_norm_scale_pairs_keep_the_block(name):
+    """Norm producers (declared by no built-in spec: on SmolLM2 they lost to the MLP pair alone)
+    fold into the gain, ``1 + weight`` for Gemma-3, and the block is unchanged."""
+    from eqat_cli.specs import replace
+
+    model = build(TINY_CONFIGS[name]())
+    base = get_registry().architecture_for(model.config.model_type)
+    mlp_norm = "pre_feedforward_layernorm" if name == "gemma3" else "post_attention_layernorm"
+    arch = replace(base, scale_pairs=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        (mlp_norm, ("mlp.gate_proj", "mlp.up_proj")), *base.scale_pairs))
+    block = arch.layers(model)[1]
+    with torch.no_grad():
+        for norm, _ in arch.scale_pairs[:2]:
+            block.get_submodule(norm).weight[3] = 30.0
+    gains = {norm: block.get_submodule(norm).weight.detach().clone() for norm, _ in arch.scale_pairs[:2]}
+    x = torch.randn(4, 16, arch.text_config(model.config).hidden_size)
+    kw = arch.block_kwargs(model, x, block)
+    with torch.no_grad():
+        before = block(x, **kw)
+    rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), 4, 32)
+    assert len(rec) == 3 and all(r["error"] <= r["error_unscaled"] for r in rec)
+    for (norm, _), r in zip(arch.scale_pairs[:2], rec):
+        assert r["alpha"] > 0 and not torch.equal(block.get_submodule(norm).weight, gains[norm])
+    with torch.no_grad():
+        out = block(x, **kw)
+    out, before = (t[0] if isinstance(t, tuple) else t for t in (out, before))
+    torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-4)
+
+
+def test_norm_gain_with_an_offset_folds_exactly():
+    from eqat_cli.quant.scaling import apply_scales as fold
+
+    norm = torch.nn.Module()
+    norm.weight = torch.nn.Parameter(torch.randn(8))
+    lin = torch.nn.Linear(8, 5, bias=False)
+    x = torch.randn(3, 8)
+    s = torch.rand(8) + 0.5
+    for offset in (0.0, 1.0):
+        w0, l0 = norm.weight.detach().clone(), lin.weight.detach().clone()
+        want = lin(x * (offset + norm.weight))
+        fold(norm, [lin], s, offset)
+        torch.testing.assert_close(lin(x * (offset + norm.weight)), want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(w0), lin.weight.copy_(l0)
 
 
 def test_spec_rejects_a_scale_pair_that_is_not_its_linears():
@@ -90,7 +138,9 @@ def test_spec_rejects_a_scale_pair_that_is_not_its_linears():
     from eqat_cli.specs import replace
 
     with pytest.raises(ValueError, match="scale pair"):
-        replace(LLAMA, scale_pairs=(("mlp.up_proj", "mlp.nowhere"),))
+        replace(LLAMA, scale_pairs=(("mlp.up_proj", ("mlp.nowhere",)),))
+    with pytest.raises(ValueError, match="scale pair"):
+        replace(LLAMA, scale_pairs=(("mlp.up_proj", "mlp.down_proj"),))  # consumers must be a tuple
 
 
 def test_block_ap_default_scales_paper_does_not(tmp_path):
@@ -109,7 +159,8 @@ def test_block_ap_default_scales_paper_does_not(tmp_path):
     for on in (False, True):
         cfg = BlockAPConfig(bits=4, group_size=32, epochs=0, channel_scale=on)
         outs[on] = run_block_ap(d2, tiny_tokenizer(), c.train, c.val, cfg, tmp_path / f"rtn-{on}", torch.device("cpu"))
-    recs = [b["channel_scale"][0] for b in outs[True].blocks]
+    recs = [r for b in outs[True].blocks for r in b["channel_scale"]]
+    assert len(recs) == len(outs[True].blocks)
     assert all(0 <= r["alpha"] <= 1 and r["error"] <= r["error_unscaled"] for r in recs)
     assert any(r["alpha"] > 0 for r in recs)
     # the scaled start is at least as good on the blocks' own validation loss, summed over blocks

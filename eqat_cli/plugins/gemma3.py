@@ -17,6 +17,7 @@ GEMMA3 = replace(
     name="gemma3",
     model_types=("gemma3_text",),
     description="Gemma-3 text models (scaled embeddings, 4 norms per block, 5:1 sliding/global layers)",
+    norm_gain_offset=1.0,  # Gemma3RMSNorm: x_normed * (1 + weight), for norm scale pairs
 )
 
 

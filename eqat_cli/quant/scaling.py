@@ -1,9 +1,11 @@
 """Equivalent per-channel scaling before quantization (AWQ's scale search, on pairs of linears).
 
-A *scale pair* ``(producer, consumer)`` of a decoder block is two linear layers where the
-consumer's input is linear in the producer's output, channel by channel: Llama's MLP computes
-``down(act(gate(x)) * up(x))``, so dividing row ``c`` of ``up`` (and its bias) by ``s_c`` and
-multiplying column ``c`` of ``down`` by ``s_c`` leaves the block's function unchanged.
+A *scale pair* ``(producer, consumers)`` of a decoder block is a module and the linear layers
+that alone read its output, where their input is linear in the producer's output channel by
+channel. Llama's MLP computes ``down(act(gate(x)) * up(x))``, so dividing row ``c`` of ``up``
+(and its bias) by ``s_c`` and multiplying column ``c`` of ``down`` by ``s_c`` leaves the block's
+function unchanged; an RMSNorm multiplies its output by a gain, so dividing the gain of channel
+``c`` by ``s_c`` and multiplying column ``c`` of q/k/v (or gate/up) by ``s_c`` does too.
 
 Quantization does not stay unchanged, and that is the point. The consumer's groups run along its
 input dimension: a column that meets a huge activation (SmolLM2's block 11 feeds ``down_proj``
@@ -11,8 +13,10 @@ values of ~3,000 on two channels of the first token, where the median channel is
 rounded with the same absolute error as its 63 neighbours, and that error is multiplied by the
 activation. Scaling the column up makes it the end of its group's range, where min-max rounding
 is nearly exact, at the cost of a coarser grid for its neighbours; the search below weighs the
-two on the layer's real inputs. The producer loses nothing: its groups run along rows, so a row's
-groups all scale together and min-max quantization is scale-equivariant row by row.
+two on the layer's real inputs. A linear producer loses nothing: its groups run along rows, so a
+row's groups all scale together and min-max quantization is scale-equivariant row by row; a norm's
+gain is not quantized. Several consumers (q/k/v) share one scale, searched on their outputs
+together.
 
 The search is AWQ's: ``s = mean|x|^alpha`` (normalised so that ``max(s) * min(s) = 1``) for
 ``alpha`` on a grid over [0, 1], keeping the ``alpha`` whose min-max quantized consumer reproduces
@@ -78,13 +82,24 @@ def search_scales(weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor,
 
 
 @torch.no_grad()
-def apply_scales(producer: nn.Linear, consumer: nn.Linear, scales: torch.Tensor) -> None:
-    """Fold ``scales`` into the pair: producer rows (and bias) ``/ s``, consumer columns ``* s``."""
-    s = scales.to(producer.weight.device, torch.float32)
-    producer.weight.copy_((producer.weight.float() / s[:, None]).to(producer.weight.dtype))
-    if producer.bias is not None:
-        producer.bias.copy_((producer.bias.float() / s).to(producer.bias.dtype))
-    consumer.weight.copy_((consumer.weight.float() * s[None, :]).to(consumer.weight.dtype))
+def apply_scales(producer: nn.Module, consumers: list[nn.Linear], scales: torch.Tensor,
+                 gain_offset: float = 0.0) -> None:
+    """Fold ``scales`` into a pair: the consumers' input columns ``* s``, and the producer's output
+    ``/ s``: a linear's rows (and bias), or a norm's gain (``gain_offset + weight``)."""
+    s = scales.to(consumers[0].weight.device, torch.float32)
+    if isinstance(producer, nn.Linear):
+        producer.weight.copy_((producer.weight.float() / s[:, None]).to(producer.weight.dtype))
+        if producer.bias is not None:
+            producer.bias.copy_((producer.bias.float() / s).to(producer.bias.dtype))
+    else:
+        w = producer.weight
+        if w.dim() != 1 or w.numel() != s.numel():
+            raise ValueError(f"cannot fold {s.numel()} channel scales into {type(producer).__name__}")
+        w.copy_(((gain_offset + w.float()) / s - gain_offset).to(w.dtype))
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.copy_((producer.bias.float() / s).to(producer.bias.dtype))
+    for c in consumers:
+        c.weight.copy_((c.weight.float() * s[None, :]).to(c.weight.dtype))
 
 
 class InputStats:

@@ -38,10 +38,11 @@ class BlockAPConfig:
     * ``precision``: autocast of the training forwards: ``auto`` is bf16 on GPUs and on CPUs with
       bf16 units (AVX512-BF16, AMX), fp16 on GPUs without bf16 (with loss scaling), else fp32.
       Targets, the quantized chain and every loss stay fp32.
-    * ``channel_scale``: before a block starts, move per-channel scales between the architecture's
-      scale pairs (Llama's ``up_proj`` rows / ``down_proj`` columns) with AWQ's search on the block's
-      own inputs (:mod:`eqat_cli.quant.scaling`); the block computes the same function, and its
-      quantization starts from a grid that protects the channels with large activations.
+    * ``channel_scale``: before a block starts, move per-channel scales within the architecture's
+      scale pairs (norm gains into q/k/v and gate/up columns, ``up_proj`` rows into ``down_proj``
+      columns) with AWQ's search on the block's own inputs (:mod:`eqat_cli.quant.scaling`); the
+      block computes the same function, and its quantization starts from grids that protect the
+      channels with large activations.
     * ``best``: which parameters a block ends with: ``last``; ``val``, the best validation loss at
       an epoch end, the start included; ``train``, the lowest training-batch loss seen at any step.
     """

@@ -55,7 +55,8 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
 
     if not arch.scale_pairs:
         return []
-    stats = {consumer: InputStats(SCALE_SEARCH_TOKENS) for _, consumer in arch.scale_pairs}
+    # Consumers of one pair read the same tensor: one hook on the first is enough.
+    stats = {consumers[0]: InputStats(SCALE_SEARCH_TOKENS) for _, consumers in arch.scale_pairs}
     hooks = [block.get_submodule(c).register_forward_hook(st) for c, st in stats.items()]
     try:
         kw_cache: dict = {}
@@ -66,13 +67,16 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
     finally:
         for h in hooks:
             h.remove()
+    # Every pair's statistics are taken before any scaling: the scaling keeps each consumer's
+    # output, so it changes no other pair's inputs.
     out = []
-    for producer, consumer in arch.scale_pairs:
-        lin = block.get_submodule(consumer)
-        st = stats[consumer]
-        scales, choice = search_scales(lin.weight, st.sample().to(lin.weight.device), st.mean_abs, bits, group)
-        apply_scales(block.get_submodule(producer), lin, scales)
-        out.append({"pair": f"{producer}->{consumer}", "alpha": choice.alpha, "error": choice.error,
+    for producer, consumers in arch.scale_pairs:
+        lins = [block.get_submodule(c) for c in consumers]
+        st = stats[consumers[0]]
+        weight = torch.cat([lin.weight.detach().float() for lin in lins]) if len(lins) > 1 else lins[0].weight
+        scales, choice = search_scales(weight, st.sample().to(weight.device), st.mean_abs, bits, group)
+        apply_scales(block.get_submodule(producer), lins, scales, arch.norm_gain_offset)
+        out.append({"pair": f"{producer}->{'+'.join(consumers)}", "alpha": choice.alpha, "error": choice.error,
                     "error_unscaled": choice.error_unscaled})
     return out
 
