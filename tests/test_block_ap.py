@@ -270,7 +270,7 @@ def test_cli_block_ap_and_calibrate(llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     res = r.invoke(app, ["block-ap", str(llama_dir), "--bits", "4", "--group", "32", "--epochs", "1",
                          "--calib", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "out"),
-                         "--init", "gptq", "--keep-best", "--json", str(tmp_path / "s.json")])
+                         "--init", "gptq", "--keep-best", "--channel-scale", "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["bits"] == 4 and len(summary["blocks"]) == 2

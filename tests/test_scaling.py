@@ -151,7 +151,10 @@ def test_block_ap_default_scales_paper_does_not(tmp_path):
         for layer in m.model.layers:
             layer.mlp.up_proj.weight[1] *= 60
     d2 = save_tiny(m, tmp_path / "fp-massive")
-    assert BlockAPConfig.paper().channel_scale is False and BlockAPConfig().channel_scale is True
+    assert BlockAPConfig.paper(bits=2).resolved_channel_scale is False
+    # default recipe: on at 2 and 3 bits, off from 4 (where it did not help on SmolLM2)
+    assert [BlockAPConfig(bits=b).to_json()["channel_scale"] for b in (2, 3, 4, 8)] == [True, True, False, False]
+    assert BlockAPConfig(bits=4, channel_scale=True).resolved_channel_scale is True
     paper = run_block_ap(d, tiny_tokenizer(), c.train, c.val, BlockAPConfig.paper(bits=4, group_size=32, epochs=0),
                          tmp_path / "paper", torch.device("cpu"))
     assert all("channel_scale" not in b for b in paper.blocks)

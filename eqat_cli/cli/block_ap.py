@@ -81,7 +81,7 @@ def block_ap_cmd(
     gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
     best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
     keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
-    channel_scale: Annotated[Optional[bool], typer.Option("--channel-scale/--no-channel-scale", help="Before each block starts, fold AWQ-searched per-channel scales into the architecture's scale pairs (norm gains -> q/k/v and gate/up columns, up_proj rows -> down_proj columns): the block computes the same function, and its grids protect channels with large activations. Default on; paper: off.")] = None,
+    channel_scale: Annotated[Optional[bool], typer.Option("--channel-scale/--no-channel-scale", help="Before each block starts, move AWQ-searched per-channel scales within the architecture's scale pairs (up_proj rows -> down_proj columns): the block computes the same function, and its grids protect channels with large activations. Default: on at 2 and 3 bits, off at 4 and more; paper: off.")] = None,
     precision: PrecisionOpt = "auto",
     offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last finished block.")] = True,

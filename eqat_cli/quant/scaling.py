@@ -1,4 +1,4 @@
-"""Equivalent per-channel scaling before quantization (AWQ's scale search, on pairs of linears).
+"""Equivalent per-channel scaling before quantization (AWQ's scale search, on a block's scale pairs).
 
 A *scale pair* ``(producer, consumers)`` of a decoder block is a module and the linear layers
 that alone read its output, where their input is linear in the producer's output channel by

@@ -42,9 +42,11 @@ def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, devic
     return {name: a.h for name, a in acc.items()}
 
 
-# Tokens of the block's inputs the scale search measures its error on (whole windows from the
-# start; the mean |x| per channel that sets the candidate scales comes from every window).
+# Tokens of the block's inputs the scale search measures its error on, and (at least) the tokens
+# the mean |x| per channel that sets the candidate scales comes from: whole windows from the
+# start, so each window's first position, where massive activations live, keeps its proportion.
 SCALE_SEARCH_TOKENS = 2048
+SCALE_STATS_TOKENS = 4096
 
 
 def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, device, bits: int, group: int) -> list[dict]:
@@ -58,11 +60,12 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
     # Consumers of one pair read the same tensor: one hook on the first is enough.
     stats = {consumers[0]: InputStats(SCALE_SEARCH_TOKENS) for _, consumers in arch.scale_pairs}
     hooks = [block.get_submodule(c).register_forward_hook(st) for c, st in stats.items()]
+    n_windows = min(len(inputs), -(-SCALE_STATS_TOKENS // inputs.shape[1]))
     try:
         kw_cache: dict = {}
         with torch.no_grad():
-            for s in range(0, len(inputs), batch):
-                x = inputs[s : s + batch].to(device=device, dtype=torch.float32)
+            for s in range(0, n_windows, batch):
+                x = inputs[s : min(s + batch, n_windows)].to(device=device, dtype=torch.float32)
                 block(x, **block_kwargs_cached(kw_cache, arch, model, x, block))
     finally:
         for h in hooks:
