@@ -43,9 +43,9 @@ class ArchitectureSpec:
     # paths, where the two differ (transformers renames legacy LLaVA keys on load).
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     # (producer, consumers) of one block where the consumers' input is the producer's output times
-    # something channel-wise linear in it, and nothing else reads it: a norm whose gain multiplies
-    # its output (Llama's input_layernorm -> q/k/v), or a linear (a gated MLP's up_proj ->
-    # down_proj). A per-channel scale can then move from the producer into the consumers' input
+    # something channel-wise linear in it, and nothing else reads it: a linear (a gated MLP's
+    # up_proj -> down_proj, what the built-in architectures declare), or a norm whose gain
+    # multiplies its output (an RMSNorm -> q/k/v). A per-channel scale can then move from the producer into the consumers' input
     # columns without changing the block (eqat_cli.quant.scaling).
     scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     norm_gain_offset: float = 0.0  # a norm's gain is offset + weight (Gemma: 1 + weight)
