@@ -147,7 +147,7 @@ def test_resume_equals_uninterrupted(llama_dir, tmp_path):
 
 
 def test_resume_across_an_upgrade_that_added_options(llama_dir, tmp_path):
-    """A work directory written before --init/--keep-best existed resumes; a real change restarts."""
+    """A work directory written before --init/--keep-best/--channel-scale existed resumes; a real change restarts."""
     cfg = BlockAPConfig.paper(bits=3, group_size=32, epochs=1, quant_lr=1e-3, weight_lr=1e-4)
 
     def stop_at_block_1(event, info):
@@ -155,7 +155,7 @@ def test_resume_across_an_upgrade_that_added_options(llama_dir, tmp_path):
             raise KeyboardInterrupt
 
     state_path = tmp_path / "out.partial" / "blockap_state.json"
-    for drop, resumed in ((("init", "gptq_damp", "keep_best"), 1), (("init",), 1), ((), 0)):
+    for drop, resumed in ((("init", "gptq_damp", "keep_best", "channel_scale"), 1), (("init",), 1), ((), 0)):
         with pytest.raises(KeyboardInterrupt):
             run(llama_dir, tmp_path / "out", cfg, progress=stop_at_block_1)
         state = json.loads(state_path.read_text())
