@@ -76,7 +76,7 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
     for producer, consumers in arch.scale_pairs:
         lins = [block.get_submodule(c) for c in consumers]
         st = stats[consumers[0]]
-        weight = torch.cat([lin.weight.detach().float() for lin in lins]) if len(lins) > 1 else lins[0].weight
+        weight = torch.cat([lin.weight.detach() for lin in lins])  # consumers side by side: one search
         scales, choice = search_scales(weight, st.sample().to(weight.device), st.mean_abs, bits, group)
         apply_scales(block.get_submodule(producer), lins, scales, arch.norm_gain_offset)
         out.append({"pair": f"{producer}->{'+'.join(consumers)}", "alpha": choice.alpha, "error": choice.error,
