@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.errors import BadInputError
 from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
+from eqat_cli.scheme import SUPPORTED_BITS, QuantScheme
 
-SUPPORTED_BITS = (2, 3, 4, 8)  # eqat_cli.quant.primitives.SUPPORTED_BITS (kept torch-free here)
 DEFAULT_PROMPT = "The three most important ideas in the history of computing are"
 LAYER_REPEATS = 10
 GENERATION_REPEATS = 3
@@ -44,15 +44,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Fail fast on bad numbers, before anything heavy is loaded."""
-        if self.bits not in SUPPORTED_BITS:
-            raise UnsupportedError(
-                f"unsupported bit width {self.bits}; choose one of "
-                f"{', '.join(map(str, SUPPORTED_BITS))}"
-            )
-        if self.group != -1 and self.group < 2:
-            raise BadInputError(
-                f"group size must be -1 (per-channel) or at least 2, got {self.group}"
-            )
+        QuantScheme(self.bits, self.group)  # one-line errors for bad bits or group
         if self.repeats is not None and self.repeats < 2:
             raise BadInputError(
                 f"--repeats must be at least 2 (a median needs a spread), got {self.repeats}"

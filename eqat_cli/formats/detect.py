@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.scheme import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)  # mirrors eqat_cli.quant.primitives (which imports torch)
 _COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass

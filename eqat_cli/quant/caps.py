@@ -10,9 +10,9 @@
 This module imports no torch (``eqat --help`` imports the plugins that read it).
 """
 
+from eqat_cli.scheme import SUPPORTED_BITS as _ALL_BITS
 from eqat_cli.specs import KernelCaps
 
-_ALL_BITS = (2, 3, 4, 8)  # eqat_cli.quant.primitives.SUPPORTED_BITS (a test checks they agree)
 _ANY_DEVICE = ("cpu", "cuda", "mps")
 
 TORCH_KERNEL_CAPS = KernelCaps(

@@ -17,30 +17,17 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from eqat_cli.scheme import SUPPORTED_BITS, check_bits  # noqa: F401  (one home: eqat_cli.scheme)
+
 SCALE_MIN = 1e-5
 SCALE_MAX = 1e4
 
 
-def check_bits(bits: int) -> int:
-    from eqat_cli.errors import UnsupportedError
-
-    if bits not in SUPPORTED_BITS:
-        raise UnsupportedError(
-            f"unsupported bit width {bits}; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
-        )
-    return bits
-
-
 def effective_group(group_size: int, in_features: int) -> int:
     """The group length actually used: per-channel (-1) becomes the whole input width."""
-    from eqat_cli.errors import BadInputError
+    from eqat_cli.scheme import check_group
 
-    if group_size == -1:
-        return in_features
-    if group_size < 2:
-        raise BadInputError(f"group size must be -1 (per-channel) or at least 2, got {group_size}")
-    return group_size
+    return in_features if check_group(group_size) == -1 else group_size
 
 
 def n_groups(in_features: int, group_size: int) -> int:
