@@ -91,15 +91,16 @@ class Checkpoint:
     _layout: Any = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, require_weights: bool = False) -> "Checkpoint":
+    def open(cls, path: str | os.PathLike, require_weights: bool = False, config: bool = True) -> "Checkpoint":
         """Read ``path``'s description. A directory without safetensors files (e.g.
-        ``pytorch_model.bin`` only) opens with no tensors unless ``require_weights``."""
+        ``pytorch_model.bin`` only) opens with no tensors unless ``require_weights``;
+        ``config=False`` reads the weights' description only (no ``config.json`` needed)."""
         from eqat_cli.readers import read_json, read_model_config
 
         p = Path(path)
-        if not (p / "config.json").exists():
+        if config and not (p / "config.json").exists():
             raise BadInputError(f"{path} has no config.json")
-        config = read_model_config(p)
+        config = read_model_config(p) if config else {}
         index = read_json(p / INDEX_FILE, "safetensors index") if (p / INDEX_FILE).exists() else None
         files = shard_files(p, index)
         if not files and require_weights:
@@ -107,7 +108,7 @@ class Checkpoint:
         tensors: dict[str, TensorMeta] = {}
         for f in files:
             tensors.update(read_safetensors_header(f))
-        return cls(p, config, files, tensors, index)
+        return cls(p, config, files, tensors, index)  # type: ignore[arg-type]
 
     # -- what it is -----------------------------------------------------------------------------
     @property

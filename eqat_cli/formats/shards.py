@@ -21,7 +21,7 @@ class ShardReader:
     """
 
     def __init__(self, path: Path | Checkpoint, arch: Any = None):
-        ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+        ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=False)
         ckpt.weight_files()  # one clear error when there are none
         weight_map = ckpt.index["weight_map"] if ckpt.index is not None else ckpt.weight_map()
         self.path = ckpt.path
