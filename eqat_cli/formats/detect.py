@@ -22,16 +22,13 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.formats.checkpoint import (  # noqa: F401 - TensorMeta, read_safetensors_header re-exported
-    INDEX_FILE,
+from eqat_cli.formats.checkpoint import (  # noqa: F401 - read_safetensors_header re-exported
     Checkpoint,
     TensorMeta,
     read_safetensors_header,
-    shard_files,
 )
 from eqat_cli.scheme import SUPPORTED_BITS, QuantScheme
 
@@ -48,6 +45,10 @@ class LayerQuant:
     in_features: int
     out_features: int
 
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size)
+
 
 # ---------------------------------------------------------------------- safetensors headers
 
@@ -61,20 +62,6 @@ def read_small_tensor(meta: TensorMeta) -> list[int]:
         fh.seek(meta.data_start + meta.offsets[0])
         data = fh.read(meta.nbytes)
     return list(struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data))
-
-
-def safetensor_files(path: Path) -> list[Path]:
-    """The weight shards of a model directory (the index's, checked; else ``model.safetensors``;
-    else every ``*.safetensors``)."""
-    from eqat_cli.readers import read_json
-
-    index = Path(path) / INDEX_FILE
-    return shard_files(Path(path), read_json(index, "safetensors index") if index.exists() else None)
-
-
-def read_headers(path: Path) -> dict[str, TensorMeta]:
-    """Every tensor of a model directory's shards (each header read once)."""
-    return Checkpoint.open(path, require_weights=True).tensors
 
 
 # ---------------------------------------------------------------------- detection
@@ -91,14 +78,6 @@ class Layout:
     @property
     def packed(self) -> bool:
         return self.format in PACKED_FORMATS
-
-
-def read_config_dict(path: str | os.PathLike) -> dict:
-    from eqat_cli.readers import read_model_config
-
-    if not (Path(path) / "config.json").exists():
-        raise BadInputError(f"{path} has no config.json")
-    return read_model_config(path)
 
 
 def quantized_layer_names(names: Iterable[str]) -> list[str]:
