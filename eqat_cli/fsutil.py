@@ -56,6 +56,20 @@ def _disk_full(e: BaseException, target: Path) -> None:
         raise DiskFullError(target) from e
 
 
+def replace_dir(src: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished directory ``src`` (a sibling of ``target``) to ``target`` by renames: an
+    existing ``target`` is renamed aside first and removed only once ``src`` is in place, so at
+    every moment either the old or the new directory is there."""
+    src, target = Path(src), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory next to ``target``; rename it into place on success."""
@@ -68,13 +82,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _disk_full(e, target)

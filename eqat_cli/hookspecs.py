@@ -7,16 +7,20 @@ published under the entry-point group ``eqat``::
     myarch = "my_package.eqat_plugin"
 
 Plugin modules must not import torch at import time (``eqat --help`` stays fast). The specs they
-register come from :mod:`eqat_cli.specs` (torch-free); this module imports nothing else of eqat.
+register come from :mod:`eqat_cli.specs` (torch-free) and, for formats,
+:mod:`eqat_cli.formats.registry`; this module imports nothing else of eqat at run time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
 from eqat_cli.specs import ArchitectureSpec, BackendSpec, DatasetSpec
+
+if TYPE_CHECKING:  # formats.registry is torch-free too, but only the type is needed here
+    from eqat_cli.formats.registry import Format
 
 PROJECT = "eqat"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,6 +40,12 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
 @hookspec
 def register_datasets(register: Callable[[DatasetSpec], None]) -> None:
     """Register named data sets (calibration text, perplexity, zero-shot tasks)."""
+
+
+@hookspec
+def register_formats(register: Callable[["Format"], None]) -> None:
+    """Register output formats (``eqat pack --format``) with ``register(Format(...))``; see
+    :mod:`eqat_cli.formats.registry` for what a ``Format`` is."""
 
 
 @hookspec

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
-from eqat_cli.formats.detect import detect_layout
+from eqat_cli.formats.checkpoint import Checkpoint
+from eqat_cli.formats.detect import FULL_PRECISION
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -56,7 +57,7 @@ class LoadedModel:
     tokenizer: Any
     arch: Any  # the registry's ArchitectureSpec; None when no plugin knows the model (eval only)
     source: ModelSource
-    format: str  # "fp", "eqat", "gptq", "gptq_v2" or "other (METHOD)" (see formats.detect)
+    format: str  # "fp", "eqat", "gptq", "gptq_v2" or "other (METHOD)" (formats.detect's names)
     quant: dict = field(default_factory=dict)  # {"bits", "group_size", "layers": {...}}
     path: Path | None = None
 
@@ -111,14 +112,13 @@ def _drop_gguf_quantizer(model: Any) -> None:
 
 
 def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
+    """Load a ``.gguf`` file through transformers, dequantized into a plain model (see
+    :func:`eqat_cli.formats.gguf_export.load_gguf_model`: failures name the file)."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError("gguf", "loading a .gguf model")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from eqat_cli.formats.gguf_export import load_gguf_model
 
-    from eqat_cli.readers import hf_load
-
-    model = hf_load(AutoModelForCausalLM.from_pretrained, directory, "GGUF model", gguf_file=gguf_file, dtype=dtype)
-    tok = hf_load(AutoTokenizer.from_pretrained, directory, "GGUF tokenizer", gguf_file=gguf_file)
+    model, tok = load_gguf_model(Path(directory) / gguf_file, dtype)
     _drop_gguf_quantizer(model)
     return model, tok
 
@@ -247,17 +247,16 @@ def resolve(
     quant: dict = {}
     if source.kind == "gguf":
         model, tok = load_gguf(source.path, source.gguf_file, torch_dtype)
-        fmt, path = "fp", source.path
+        fmt, path = FULL_PRECISION, source.path
     else:
         path = local_path(source, revision)
-        layout = detect_layout(path)
+        ckpt = Checkpoint.open(path)  # config.json and every shard header, read once
+        layout = ckpt.layout
         fmt = layout.format
         if layout.packed:
             from eqat_cli.formats.native import load_packed_model
 
-            model, layers = load_packed_model(
-                path, torch_dtype, zero_offset=layout.zero_offset, gptq3=layout.gptq3
-            )
+            model, layers = load_packed_model(ckpt, torch_dtype)
             tok = load_tokenizer(path)
             quant = summarize_layers(layers)
         else:  # full precision, or a quantization method transformers itself may load

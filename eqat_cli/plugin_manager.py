@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("backend_triton", "eqat_cli.plugins.backend_triton"),
     ("backend_reference", "eqat_cli.plugins.backend_reference"),
     ("datasets", "eqat_cli.plugins.datasets"),
+    ("formats", "eqat_cli.plugins.formats"),
 )
 
 

@@ -38,6 +38,7 @@ class Registry:
         self.architectures: dict[str, Registered] = {}
         self.backends: dict[str, Registered] = {}
         self.datasets: dict[str, Registered] = {}
+        self.formats: dict[str, Registered] = {}
         self._collect()
 
     def _collect(self) -> None:
@@ -46,6 +47,9 @@ class Registry:
             ("register_backends", BackendSpec, self.backends),
             ("register_datasets", DatasetSpec, self.datasets),
         ]
+        from eqat_cli.formats.registry import Format, FormatTable
+
+        hooks.append(("register_formats", Format, self.formats))
         for hook_name, cls, table in hooks:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 plugin_name = self.pm.get_name(impl.plugin)
@@ -62,6 +66,9 @@ class Registry:
                         f"model_type {mt!r} is claimed by architectures {seen[mt]!r} and {name!r}"
                     )
                 seen[mt] = name
+        self._format_table = FormatTable()
+        for name, reg in self.formats.items():
+            self._format_table.add(reg.spec, reg.plugin)
 
     @staticmethod
     def _add(cls, table: dict, spec: Any, plugin: str) -> None:
@@ -100,6 +107,18 @@ class Registry:
                 f"unknown architecture {name!r}; known: {', '.join(sorted(self.architectures))}"
             )
         return self.architectures[name].spec
+
+    def format(self, name: str):
+        """The output :class:`~eqat_cli.formats.registry.Format` called ``name`` (or one of its
+        aliases, in any case, ``-`` or ``_``); a one-line error listing the choices otherwise."""
+        return self._format_table.get(name)
+
+    def format_name(self, name: str) -> str:
+        """The canonical name of a format name or alias (e.g. ``native`` -> ``eqat``)."""
+        return self._format_table.canonical(name)
+
+    def format_names(self) -> tuple[str, ...]:
+        return self._format_table.names()
 
     def dataset(self, name: str) -> DatasetSpec:
         if name not in self.datasets:

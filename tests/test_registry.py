@@ -96,6 +96,62 @@ def test_hook_register_commands(registered):
     assert "(allowed: >= 1)" in CliRunner().invoke(build_app(), ["checked", "--help"]).output
 
 
+def test_hook_register_formats(registered, tmp_path):
+    """A plugin's Format is found under its name and aliases, checked and written by pack_model."""
+    from conftest import build, tiny_llama_config, tiny_tokenizer
+    from eqat_cli.formats.native import save_native
+    from eqat_cli.formats.registry import Format
+    from eqat_cli.pack import pack_model
+    from eqat_cli.quantize import rtn_quantize_model
+
+    calls = []
+
+    def check(model, tokenizer=None):
+        calls.append("check")
+        if tokenizer is None:
+            raise UnsupportedError("needs a tokenizer")
+
+    def write(job):
+        calls.append("write")
+        n = sum(1 for k in job.model.state_dict() if k.endswith(".qweight"))
+        job.target.write_text(f"{n} packed layers from {job.provenance['source_format']}\n")
+        return {"layers": n}
+
+    class MyFormat:
+        @hookimpl
+        def register_formats(self, register):
+            register(Format(name="toy", aliases=("toy-fmt",), description="a toy", check=check, write=write,
+                            load_hint="cat {out}", output="file", suffix=".toy"))
+
+    reg = registered(MyFormat(), "my-format")
+    assert reg.format("TOY-FMT").name == "toy" and reg.formats["toy"].plugin == "my-format"
+    assert "toy" in reg.format_names() and reg.format_name("native") == "eqat"
+    model = build(tiny_llama_config())
+    rtn_quantize_model(model, reg.architecture_for("llama"), 4, 32)
+    (tmp_path / "q").mkdir()
+    save_native(model, tiny_tokenizer(), tmp_path / "q", {"bits": 4, "group_size": 32, "architecture": "llama"})
+    with pytest.raises(EqatError, match="ending in .toy"):
+        pack_model(str(tmp_path / "q"), "toy", tmp_path / "out.bin")
+    summary = pack_model(str(tmp_path / "q"), "toy_fmt", tmp_path / "out.toy")
+    assert calls == ["check", "write"]
+    assert (tmp_path / "out.toy").read_text() == "14 packed layers from eqat\n"
+    assert summary["format"] == "toy" and summary["layers"] == 14 and summary["load_with"] == f"cat {tmp_path / 'out.toy'}"
+    # --format's help names it once the CLI is built.
+    from typer.testing import CliRunner
+
+    from eqat_cli.cli.app import build_app
+
+    assert "toy" in CliRunner().invoke(build_app(), ["pack", "--help"], terminal_width=200).output
+
+    class Clash:
+        @hookimpl
+        def register_formats(self, register):
+            register(Format(name="other", aliases=("native",), check=check, write=write, load_hint=""))
+
+    with pytest.raises(EqatError, match="'native' .* already taken by format 'eqat'"):
+        registered(Clash(), "clash")
+
+
 def test_every_hook_has_a_test():
     specs = {n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("register_")}
     tested = {n[len("test_hook_"):] for n in globals() if n.startswith("test_hook_")}

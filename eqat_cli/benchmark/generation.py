@@ -69,13 +69,13 @@ def measure_generation(
 
 
 def _eqat_source(path: Path) -> str | None:
-    from eqat_cli.formats.native import eqat_section
+    from eqat_cli.formats.checkpoint import Checkpoint
 
     try:
-        section = eqat_section(path) or {}
+        meta = Checkpoint.open(path).meta
     except (OSError, ValueError, BadInputError):
         return None
-    return section.get("source_model") or section.get("source")
+    return (meta.source_model or meta.extra.get("source")) if meta is not None else None
 
 
 def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_progress) -> dict:

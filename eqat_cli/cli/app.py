@@ -95,6 +95,7 @@ def build_app() -> typer.Typer:
         common.console.print(f"[yellow]warning:[/] plugins not loaded: {e}")
     try:
         common.name_backends()
+        pack.name_formats()
     except Exception:  # a registry that fails to build fails the command that needs it, not --help
         if common.debug_enabled():
             raise

@@ -9,12 +9,27 @@ import typer
 from eqat_cli.cli.common import (
     JsonOpt, ModelArg, OutOpt, OverwriteOpt, TrustRemoteCodeOpt, console, emit_json,
 )
-from eqat_cli.pack import FORMATS
+from eqat_cli.formats.builtin import BUILTIN_FORMATS
+
+
+def _format_help(names) -> str:
+    return f"One of: {', '.join(names)}."
+
+
+FORMAT_OPTION = typer.Option("--format", "-f", help=_format_help(f.name for f in BUILTIN_FORMATS))
+
+
+def name_formats() -> None:
+    """Name every registered output format, built-in or plugin, in ``--format``'s help
+    (``build_app`` calls this once the plugins are loaded; the registry is torch-free)."""
+    from eqat_cli.registry import get_registry
+
+    FORMAT_OPTION.help = _format_help(get_registry().format_names())
 
 
 def pack_cmd(
     model: ModelArg,
-    fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
+    fmt: Annotated[str, FORMAT_OPTION],
     output: OutOpt,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -26,7 +41,7 @@ def pack_cmd(
 
     Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
     """
-    from eqat_cli.formats.detect import human_bytes
+    from eqat_cli.formats.describe import human_bytes
     from eqat_cli.pack import pack_model
 
     def progress(event: str, info: dict) -> None:

@@ -99,7 +99,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
     from rich.progress import DownloadColumn, ProgressColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.text import Text
 
-    from eqat_cli.formats.detect import inspect_path
+    from eqat_cli.formats.describe import inspect_path
     from eqat_cli.models import download
 
     class AmountColumn(ProgressColumn):

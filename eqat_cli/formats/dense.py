@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from eqat_cli.formats.native import FORMAT_VERSION, config_dict_for_save, save_state_dict_sharded, write_sidecars
+from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.formats.native import config_dict_for_save, save_state_dict_sharded, write_sidecars
 from eqat_cli.quant.linear import PackedLinear
 
 FORMAT_NAME = "fp16"
@@ -53,8 +54,7 @@ def save_dense(
     """Write the dequantized model into ``out_dir`` (an existing, empty, temporary directory)."""
     out = Path(out_dir)
     save_state_dict_sharded(dense_state_dict(model, dtype), out)
-    cfg = config_dict_for_save(model.config, None)
-    cfg["eqat"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **(provenance or {})}
+    cfg = config_dict_for_save(model.config, CheckpointMeta(format=FORMAT_NAME).updated(provenance))
     write_sidecars(model, tokenizer, out, cfg)
     n_packed = sum(isinstance(m, PackedLinear) for m in model.modules())
     return {"dequantized_layers": n_packed, "dtype": str(dtype).replace("torch.", "")}

@@ -393,33 +393,32 @@ def save_gguf(
 
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a GGUF file dequantized to float32, in numpy/torch layout ``[rows, cols]``."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from eqat_cli.formats.checkpoint import GGUFFile
 
-    reader = GGUFReader(str(path))
-    return {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors}
+    return GGUFFile.open(path).tensors()
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    from gguf import GGUFReader
+    """Every metadata field of a GGUF file."""
+    from eqat_cli.formats.checkpoint import GGUFFile
 
-    reader = GGUFReader(str(path))
-    out = {}
-    for k, f in reader.fields.items():
-        try:
-            out[k] = f.contents()
-        except Exception:  # pragma: no cover - exotic field types
-            continue
-    return out
+    return GGUFFile.open(path).metadata
 
 
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """Load through transformers (``gguf_file=``), the way users will."""
+    """Load through transformers (``gguf_file=``), the way users will. The header is checked first
+    (:meth:`GGUFFile.check_header`) and every failure names the file, not its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eqat_cli.formats.checkpoint import GGUFFile
     from eqat_cli.readers import hf_load
 
     p = Path(path)
-    model = hf_load(AutoModelForCausalLM.from_pretrained, p.parent, "GGUF model", gguf_file=p.name, dtype=dtype)
-    tok = hf_load(AutoTokenizer.from_pretrained, p.parent, "GGUF tokenizer", gguf_file=p.name)
+    GGUFFile.check_header(p)
+
+    def from_directory(fn):  # hf_load names its path argument in errors: pass the file, load the directory
+        return lambda _file, **kw: fn(str(p.parent), gguf_file=p.name, **kw)
+
+    model = hf_load(from_directory(AutoModelForCausalLM.from_pretrained), p, "GGUF model", dtype=dtype)
+    tok = hf_load(from_directory(AutoTokenizer.from_pretrained), p, "GGUF tokenizer")
     return model.eval(), tok

@@ -2,9 +2,12 @@
 
 Every quantized linear ``X`` is stored as ``X.qweight``, ``X.qzeros`` (raw zeros), ``X.scales``
 (fp16) and ``X.g_idx``; everything else (embeddings, norms, head) is stored in fp16. eqat adds an
-``eqat`` section to ``config.json`` recording bits, group size, architecture and how the
-checkpoint was made; bits and group size are also detected from tensor shapes, so releases
-without that section load too.
+``eqat`` section to ``config.json`` (:class:`~eqat_cli.formats.meta.CheckpointMeta`) recording
+bits, group size, architecture and how the checkpoint was made; loading reads bits and group size
+from it, and detects them from tensor shapes only for releases without that section.
+
+:class:`NativeWriter` is the one writer of the layout, shard by shard: :func:`save_native` (a
+model in memory) and Block-AP (one decoder block at a time, resumable) both use it.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
-from eqat_cli.formats.detect import layer_quant, quantized_layer_names, read_config_dict, safetensor_files
+from eqat_cli.formats.checkpoint import Checkpoint
+from eqat_cli.formats.detect import layer_quant, quantized_layer_names
+from eqat_cli.formats.meta import FORMAT_VERSION, CheckpointMeta  # noqa: F401 - FORMAT_VERSION re-exported
 from eqat_cli.formats.shards import write_index
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear, set_submodule
+from eqat_cli.scheme import QuantScheme
 
 FORMAT_NAME = "eqat"
-FORMAT_VERSION = 1
 SHARD_BYTES = 4 * 1024**3
+SHARD_METADATA = {"format": "pt"}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -46,15 +52,10 @@ def model_class_for(config: Any):
     raise BadInputError(f"no transformers model class for model_type {config.model_type!r}")
 
 
-def _safetensor_files(path: Path) -> list[Path]:
-    files = safetensor_files(path)
-    if not files:
-        raise BadInputError(f"{path} holds no .safetensors weights")
-    return files
-
-
 def eqat_section(path: str | os.PathLike) -> dict | None:
-    return read_config_dict(path).get(FORMAT_NAME)
+    """The raw ``eqat`` section of ``path``'s ``config.json`` (prefer ``Checkpoint.open(path).meta``)."""
+    meta = Checkpoint.open(path).meta
+    return meta.to_dict() if meta is not None else None
 
 
 # ---------------------------------------------------------------------- write
@@ -89,68 +90,150 @@ def packed_state_dict(model: nn.Module, storage_dtype: torch.dtype = torch.float
     return sd
 
 
-def save_state_dict_sharded(sd: dict, out_dir: Path, max_shard_bytes: int = SHARD_BYTES) -> None:
+def shard_name(i: int, n: int) -> str:
+    """``model-0000i-of-0000n.safetensors`` (``i`` counted from 0)."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors shard, atomically (a resumed run never sees half a file)."""
     from safetensors.torch import save_file
 
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    meta = {"format": "pt"}
-    if total <= max_shard_bytes:
-        save_file({k: v.cpu() for k, v in sd.items()}, str(out_dir / "model.safetensors"), metadata=meta)
-        return
-    shards, cur, cur_bytes = [], {}, 0
-    for k, v in sd.items():
-        nb = v.numel() * v.element_size()
-        if cur and cur_bytes + nb > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[k] = v
-        cur_bytes += nb
-    shards.append(cur)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.cpu() for k, v in shard.items()}, str(out_dir / fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    write_index(out_dir, weight_map, total)
+    from eqat_cli.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA)
 
 
-def config_dict_for_save(config: Any, eqat_meta: dict | None) -> dict:
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class NativeWriter:
+    """Writes a checkpoint in the native layout into ``directory`` (a temporary or work directory
+    that the caller moves into place), streaming: shards one at a time, then the index, then
+    ``config.json`` with its ``eqat`` section and the sidecars.
+
+    ``add`` writes a shard and records its tensors; ``adopt`` records a shard already on disk
+    (Block-AP's finished blocks, possibly from an earlier, interrupted run) from its header.
+    ``finish`` writes the index (when there is more than one shard) and the rest."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0  # tensor data bytes (the index's ``total_size``, as transformers counts)
+        self.shards: list[str] = []
+
+    def add(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        write_shard(self.dir / name, tensors)
+        self._record(name, {k: tensor_bytes({k: v}) for k, v in tensors.items()})
+
+    def adopt(self, name: str) -> None:
+        from eqat_cli.formats.checkpoint import read_safetensors_header
+
+        header = read_safetensors_header(self.dir / name)
+        self._record(name, {k: t.nbytes for k, t in header.items()})
+
+    def _record(self, name: str, sizes: dict[str, int]) -> None:
+        self.shards.append(name)
+        self.weight_map.update({k: name for k in sizes})
+        self.total_bytes += sum(sizes.values())
+
+    def add_sharded(self, sd: dict[str, torch.Tensor], max_shard_bytes: int = SHARD_BYTES) -> None:
+        """A whole state dict: one ``model.safetensors`` when it fits ``max_shard_bytes``, else
+        consecutive shards of at most that size (a tensor larger than it gets a shard of its own)."""
+        if tensor_bytes(sd) <= max_shard_bytes:
+            self.add("model.safetensors", sd)
+            return
+        shards, cur, cur_bytes = [], {}, 0
+        for k, v in sd.items():
+            nb = v.numel() * v.element_size()
+            if cur and cur_bytes + nb > max_shard_bytes:
+                shards.append(cur)
+                cur, cur_bytes = {}, 0
+            cur[k] = v
+            cur_bytes += nb
+        shards.append(cur)
+        for i, shard in enumerate(shards):
+            self.add(shard_name(i, len(shards)), shard)
+
+    def finish(self, config: dict, tokenizer: Any = None, generation: Any = None,
+               extra_files: dict[str, str] | None = None) -> None:
+        """The index (several shards), ``config.json``, the generation config (a
+        ``GenerationConfig``, or the path of a ``generation_config.json`` to copy), the tokenizer
+        and ``extra_files`` (name -> text)."""
+        if len(self.shards) > 1:
+            write_index(self.dir, self.weight_map, self.total_bytes)
+        (self.dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if isinstance(generation, (str, os.PathLike)):
+            if Path(generation).exists():
+                import shutil
+
+                shutil.copy(generation, self.dir / "generation_config.json")
+        elif generation is not None:
+            generation.save_pretrained(str(self.dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.dir))
+        for name, text in (extra_files or {}).items():
+            (self.dir / name).write_text(text)
+
+
+def save_state_dict_sharded(sd: dict, out_dir: Path, max_shard_bytes: int = SHARD_BYTES) -> NativeWriter:
+    """Write ``sd`` as ``model.safetensors`` or shards plus the index; returns the writer (its
+    ``finish`` writes the sidecars)."""
+    w = NativeWriter(out_dir)
+    w.add_sharded(sd, max_shard_bytes)
+    if len(w.shards) > 1:
+        write_index(w.dir, w.weight_map, w.total_bytes)
+    return w
+
+
+def config_dict_for_save(config: Any, eqat_meta: CheckpointMeta | dict | None) -> dict:
+    """``config.json`` of a written checkpoint: the model's config in fp16, no
+    ``quantization_config``, and the ``eqat`` section when given."""
     d = config.to_dict()
     d.pop("quantization_config", None)
     d["dtype"] = "float16"
     if eqat_meta is not None:
-        d[FORMAT_NAME] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **eqat_meta}
+        if not isinstance(eqat_meta, CheckpointMeta):
+            eqat_meta = CheckpointMeta().updated(eqat_meta)
+        d[FORMAT_NAME] = eqat_meta.to_dict()
     return d
 
 
 def save_native(
-    model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, eqat_meta: dict
+    model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, eqat_meta: CheckpointMeta | dict
 ) -> None:
-    """Write a packed model into ``out_dir`` (an existing, empty, temporary directory)."""
-    out = Path(out_dir)
-    save_state_dict_sharded(packed_state_dict(model), out)
-    write_sidecars(model, tokenizer, out, config_dict_for_save(model.config, eqat_meta))
+    """Write a packed model into ``out_dir`` (an existing, empty, temporary directory).
+
+    ``eqat_meta`` is the ``eqat`` section (a dict is read as one, as :meth:`CheckpointMeta.updated`
+    reads it)."""
+    w = NativeWriter(out_dir)
+    w.add_sharded(packed_state_dict(model))
+    w.finish(config_dict_for_save(model.config, eqat_meta), tokenizer, getattr(model, "generation_config", None))
 
 
 def write_sidecars(model: nn.Module, tokenizer: Any, out: Path, config: dict) -> None:
-    """``config.json``, generation config and tokenizer beside the weights."""
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    """``config.json``, generation config and tokenizer beside the weights (formats whose weights
+    were written with :func:`save_state_dict_sharded`)."""
+    w = NativeWriter(out)
+    w.finish(config, tokenizer, getattr(model, "generation_config", None))
 
 
 # ---------------------------------------------------------------------- read
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    from eqat_cli.readers import load_safetensors
+def load_state(path: Path | Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's shards (the headers were validated when it was opened)."""
+    from safetensors.torch import load_file
 
+    from eqat_cli.readers import reading
+
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     sd = {}
-    for f in _safetensor_files(path):
-        sd.update(load_safetensors(f, "safetensors weight shard"))
+    for f in ckpt.weight_files():
+        with reading(f, "safetensors weight shard"):
+            sd.update(load_file(str(f)))
     return sd
 
 
@@ -165,12 +248,15 @@ def build_skeleton(config: Any) -> nn.Module:
 
 
 def install_packed_layers(
-    model: nn.Module, sd: dict[str, torch.Tensor], zero_offset: int = 0, gptq3: bool = False
+    model: nn.Module, sd: dict[str, torch.Tensor], zero_offset: int = 0, gptq3: bool = False,
+    declared: QuantScheme | None = None,
 ) -> dict[str, tuple[int, int]]:
     """Replace every ``nn.Linear`` that has a ``qweight`` in ``sd`` by a loaded PackedLinear.
 
     ``zero_offset`` is added to stored zeros (GPTQ v1 stores ``z - 1``); ``gptq3`` reads GPTQ's
-    3-bit packing. Consumes the quantized tensors from ``sd``. Returns ``{name: (bits, group)}``.
+    3-bit packing; ``declared`` is the scheme the checkpoint records (checked against each layer's
+    shapes; without it they are inferred). Consumes the quantized tensors from ``sd``. Returns
+    ``{name: (bits, group)}``.
     """
     found = {}
     for name in quantized_layer_names(sd.keys()):
@@ -182,7 +268,7 @@ def install_packed_layers(
         bias = sd.pop(f"{name}.bias", None)
         hint = int((g_idx == 0).sum()) if g_idx is not None and g_idx.numel() == lin.in_features else None
         lq = layer_quant(name, qweight.shape, qzeros.shape, scales.shape, lin.in_features, lin.out_features,
-                         group_hint=hint, gptq3=gptq3)
+                         group_hint=hint, gptq3=gptq3, declared=declared)
         bits, group = lq.bits, lq.group_size
         if gptq3:
             codes = packing.unpack_rows_gptq3(qweight, lin.in_features)
@@ -210,21 +296,31 @@ def install_packed_layers(
 
 
 def load_packed_model(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Checkpoint,
     dtype: torch.dtype = torch.float32,
-    zero_offset: int = 0,
-    gptq3: bool = False,
+    zero_offset: int | None = None,
+    gptq3: bool | None = None,
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
-    """Load a packed checkpoint (native or GPTQ-style tensors) into a transformers model."""
-    from eqat_cli.readers import load_config
+    """Load a packed checkpoint (native or GPTQ-style tensors) into a transformers model.
 
-    path = Path(path)
-    config = load_config(path)
+    ``path`` may be an open :class:`Checkpoint` (nothing is read twice); ``zero_offset`` and
+    ``gptq3`` default to what its layout says. Bits and group size come from the ``eqat`` section
+    when eqat wrote one, else from the tensor shapes."""
+    from transformers import AutoConfig
+
+    from eqat_cli.readers import hf_load
+
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    path = ckpt.path
+    layout = ckpt.layout
+    zero_offset = layout.zero_offset if zero_offset is None else zero_offset
+    gptq3 = layout.gptq3 if gptq3 is None else gptq3
+    config = hf_load(AutoConfig.from_pretrained, path, "model config")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config)
-    sd = load_state(path)
-    layers = install_packed_layers(model, sd, zero_offset=zero_offset, gptq3=gptq3)
+    sd = load_state(ckpt)
+    layers = install_packed_layers(model, sd, zero_offset=zero_offset, gptq3=gptq3, declared=ckpt.declared_scheme)
     if not layers:
         raise BadInputError(f"{path} holds no packed (qweight) layers")
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}

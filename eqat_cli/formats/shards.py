@@ -9,10 +9,7 @@ from typing import Any
 
 import torch
 
-from eqat_cli.errors import BadInputError
-from eqat_cli.formats.detect import read_safetensors_header, safetensor_files
-
-INDEX_FILE = "model.safetensors.index.json"
+from eqat_cli.formats.checkpoint import INDEX_FILE, Checkpoint
 
 
 class ShardReader:
@@ -20,22 +17,14 @@ class ShardReader:
 
     ``arch`` (an ``ArchitectureSpec``) maps key names on disk to module paths where the two differ
     (legacy LLaVA checkpoints); the tensor list comes from the index or the shards' headers.
+    ``path`` may be an open :class:`~eqat_cli.formats.checkpoint.Checkpoint` (headers read once).
     """
 
-    def __init__(self, path: Path, arch: Any = None):
-        from eqat_cli.readers import check_model_weights, read_json
-
-        path = Path(path)
-        index = path / INDEX_FILE
-        check_model_weights(path)
-        if index.exists():
-            weight_map = read_json(index, "safetensors index")["weight_map"]
-        else:
-            files = safetensor_files(path)
-            if not files:
-                raise BadInputError(f"{path} holds no .safetensors weights")
-            weight_map = {k: f.name for f in files for k in read_safetensors_header(f)}
-        self.path = path
+    def __init__(self, path: Path | Checkpoint, arch: Any = None):
+        ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=False)
+        ckpt.weight_files()  # one clear error when there are none
+        weight_map = ckpt.index["weight_map"] if ckpt.index is not None else ckpt.weight_map()
+        self.path = ckpt.path
         # module path -> (file, key on disk)
         rename = arch.module_key if arch is not None else (lambda k: k)
         self.weight_map = {rename(k): (f, k) for k, f in weight_map.items()}
@@ -48,7 +37,9 @@ class ShardReader:
 
         Only the requested tensors are read from disk.
         """
-        from eqat_cli.readers import open_safetensors
+        from safetensors import safe_open
+
+        from eqat_cli.readers import reading
 
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
@@ -56,7 +47,8 @@ class ShardReader:
             if exclude is None or not k.startswith(exclude):
                 by_file.setdefault(self.weight_map[k][0], []).append(k)
         for fname, keys in by_file.items():
-            with open_safetensors(self.path / fname, "safetensors weight shard") as fh:
+            # The header was validated when the checkpoint was opened.
+            with reading(self.path / fname, "safetensors weight shard"), safe_open(str(self.path / fname), "pt") as fh:
                 for k in keys:
                     t = fh.get_tensor(self.weight_map[k][1])
                     out[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t

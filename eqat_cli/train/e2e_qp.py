@@ -373,7 +373,7 @@ def run_e2e_qp(
     output: Path,
     device: torch.device,
     bits: int,
-    eqat_meta: dict,
+    eqat_meta: "CheckpointMeta | dict",
     progress: Progress = no_progress,
     resume: bool = True,
     overwrite: bool = False,
@@ -632,19 +632,21 @@ def _optimizer_step(run: _Run, gb: torch.Tensor) -> tuple[float, float]:
     return loss_value, float(step_loss[1])
 
 
-def _write_output(run: _Run, output: Path, tokenizer: Any, eqat_meta: dict) -> None:
+def _write_output(run: _Run, output: Path, tokenizer: Any, eqat_meta: "CheckpointMeta | dict") -> None:
     """Rank 0 writes the best step sizes to ``output`` and the last to ``output/last``, with the
     history; the work directory goes. Every process waits for it."""
+    from eqat_cli.formats.meta import CheckpointMeta
     from eqat_cli.formats.native import save_native
     from eqat_cli.fsutil import atomic_dir
 
     cfg, sched, st, model, layers = run.cfg, run.sched, run.state, run.model, run.layers
     model.eval()
     _disable_checkpointing(model)
-    meta = dict(eqat_meta)
-    meta["e2e_qp"] = {**dataclasses.asdict(cfg), "lr": sched.lr, "world_size": run.ws, "micro_batch": sched.micro,
-                      "grad_accum": sched.accum, "steps": st.step, "warmup_steps": sched.warmup,
-                      "amp": run.amp.name, "best_val_loss": st.best_val, "data": run.train.meta}
+    base = eqat_meta if isinstance(eqat_meta, CheckpointMeta) else CheckpointMeta().updated(eqat_meta)
+    meta = base.updated(e2e_qp={**dataclasses.asdict(cfg), "lr": sched.lr, "world_size": run.ws,
+                                "micro_batch": sched.micro, "grad_accum": sched.accum, "steps": st.step,
+                                "warmup_steps": sched.warmup, "amp": run.amp.name, "best_val_loss": st.best_val,
+                                "data": run.train.meta})
     if run.rank == 0:
         last_state = _trainable_state(layers)
         with atomic_dir(output, overwrite=True) as tmp:
@@ -657,7 +659,7 @@ def _write_output(run: _Run, output: Path, tokenizer: Any, eqat_meta: dict) -> N
                     m.finish_training()  # zero points rounded, clamped, re-packed
                 target = tmp / "last" if name == "last" else tmp
                 target.mkdir(exist_ok=True)
-                save_native(model, tokenizer, target, {**meta, "e2e_selected": name})
+                save_native(model, tokenizer, target, meta.updated(e2e_selected=name))
             (tmp / "e2e_history.json").write_text(json.dumps(st.history, indent=2))
         shutil.rmtree(run.work, ignore_errors=True)
     if run.ws > 1:

@@ -59,7 +59,8 @@ def e2e_qp_from_spec(
     ``global_batch``, ``micro_batch`` and ``grad_accum``.
     """
     from eqat_cli.errors import BadInputError
-    from eqat_cli.formats.native import eqat_section
+    from eqat_cli.formats.checkpoint import Checkpoint
+    from eqat_cli.formats.meta import CheckpointMeta
     from eqat_cli.fsutil import check_output
     from eqat_cli.models import resolve
     from eqat_cli.readers import preflight_model, read_jsonl
@@ -85,10 +86,10 @@ def e2e_qp_from_spec(
     if lm.format != "eqat":
         raise BadInputError(f"{model} is a {lm.format} checkpoint; E2E-QP trains eqat/EfficientQAT native models")
     bits = lm.quant["bits"] if isinstance(lm.quant["bits"], int) else max(lm.quant["bits"])
-    eqat_meta = {k: v for k, v in (eqat_section(lm.path) or {}).items() if k not in ("format", "format_version")}
+    eqat_meta = Checkpoint.open(lm.path).meta or CheckpointMeta()
     teacher_model = None
     if cfg.loss == "kd" or teacher:  # with ntp, a teacher adds the held-out KL to the evaluations
-        spec = teacher or eqat_meta.get("source_model")
+        spec = teacher or eqat_meta.source_model
         if not spec:
             raise BadInputError(f"{model} does not record the model it was quantized from; pass --teacher MODEL "
                                 f"(its full-precision source) or use --loss ntp")
@@ -96,9 +97,10 @@ def e2e_qp_from_spec(
     train, val = training_examples(dataset, lm.tokenizer, data_format, samples, seqlen, val_samples, cfg.seed,
                                    data_dir)
     dev = next(lm.model.parameters()).device
-    eqat_meta.setdefault("bits", bits)
-    eqat_meta.setdefault("group_size", lm.quant["group_size"])
-    eqat_meta.setdefault("architecture", lm.arch.name)
+    if eqat_meta.scheme is None and "bits" not in eqat_meta.extra:
+        eqat_meta = eqat_meta.updated({"bits": bits, "group_size": lm.quant["group_size"]})
+    if eqat_meta.architecture is None:
+        eqat_meta = eqat_meta.updated(architecture=lm.arch.name)
     progress("prepared", {"rank": rank, "world_size": ws, "device": str(dev), "loss": cfg.loss,
                           "train": len(train), "val": len(val), "seqlen": seqlen, "lr": cfg.resolved_lr(bits),
                           "global_batch": cfg.global_batch, "micro_batch": micro, "grad_accum": accum})

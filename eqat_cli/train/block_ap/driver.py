@@ -11,7 +11,6 @@ the work directory into place. The state those steps share lives in three small 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from eqat_cli.errors import BadInputError
 from eqat_cli.memory import peak_rss_bytes, release_memory
 from eqat_cli.quant.primitives import check_bits
 from eqat_cli.quantize import pack_block
-from eqat_cli.formats.shards import ShardReader, write_index
+from eqat_cli.formats.shards import ShardReader
 from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start, scale_block_pairs
@@ -59,18 +58,16 @@ class BlockAPResult:
 
 
 def _block_file(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors"
+    from eqat_cli.formats.native import shard_name
+
+    return shard_name(i, n + 1)
 
 
 def _save_block(block: nn.Module, prefix: str, path: Path) -> None:
-    from safetensors.torch import save_file
+    """A finished block's shard, in the native layout, written atomically (resume relies on it)."""
+    from eqat_cli.formats.native import packed_state_dict, write_shard
 
-    from eqat_cli.formats.native import packed_state_dict
-    from eqat_cli.fsutil import atomic_file
-
-    sd = {prefix + k: v for k, v in packed_state_dict(block).items()}
-    with atomic_file(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+    write_shard(path, {prefix + k: v for k, v in packed_state_dict(block).items()})
 
 
 def _round_like_saved(block: nn.Module) -> None:
@@ -341,44 +338,34 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
 
 
 def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: dict | None) -> None:
-    """Beside the block files: everything outside the decoder blocks, the shard index, config,
-    tokenizer, generation config and the per-block summary."""
-    from safetensors.torch import save_file
-
-    from eqat_cli.formats.native import config_dict_for_save
-    from eqat_cli.fsutil import atomic_file
-    from eqat_cli.readers import open_safetensors
+    """Beside the block files, through the native writer: everything outside the decoder blocks,
+    the shard index, config (with the ``eqat`` section), tokenizer, generation config and the
+    per-block summary."""
+    from eqat_cli.formats.meta import CheckpointMeta
+    from eqat_cli.formats.native import NativeWriter, config_dict_for_save
+    from eqat_cli.scheme import QuantScheme
 
     arch, cfg, n_layers, model_path = src.arch, src.cfg, src.n_layers, src.path
-    # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
-    rest = src.reader.read("", torch.float16, exclude=arch.layers_path + ".")
-    rest_file = _block_file(n_layers, n_layers)
-    with atomic_file(work.path / rest_file) as tmp:
-        save_file(rest, str(tmp), metadata={"format": "pt"})
-    weight_map = {k: rest_file for k in rest}
+    writer = NativeWriter(work.path)
     for i in range(n_layers):
-        with open_safetensors(work.path / _block_file(i, n_layers), "finished block file") as fh:
-            for k in fh.keys():
-                weight_map[k] = _block_file(i, n_layers)
-    total = sum(f.stat().st_size for f in work.path.glob("model-*.safetensors"))
-    write_index(work.path, weight_map, total)
-    meta = {"bits": cfg.bits, "group_size": cfg.group_size, "architecture": arch.name,
-            "method": "block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"), "block_ap": cfg.to_json(),
-            "source_model": str(model_path), **(extra_meta or {})}
-    (work.path / "config.json").write_text(json.dumps(config_dict_for_save(src.config, meta), indent=2, sort_keys=True))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(work.path))
-    gen_cfg = model_path / "generation_config.json"
-    if gen_cfg.exists():
-        shutil.copy(gen_cfg, work.path / "generation_config.json")
-    (work.path / "blockap_summary.json").write_text(json.dumps(work.state["blocks"], indent=2))
+        writer.adopt(_block_file(i, n_layers))
+    # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
+    writer.add(_block_file(n_layers, n_layers), src.reader.read("", torch.float16, exclude=arch.layers_path + "."))
+    meta = CheckpointMeta(
+        scheme=QuantScheme(cfg.bits, cfg.group_size), architecture=arch.name,
+        method="block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"),
+        block_ap=cfg.to_json(), source_model=str(model_path),
+    ).updated(extra_meta)
+    writer.finish(config_dict_for_save(src.config, meta), tokenizer, model_path / "generation_config.json",
+                  extra_files={"blockap_summary.json": json.dumps(work.state["blocks"], indent=2)})
 
 
 def _move_into_place(work: _WorkDir, acts: _Activations, output: Path) -> None:
-    """Drop the resume state and offloaded activations; the work directory becomes the output."""
+    """Drop the resume state and offloaded activations; the work directory becomes the output
+    (an existing output, with --overwrite, is replaced as ``fsutil`` replaces directories)."""
+    from eqat_cli.fsutil import replace_dir
+
     work.state_path.unlink()
     if acts.disk is not None:
         shutil.rmtree(acts.disk, ignore_errors=True)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(work.path, output)
+    replace_dir(work.path, output)

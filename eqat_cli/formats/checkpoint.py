@@ -1,0 +1,251 @@
+"""Reading a checkpoint's description once: :class:`Checkpoint` (a safetensors model directory) and
+:class:`GGUFFile` (a ``.gguf`` file), both without torch.
+
+``Checkpoint.open(path)`` reads ``config.json`` (checked by :func:`eqat_cli.readers.read_model_config`),
+the shard index if any, and every shard's safetensors header exactly once (each validated by
+:func:`eqat_cli.readers.safetensors_header`); detection (:mod:`eqat_cli.formats.detect`), loading
+(:mod:`eqat_cli.models`, :mod:`eqat_cli.formats.native`) and shard reading
+(:mod:`eqat_cli.formats.shards`) all ask the same object. Tensor data is read later, by whoever
+needs it.
+
+``GGUFFile.open(path)`` is the one GGUF reader: it checks the fixed header (magic, version, counts
+that fit the file) itself, so a damaged file is one line naming the file, then parses the rest
+with the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from eqat_cli.errors import BadInputError
+from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.scheme import QuantScheme
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class TensorMeta:
+    """One tensor as a safetensors header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offsets: tuple[int, int]  # relative to the data section
+    data_start: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
+    """Tensor name -> dtype/shape/offsets, from the validated JSON header only."""
+    from eqat_cli.readers import safetensors_header
+
+    header, data_start = safetensors_header(file, "safetensors weight shard")
+    header.pop("__metadata__", None)
+    return {
+        k: TensorMeta(v["dtype"], tuple(v["shape"]), Path(file), tuple(v["data_offsets"]), data_start)
+        for k, v in header.items()
+    }
+
+
+def shard_files(path: Path, index: dict | None = None) -> list[Path]:
+    """The weight shards of a model directory: those its index lists (checked to stay inside the
+    directory and to exist), else ``model.safetensors``, else every ``*.safetensors``."""
+    path = Path(path)
+    if index is not None:
+        idx_file = path / INDEX_FILE
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise BadInputError(f"{idx_file}: safetensors index has no weight_map of tensor -> file")
+        files = []
+        for name in sorted(set(wm.values())):
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise BadInputError(f"{idx_file}: shard name {name!r} points outside the model directory")
+            if not (path / name).exists():
+                raise BadInputError(f"{idx_file}: lists shard {name}, which is missing")
+            files.append(path / name)
+        return files
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    return sorted(path.glob("*.safetensors"))
+
+
+@dataclass
+class Checkpoint:
+    """A model directory's ``config.json``, shard index and safetensors headers, each read once."""
+
+    path: Path
+    config: dict
+    files: list[Path]
+    tensors: dict[str, TensorMeta]  # every stored tensor, by its key on disk
+    index: dict | None = None
+    _layout: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, require_weights: bool = False, config: bool = True) -> "Checkpoint":
+        """Read ``path``'s description. A directory without safetensors files (e.g.
+        ``pytorch_model.bin`` only) opens with no tensors unless ``require_weights``;
+        ``config=False`` reads the weights' description only (no ``config.json`` needed)."""
+        from eqat_cli.readers import read_json, read_model_config
+
+        p = Path(path)
+        if config and not (p / "config.json").exists():
+            raise BadInputError(f"{path} has no config.json")
+        config = read_model_config(p) if config else {}
+        index = read_json(p / INDEX_FILE, "safetensors index") if (p / INDEX_FILE).exists() else None
+        files = shard_files(p, index)
+        if not files and require_weights:
+            raise BadInputError(f"{p} holds no .safetensors weights")
+        tensors: dict[str, TensorMeta] = {}
+        for f in files:
+            tensors.update(read_safetensors_header(f))
+        return cls(p, config, files, tensors, index)  # type: ignore[arg-type]
+
+    # -- what it is -----------------------------------------------------------------------------
+    @property
+    def layout(self):
+        """The :class:`~eqat_cli.formats.detect.Layout` of the checkpoint."""
+        if self._layout is None:
+            from eqat_cli.formats.detect import layout_of
+
+            self._layout = layout_of(self.config, self.tensors)
+        return self._layout
+
+    @property
+    def format(self) -> str:
+        return self.layout.format
+
+    @cached_property
+    def meta(self) -> CheckpointMeta | None:
+        """The ``eqat`` section of ``config.json`` (``None`` for checkpoints eqat did not write)."""
+        return CheckpointMeta.from_config(self.config, str(self.path / "config.json"))
+
+    @property
+    def declared_scheme(self) -> QuantScheme | None:
+        """Bits and group size as eqat recorded them for a native checkpoint's packed layers;
+        ``None`` for foreign checkpoints (their layers' shapes tell)."""
+        meta = self.meta
+        if meta is None or meta.format != "eqat" or self.layout.format != "eqat":
+            return None
+        return meta.scheme
+
+    @property
+    def model_type(self) -> str | None:
+        text = self.config.get("text_config") if isinstance(self.config.get("text_config"), dict) else {}
+        return self.config.get("model_type") or text.get("model_type")
+
+    def weight_files(self) -> list[Path]:
+        if not self.files:
+            raise BadInputError(f"{self.path} holds no .safetensors weights")
+        return self.files
+
+    def weight_map(self) -> dict[str, str]:
+        """Tensor key -> shard file name (from the headers, which the index must agree with)."""
+        return {k: t.file.name for k, t in self.tensors.items()}
+
+    def quantized_layers(self) -> list[str]:
+        from eqat_cli.formats.detect import quantized_layer_names
+
+        return quantized_layer_names(self.tensors)
+
+
+# ---------------------------------------------------------------------- GGUF
+
+GGUF_MAGIC = b"GGUF"
+_MIN_KV_BYTES = 8 + 1 + 4  # key length, a one-byte key, value type (a value of 0 bytes: none)
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+
+
+class GGUFFile:
+    """A ``.gguf`` file's metadata and tensor table, parsed once (tensor data stays memory-mapped).
+
+    Every failure is one :class:`BadInputError` naming the file."""
+
+    def __init__(self, path: Path, reader: Any):
+        self.path = path
+        self.reader = reader
+
+    @classmethod
+    def check_header(cls, path: str | os.PathLike) -> tuple[int, int, int]:
+        """Magic, version and the tensor and metadata counts, checked against the file's size
+        before any parser trusts them. Returns ``(version, n_tensors, n_kv)``."""
+        from eqat_cli.readers import reading
+
+        p = Path(path)
+        with reading(p, "GGUF file"):
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                head = fh.read(24)
+        if head[:4] != GGUF_MAGIC:
+            raise BadInputError(f"{p}: not a GGUF file (no GGUF magic at the start)")
+        if len(head) < 24:
+            raise BadInputError(f"{p}: truncated GGUF file ({size} bytes, shorter than its header)")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3):
+            raise BadInputError(f"{p}: GGUF version {version} is not one eqat reads (2 or 3)")
+        need = 24 + n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES
+        if need > size:
+            raise BadInputError(
+                f"{p}: damaged GGUF header: it claims {n_tensors} tensors and {n_kv} metadata entries, "
+                f"more than a file of {size} bytes can hold"
+            )
+        return version, n_tensors, n_kv
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "GGUFFile":
+        from eqat_cli.readers import reading
+
+        p = Path(path)
+        cls.check_header(p)
+        try:
+            from gguf import GGUFReader
+        except ImportError as e:  # pragma: no cover - gguf is a core dependency
+            from eqat_cli.errors import MissingDependencyError
+
+            raise MissingDependencyError("gguf", "reading a .gguf file") from e
+        try:
+            with reading(p, "GGUF file"):
+                reader = GGUFReader(str(p))
+        except BadInputError:
+            raise
+        except Exception as e:  # the parser's own exception types
+            raise BadInputError(f"{p}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        return cls(p, reader)
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """Every metadata field's value (fields of exotic types are left out)."""
+        out = {}
+        for k, f in self.reader.fields.items():
+            try:
+                out[k] = f.contents()
+            except Exception:  # pragma: no cover - exotic field types
+                continue
+        return out
+
+    def field(self, key: str) -> Any:
+        f = self.reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    @property
+    def architecture(self) -> str | None:
+        return self.field("general.architecture")
+
+    def tensor_types(self) -> dict[str, int]:
+        return dict(Counter(t.tensor_type.name for t in self.reader.tensors))
+
+    def tensors(self) -> dict[str, Any]:
+        """Every tensor dequantized to float32 numpy, in numpy/torch layout ``[rows, cols]``."""
+        import numpy as np
+        from gguf.quants import dequantize
+
+        return {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32) for t in self.reader.tensors}
