@@ -110,6 +110,44 @@ def test_a_killed_holder_is_taken_over_and_reported(tmp_path):
                                          "lock": str(lock_path(out))})]
 
 
+def _calibrate(out):
+    from eqat_cli.train.calib import calibrate_to_file
+
+    calibrate_to_file("smollm2", "c4", out)
+
+
+def _pack(out):
+    from eqat_cli.pack import pack_from_spec
+
+    pack_from_spec("smollm2", "gptq", out)
+
+
+def _e2e(out):
+    from eqat_cli.train.e2e_qp import E2EConfig, e2e_qp_from_spec
+
+    e2e_qp_from_spec("smollm2", "c4", out, E2EConfig(global_batch=4))
+
+
+def _block_ap(out):
+    from eqat_cli.train.block_ap import BlockAPConfig, block_ap_from_spec
+
+    block_ap_from_spec("smollm2", out, BlockAPConfig(), dataset="c4")
+
+
+@pytest.mark.parametrize("entry", [_calibrate, _pack, _e2e, _block_ap])
+def test_every_writing_command_takes_the_lock_before_reading_anything(entry, tmp_path):
+    """Each command's library entry refuses a held output before it loads a model or data."""
+    out = tmp_path / ("out.safetensors" if entry is _calibrate else "out")
+    holder = _start(HOLDER, out)
+    try:
+        _await_line(holder, "locked")
+        with pytest.raises(OutputBusyError, match=f"PID {holder.pid}"):
+            entry(out)
+    finally:
+        holder.kill()
+    assert not out.exists()
+
+
 def test_lock_is_reentrant_in_one_process(tmp_path):
     out = tmp_path / "out"
     with output_lock(out):
