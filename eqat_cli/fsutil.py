@@ -159,13 +159,15 @@ def output_lock(target: str | os.PathLike, wait: bool = False, progress=None):
     did not finish (killed) still records its PID, and taking it over is reported as
     ``progress("lock_takeover", {"output", "pid", "alive", "lock"})``. A holder that finishes
     removes the file. The lock is re-entrant within one process (a command's library entry and
-    the trainer it calls both take it). Yields the lock file's path.
+    the trainer it calls both take it). Directories it creates for the lock file are removed again
+    if the run leaves them empty (a refused run creates nothing). Yields the lock file's path.
     """
-    import fcntl
-
-    from eqat_cli.errors import OutputBusyError
-
     path = lock_path(target)
+    made = []  # directories created for the lock file (deepest first): removed again if left empty
+    d = path.parent
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
     if key in _held:
@@ -176,6 +178,43 @@ def output_lock(target: str | os.PathLike, wait: bool = False, progress=None):
             _held[key] -= 1
         return
     note = progress or (lambda event, info: None)
+    try:
+        fd = _acquire(path, target, wait, note)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    previous = _recorded_pid(fd)
+    if previous is not None and previous != os.getpid():
+        note("lock_takeover", {"output": str(target), "pid": previous, "alive": pid_alive(previous),
+                               "lock": str(path)})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = 1
+    try:
+        yield path
+    finally:
+        del _held[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories a refused or failed run created, deepest first, while empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _acquire(path: Path, target, wait: bool, note) -> int:
+    """Open and ``flock`` the lock file; return its descriptor."""
+    import fcntl
+
+    from eqat_cli.errors import OutputBusyError
+
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -192,19 +231,5 @@ def output_lock(target: str | os.PathLike, wait: bool = False, progress=None):
             raise
         # A finishing holder unlinks the file before it lets go: then lock the new one instead.
         if _still_linked(fd, path):
-            break
-        os.close(fd)
-    previous = _recorded_pid(fd)
-    if previous is not None and previous != os.getpid():
-        note("lock_takeover", {"output": str(target), "pid": previous, "alive": pid_alive(previous),
-                               "lock": str(path)})
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held[key] = 1
-    try:
-        yield path
-    finally:
-        del _held[key]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            return fd
         os.close(fd)

@@ -216,3 +216,16 @@ def test_block_ap_takes_over_a_killed_runs_lock_and_resumes(model_and_calib, tmp
     assert f"took over the lock of {out} left by PID {first.pid} (no longer running)" in " ".join(err.split())
     assert "resumed after 1 finished blocks" in err
     assert (out / "config.json").exists() and not lock_path(out).exists()
+
+
+def test_a_failed_run_leaves_no_directories_behind(tmp_path):
+    """The lock file needs its directory; a run that fails before writing anything removes it again."""
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError):
+        with output_lock(out):
+            assert lock_path(out).exists()
+            raise RuntimeError("a check failed")
+    assert list(tmp_path.iterdir()) == []
+    with output_lock(out):  # a run that writes its output keeps the directories
+        out.mkdir()
+    assert out.is_dir() and not lock_path(out).exists()

@@ -131,8 +131,8 @@ def run_block_ap(
 
 
 def _check_inputs(cfg: BlockAPConfig, calib_val: torch.Tensor, output: Path, overwrite: bool) -> None:
-    """Fail on a bad recipe or an existing output before anything is read or written."""
-    cfg.scheme  # noqa: B018 - validates bits and group size
+    """Fail on a bad recipe or an existing output before anything is read or written (bits and
+    group size were validated with the config, through ``QuantScheme``)."""
     check_keep_best(cfg, calib_val.shape[0])
     check_new_output(output, overwrite)
 
