@@ -2,7 +2,8 @@
 
 Builds random full-precision Llama checkpoints of the same width with different depths, written
 shard by shard (never whole in memory), runs ``eqat block-ap`` on each in a fresh process, and
-reports the peak resident set size. Peak RSS should follow the block size and the calibration set,
+reports the peak resident set size. Each run calls the library entry of ``eqat block-ap``
+(:func:`eqat_cli.train.block_ap.block_ap_from_spec`), as the command does. Peak RSS should follow the block size and the calibration set,
 not the number of layers.
 
     python bench/blockap_memory.py --hidden 2048 --layers 8 32 --json bench/results/blockap_memory.json
@@ -55,19 +56,33 @@ def build_checkpoint(path: Path, hidden: int, layers: int, inter: int, vocab: in
     save_file(rest, str(path / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in rest})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    word_tokenizer(vocab).save_pretrained(str(path))
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def word_tokenizer(vocab: int):
+    """A tokenizer of ``vocab`` made-up words (``t0``, ``t1``, ...), built in memory: the synthetic
+    models have no text, but ``eqat block-ap`` checks the calibration file's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab - 2)}
+    words.update({"<s>": vocab - 2, "</s>": vocab - 1})
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="t0")
+
+
 def make_calibration(path: Path, samples: int, seqlen: int, vocab: int) -> None:
-    """A calibration file for a model without a tokenizer: random token windows."""
+    """A calibration file of random token windows, for :func:`word_tokenizer`."""
     import torch
 
-    from eqat_cli.train.calib import FORMAT, FORMAT_VERSION, Calibration, save_calibration
+    from eqat_cli.train.calib import FORMAT, FORMAT_VERSION, Calibration, save_calibration, tokenizer_fingerprint
 
     g = torch.Generator().manual_seed(0)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": "random tokens", "seed": 0,
-            "samples": samples, "val_samples": 2, "seqlen": seqlen, "tokenizer": "none",
-            "tokenizer_fingerprint": "none"}
+            "samples": samples, "val_samples": 2, "seqlen": seqlen, "tokenizer": "random words",
+            "tokenizer_fingerprint": tokenizer_fingerprint(word_tokenizer(vocab))}
     save_calibration(Calibration(torch.randint(0, vocab, (samples, seqlen), generator=g),
                                  torch.randint(0, vocab, (2, seqlen), generator=g), meta), path)
 
@@ -76,17 +91,15 @@ RUNNER = """
 import sys, torch, json, time
 from pathlib import Path
 from eqat_cli.memory import peak_rss_bytes, rss_bytes
-from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
-from eqat_cli.train.calib import load_calibration
+from eqat_cli.train.block_ap import BlockAPConfig, block_ap_from_spec
 model, calib, out, epochs, offload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
-c = load_calibration(calib)
 trace = []
 def progress(event, info):
     if event == "block_end":  # RSS once the finished block is freed, and the peak so far
         trace.append((round(rss_bytes() / 2**20), round(peak_rss_bytes() / 2**20)))
 t = time.time()
-res = run_block_ap(Path(model), None, c.train, c.val, BlockAPConfig.paper(bits=2, group_size=64, epochs=epochs,
-                   offload_to_disk=offload), Path(out), torch.device("cpu"), progress=progress)
+res = block_ap_from_spec(model, Path(out), BlockAPConfig.paper(bits=2, group_size=64, epochs=epochs,
+                         offload_to_disk=offload), calib=Path(calib), device="cpu", progress=progress)
 print(json.dumps({"seconds": time.time() - t, "peak_rss_mb": peak_rss_bytes() / 2**20,
                   "rss_after_block_mb": [r for r, _ in trace], "peak_after_block_mb": [p for _, p in trace]}))
 """

@@ -33,6 +33,16 @@ class DiskFullError(EqatError):
         )
 
 
+class OutputBusyError(EqatError):
+    """Another eqat process is writing the same output (it holds ``OUT.lock``)."""
+
+    def __init__(self, output: object, pid: int | None):
+        who = f"PID {pid}" if pid else "a process whose PID is not recorded"
+        super().__init__(f"output {output} is being written by another eqat process ({who}); "
+                         f"wait for it to finish, or pass --wait to queue behind it")
+        self.pid = pid
+
+
 class UnknownArchitectureError(EqatError):
     pass
 

@@ -116,3 +116,128 @@ def dir_size(path: str | os.PathLike) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------------- one writer per output
+
+LOCK_SUFFIX = ".lock"
+_held: dict[str, int] = {}  # lock files this process holds -> nesting depth (the lock is re-entrant)
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of output ``target``: ``OUT.lock`` beside it."""
+    target = Path(target).expanduser()
+    return target.with_name(target.name + LOCK_SUFFIX)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _recorded_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").split()
+        return int(text[0]) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, wait: bool = False, progress=None):
+    """Hold the exclusive lock of output ``target`` (``OUT.lock``, ``fcntl.flock``) for the block.
+
+    One writer per output: a second process asking for the same output gets
+    :class:`~eqat_cli.errors.OutputBusyError` naming the holder's PID, or with ``wait`` reports
+    ``progress("lock_wait", {"output", "pid", "lock"})`` and blocks until the holder is done.
+    The kernel releases the lock when its holder dies; a lock file left behind by a holder that
+    did not finish (killed) still records its PID, and taking it over is reported as
+    ``progress("lock_takeover", {"output", "pid", "alive", "lock"})``. A holder that finishes
+    removes the file. The lock is re-entrant within one process (a command's library entry and
+    the trainer it calls both take it). Directories it creates for the lock file are removed again
+    if the run leaves them empty (a refused run creates nothing). Yields the lock file's path.
+    """
+    path = lock_path(target)
+    made = []  # directories created for the lock file (deepest first): removed again if left empty
+    d = path.parent
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield path
+        finally:
+            _held[key] -= 1
+        return
+    note = progress or (lambda event, info: None)
+    try:
+        fd = _acquire(path, target, wait, note)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    previous = _recorded_pid(fd)
+    if previous is not None and previous != os.getpid():
+        note("lock_takeover", {"output": str(target), "pid": previous, "alive": pid_alive(previous),
+                               "lock": str(path)})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = 1
+    try:
+        yield path
+    finally:
+        del _held[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories a refused or failed run created, deepest first, while empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _acquire(path: Path, target, wait: bool, note) -> int:
+    """Open and ``flock`` the lock file; return its descriptor."""
+    import fcntl
+
+    from eqat_cli.errors import OutputBusyError
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _recorded_pid(fd)
+                if not wait:
+                    raise OutputBusyError(Path(target), holder) from None
+                note("lock_wait", {"output": str(target), "pid": holder, "lock": str(path)})
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        # A finishing holder unlinks the file before it lets go: then lock the new one instead.
+        if _still_linked(fd, path):
+            return fd
+        os.close(fd)

@@ -100,3 +100,16 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
         **result,
         "load_with": form.how_to_load(output),
     }
+
+
+def pack_from_spec(spec: str, fmt: str, output: Path, overwrite: bool = False,
+                   progress: Optional[Progress] = None, wait: bool = False) -> dict[str, Any]:
+    """``eqat pack``'s library side: :func:`pack_model` while holding the output's lock (one writer
+    per output; another process writing ``output`` is refused, or with ``wait`` waited for)."""
+    from eqat_cli.fsutil import output_lock
+
+    fmt_name = normalize_format(fmt)
+    output = Path(output).expanduser()
+    check_output(fmt_name, output, overwrite)
+    with output_lock(output, wait=wait, progress=progress):
+        return pack_model(spec, fmt, output, overwrite, progress)

@@ -247,6 +247,32 @@ def test_calibration_for_a_file_or_on_the_fly(llama_dir, tmp_path):
         calibration_for(str(llama_dir))
 
 
+def test_block_ap_from_spec_is_the_command(llama_dir, tmp_path):
+    """`eqat block-ap`'s one library entry: from a model spec and a calibration file (or a corpus)
+    to the checkpoint, the same bytes as the driver on the same windows; events before training say
+    what runs."""
+    from eqat_cli.train.block_ap import block_ap_from_spec
+
+    c = calib(n=6)
+    save_calibration(c, tmp_path / "c.safetensors")
+    cfg = BlockAPConfig(bits=4, group_size=32, epochs=1, batch_size=2)
+    events = []
+    res = block_ap_from_spec(str(llama_dir), tmp_path / "a", cfg, calib=tmp_path / "c.safetensors", device="cpu",
+                             progress=lambda e, i: events.append((e, i)))
+    ref = run(llama_dir, tmp_path / "b", cfg, c)
+    assert res.output == tmp_path / "a" and len(res.blocks) == 2
+    for name in ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["eqat"]["source_model"] == str(llama_dir)
+    names = [e for e, _ in events]
+    assert names.index("prepared") < names.index("block_start") and "calibration" not in names
+    assert events[names.index("prepared")][1] == {"device": "cpu", "train": (6, 32), "val": (2, 32), "steps": 3}
+    with pytest.raises(BadInputError, match="exactly one of --calib"):
+        block_ap_from_spec(str(llama_dir), tmp_path / "c", cfg)
+    with pytest.raises(BadInputError, match="already exists"):
+        block_ap_from_spec(str(llama_dir), tmp_path / "a", cfg, calib=tmp_path / "c.safetensors")
+
+
 def test_other_tokenizer_refused(tmp_path, smollm2_dir):
     from eqat_cli.models import load_tokenizer
 

@@ -161,12 +161,13 @@ def test_kd_loss_equals_reference_kl(quant_dir, fp_dir):
 
 def test_kd_loss_chunked_gradient_equals_unchunked(quant_dir, fp_dir, monkeypatch):
     import eqat_cli.train.e2e_qp as e2e
+    import eqat_cli.train.e2e_qp.losses as e2e_losses
 
     ex = _ragged_batch()
     ids, labels, mask = ex.collate([0, 1, 2])
     grads = []
     for chunk in (4096, 16):
-        monkeypatch.setattr(e2e, "LOGIT_CHUNK", chunk)
+        monkeypatch.setattr(e2e_losses, "LOGIT_CHUNK", chunk)
         student, teacher = _student_teacher(quant_dir, fp_dir)
         params = [p for m in e2e.trainable_layers(student).values() for p in m.start_training()]
         from eqat_cli.quant.torch_kernel import TORCH_KERNEL

@@ -315,10 +315,14 @@ def test_pack_sigkill_mid_write_leaves_no_output_under_the_final_name(inputs, tm
         if proc.poll() is None:
             proc.kill()
     assert not out.exists(), "a half-written output is visible under the final name"
-    hidden = [p.name for p in out.parent.iterdir()]
+    hidden = [p.name for p in out.parent.iterdir() if p.name != "packed.lock"]
     assert all(n.startswith(".packed.tmp-") for n in hidden), hidden
+    lock = out.parent / "packed.lock"  # the killed run's output lock, its PID recorded
+    assert lock.read_text().split() == [str(proc.pid)]
     res = invoke("pack", inputs["q"], "--format", fmt, "-o", out)  # the next run is not disturbed
     assert res.exit_code == 0, res.output
+    assert f"took over the lock of {out} left by PID {proc.pid} (no longer running)" in " ".join(res.output.split())
+    assert not lock.exists()
     assert_same_tensors(out, inputs["root"] / "pack-ref")
 
 

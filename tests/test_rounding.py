@@ -184,6 +184,16 @@ def test_recipes_and_bad_options():
             BlockAPConfig(**bad)
     with pytest.raises(BadInputError):
         BlockAPConfig.from_recipe("fast")
+    # bits and group size are validated through QuantScheme (one SUPPORTED_BITS)
+    from eqat_cli.errors import UnsupportedError
+    from eqat_cli.scheme import QuantScheme
+
+    with pytest.raises(UnsupportedError, match="unsupported bit width 5"):
+        BlockAPConfig(bits=5)
+    for bad_group in (0, 1, -2):
+        with pytest.raises(BadInputError, match="group size"):
+            BlockAPConfig(group_size=bad_group)
+    assert BlockAPConfig(bits=3, group_size=-1).scheme == QuantScheme(3, -1)
 
 
 def test_default_recipe_without_validation_windows(llama_dir, tmp_path):

@@ -41,7 +41,7 @@ from eqat_cli.benchmark.config import (
 from eqat_cli.benchmark.generation import bench_model, measure_generation
 from eqat_cli.benchmark.layer import bench_layer, quantized_random_layer
 from eqat_cli.benchmark.rss import PeakRSS, own_weights
-from eqat_cli.benchmark.runner import Plan, machine_info, plan, run
+from eqat_cli.benchmark.runner import Plan, bench_from_spec, machine_info, plan, run
 from eqat_cli.benchmark.shapes import (
     DEBUG_PRESETS, PRESETS, LayerShape, ShapeSet, resolve_shapes, shapes_from_config,
 )
@@ -51,6 +51,7 @@ from eqat_cli.benchmark.sizes import (
 from eqat_cli.benchmark.timing import device_sync, summarize, time_runs
 
 __all__ = [
+    "bench_from_spec",
     "DEFAULT_PROMPT", "GENERATION_REPEATS", "LAYER_REPEATS", "SUPPORTED_BITS", "BenchConfig",
     "Progress", "no_progress", "bench_model", "measure_generation", "bench_layer",
     "quantized_random_layer", "PeakRSS", "own_weights", "Plan", "machine_info", "plan", "run",

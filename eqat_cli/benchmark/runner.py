@@ -88,6 +88,14 @@ def plan(cfg: BenchConfig) -> Plan:
     return Plan(cfg, dev, compute_dtype(dev), backend, shapes, spec.kernel())
 
 
+def bench_from_spec(cfg: BenchConfig, progress: Progress = no_progress) -> dict:
+    """``eqat bench``'s library side: :func:`plan` (validation first, before torch is imported),
+    report ``progress("planned", {"plan": plan})``, then :func:`run` it."""
+    p = plan(cfg)
+    progress("planned", {"plan": p})
+    return run(p, progress)
+
+
 def run(p: Plan, progress: Progress = no_progress) -> dict:
     """Every measurement of a plan, as one JSON-ready dict."""
     cfg = p.cfg

@@ -34,7 +34,7 @@ def bench_cmd(
 
     Example: [bold]eqat bench --shapes smollm2 --json bench.json[/]
     """
-    from eqat_cli.benchmark import BenchConfig, plan
+    from eqat_cli.benchmark import BenchConfig
 
     cfg = BenchConfig(
         bits=bits, group=group, shapes=shapes, backend=backend, device=device,
@@ -42,33 +42,41 @@ def bench_cmd(
         threads=threads,
     )
     cfg.validate()  # fail fast, before torch and the model are loaded
-    p = plan(cfg)
-    console.print(f"backend: {p.backend['why']}", soft_wrap=True)
-    results = _run(p)
+    results = _run(cfg)
     render(results)
     emit_json(results, json_out)
 
 
-def _run(p: Any) -> dict:
-    from eqat_cli.benchmark import run
+def _run(cfg: Any) -> dict:
+    from eqat_cli.benchmark import bench_from_spec
 
     bars = progress_bars(transient=True)
-    progress = counting_bars(bars, key=lambda event, info: event,
+    counting = counting_bars(bars, key=lambda event, info: event,
                              describe=lambda event, info: f"{event}: {info['label']}")
 
-    m = p.shapes.model
-    console.print(
-        f"shapes of [bold]{p.shapes.name}[/] ({m['architecture']}, hidden {m['hidden_size']}, "
-        f"{p.shapes.num_layers} blocks) · w{p.cfg.bits}g{p.cfg.group} · {p.device} "
-        f"{str(p.dtype).replace('torch.', '')}",
-        soft_wrap=True,
-    )
-    if p.shapes.source == "model":
-        import transformers
+    def progress(event: str, info: dict) -> None:
+        if event != "planned":
+            counting(event, info)
+            return
+        p = info["plan"]
+        console.print(f"backend: {p.backend['why']}", soft_wrap=True)
+        m = p.shapes.model
+        console.print(
+            f"shapes of [bold]{p.shapes.name}[/] ({m['architecture']}, hidden {m['hidden_size']}, "
+            f"{p.shapes.num_layers} blocks) · w{p.cfg.bits}g{p.cfg.group} · {p.device} "
+            f"{str(p.dtype).replace('torch.', '')}",
+            soft_wrap=True,
+        )
+        if p.shapes.source == "model":
+            import transformers
 
-        transformers.utils.logging.disable_progress_bar()
-    with bars:
-        return run(p, progress)
+            transformers.utils.logging.disable_progress_bar()
+        bars.start()
+
+    try:
+        return bench_from_spec(cfg, progress)
+    finally:
+        bars.stop()
 
 
 def _mib(n: Optional[float]) -> str:

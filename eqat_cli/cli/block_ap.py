@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,28 +9,52 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, POSITIVE, BitsOpt, DataDirOpt, DeviceOpt, GroupOpt, JsonOpt,
-    ModelArg, OutOpt, OverwriteOpt, PrecisionOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json,
-    progress_bars,
+    ModelArg, OutOpt, OverwriteOpt, PrecisionOpt, Range, SeedOpt, TrustRemoteCodeOpt, WaitOpt, console, emit_json,
+    progress_bars, render_lock_event,
 )
 
 
 class _LiveProgress:
-    """Renders Block-AP progress events with Rich: blocks, steps, losses, elapsed/remaining."""
+    """Renders Block-AP progress events with Rich: the lock, the calibration spinner, the run line
+    once prepared, then blocks, steps, losses, elapsed/remaining."""
 
-    def __init__(self, n_blocks_hint: int = 0):
-        self.progress = progress_bars(eta=True, info=True)
-        self.blocks = self.progress.add_task("blocks", total=n_blocks_hint or None, info="")
+    def __init__(self, cfg, bits: int, group: int):
+        self.cfg, self.bits, self.group = cfg, bits, group
+        self.progress = None
+        self.status = None
         self.steps = None
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
     def __call__(self, event: str, info: dict) -> None:
+        if render_lock_event(event, info):
+            return
+        if event == "calibration":
+            if not info["done"]:
+                self.status = console.status(f"reading and tokenizing {info['dataset']}...")
+                self.status.start()
+            elif self.status is not None:
+                self.status.stop()
+                self.status = None
+            return
+        if event == "prepared":
+            cfg = self.cfg
+            console.print(
+                f"Block-AP w{self.bits}g{self.group} on {info['device']}: {info['train']} train / {info['val']} val "
+                f"windows, recipe {cfg.recipe}: {info['steps']} steps of {cfg.batch_size} per block, "
+                f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
+            )
+            self.progress = progress_bars(eta=True, info=True)
+            self.blocks = self.progress.add_task("blocks", total=None, info="")
+            self.progress.start()
+            return
         p = self.progress
+        if p is None:
+            return
         if event == "block_start":
             p.update(self.blocks, total=info["blocks"], description=f"block {info['block'] + 1}/{info['blocks']}",
                      info="(resumed: replaying)" if info["resumed"] else "")
@@ -89,6 +112,7 @@ def block_ap_cmd(
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     overwrite: OverwriteOpt = False,
+    wait: WaitOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -106,19 +130,10 @@ def block_ap_cmd(
     """
     from rich.table import Table
 
-    from eqat_cli.device import pick_device
-    from eqat_cli.errors import BadInputError
-    from eqat_cli.fsutil import check_output
-    from eqat_cli.readers import check_full_precision_model, preflight_model
-    from eqat_cli.quant.primitives import check_bits, effective_group
-    from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
-    from eqat_cli.train.calib import calibration_for
+    from eqat_cli.scheme import QuantScheme
+    from eqat_cli.train.block_ap import BlockAPConfig, block_ap_from_spec
 
-    check_bits(bits)
-    if group != -1:
-        effective_group(group, 1 << 30)
-    if (calib is None) == (dataset is None):
-        raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
+    QuantScheme(bits, group)  # bits first, before the recipe's options
     given = dict(epochs=epochs, steps=steps, batch_size=batch_size, param=param, optimizer=optimizer,
                  schedule=schedule, quant_lr=quant_lr, weight_lr=weight_lr, loss=loss, init=init, best=best,
                  channel_scale=channel_scale)
@@ -127,23 +142,13 @@ def block_ap_cmd(
         max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
         gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, **{k: v for k, v in given.items() if v is not None},
     )
-    check_output(output, overwrite)
-    preflight_model(model)
-    with console.status(f"reading and tokenizing {dataset}...") if dataset is not None else nullcontext():
-        c, tok, path = calibration_for(model, calib, dataset, samples, seqlen, val_samples, seed, data_dir)
-    check_full_precision_model(path)
-    dev = pick_device(device)
-    console.print(
-        f"Block-AP w{bits}g{group} on {dev}: {tuple(c.train.shape)} train / {tuple(c.val.shape)} val windows, "
-        f"recipe {cfg.recipe}: {cfg.total_steps(c.train.shape[0])} steps of {cfg.batch_size} per block, "
-        f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
-    )
-    with _LiveProgress() as live:
-        result = run_block_ap(
-            path, tok, c.train, c.val, cfg, output, dev,
-            extra_meta={"calibration": c.meta, "source_model": model},
-            progress=live, resume=resume, overwrite=overwrite,
-        )
+    live = _LiveProgress(cfg, bits, group)
+    try:
+        result = block_ap_from_spec(model, output, cfg, calib=calib, dataset=dataset, samples=samples,
+                                    seqlen=seqlen, val_samples=val_samples, device=device, data_dir=data_dir,
+                                    progress=live, resume=resume, overwrite=overwrite, wait=wait)
+    finally:
+        live.close()
     t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
     for col in ("block", f"val {cfg.loss} before ({'RTN' if cfg.init == 'minmax' else 'GPTQ'})", f"val {cfg.loss} after", "time (s)"):
         t.add_column(col, justify="right")

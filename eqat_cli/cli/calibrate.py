@@ -8,7 +8,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, NON_NEGATIVE, DataDirOpt, ModelArg, OutOpt, OverwriteOpt, Range, SeedOpt, TrustRemoteCodeOpt,
-    console,
+    WaitOpt, console, render_lock_event,
 )
 
 DatasetOpt = Annotated[
@@ -26,6 +26,7 @@ def calibrate_cmd(
     seed: SeedOpt = 2,
     data_dir: DataDirOpt = None,
     overwrite: OverwriteOpt = False,
+    wait: WaitOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ):
     """Train and validation windows come from disjoint parts of the corpus; the same seed gives
@@ -33,15 +34,19 @@ def calibrate_cmd(
 
     Example: [bold]eqat calibrate smollm2 --dataset c4 --samples 128 --seqlen 512 -o calib.safetensors[/]
     """
-    from eqat_cli.fsutil import check_output
-    from eqat_cli.readers import preflight_model
-    from eqat_cli.train.calib import calibrate, save_calibration
+    from eqat_cli.train.calib import calibrate_to_file
 
-    check_output(output, overwrite, kind="file")
-    preflight_model(model)
-    with console.status(f"reading and tokenizing {dataset}..."):
-        calib, _, _ = calibrate(model, dataset, samples, seqlen, val_samples, seed, data_dir)
-    save_calibration(calib, output)
+    status = console.status(f"reading and tokenizing {dataset}...")
+
+    def progress(event: str, info: dict) -> None:
+        if not render_lock_event(event, info) and event == "calibration":
+            status.stop() if info["done"] else status.start()
+
+    try:
+        calib = calibrate_to_file(model, dataset, output, samples, seqlen, val_samples, seed, data_dir,
+                                  overwrite=overwrite, wait=wait, progress=progress)
+    finally:
+        status.stop()
     console.print(
         f"wrote {output}: {samples} train + {val_samples} validation windows of {seqlen} tokens "
         f"from {dataset} (seed {seed}, tokenizer {calib.meta['tokenizer_fingerprint']})"

@@ -384,6 +384,24 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed."), Range(ge=0
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace the output if it exists.")
 ]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="If another eqat process is writing the same output, wait for it "
+                                      "instead of refusing.")
+]
+
+
+def render_lock_event(event: str, info: dict) -> bool:
+    """Draw the output lock's events (``fsutil.output_lock``); ``True`` if ``event`` was one."""
+    if event == "lock_wait":
+        who = f"PID {info['pid']}" if info.get("pid") else "another process"
+        console.print(f"waiting for {who} to finish writing {info['output']} (--wait)...", soft_wrap=True)
+        return True
+    if event == "lock_takeover":
+        state = "still running but no longer holding it" if info.get("alive") else "no longer running"
+        console.print(f"[yellow]note:[/] took over the lock of {info['output']} left by PID {info['pid']} ({state})",
+                      soft_wrap=True)
+        return True
+    return False
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option(

@@ -8,7 +8,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, LEARNING_RATE, NON_NEGATIVE, DataDirOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt,
-    PrecisionOpt, Range, SeedOpt, TrustRemoteCodeOpt, console, emit_json, progress_bars,
+    PrecisionOpt, Range, SeedOpt, TrustRemoteCodeOpt, WaitOpt, console, emit_json, progress_bars, render_lock_event,
 )
 
 
@@ -21,6 +21,8 @@ class _LiveProgress:
         self.bar = None
 
     def __call__(self, event: str, info: dict) -> None:
+        if render_lock_event(event, info):
+            return
         if event == "prepared":
             if info["rank"] == 0:
                 console.print(f"E2E-QP ({info['loss']}) on {info['device']} x{info['world_size']}: {info['train']} "
@@ -73,6 +75,7 @@ def e2e_qp_cmd(
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     overwrite: OverwriteOpt = False,
+    wait: WaitOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -82,8 +85,7 @@ def e2e_qp_cmd(
 
     Example: [bold]eqat e2e-qp out/w2g64 --dataset c4 --seqlen 1024 --samples 512 -o out/w2g64-e2e[/]
     """
-    from eqat_cli.train.e2e_qp import E2EConfig
-    from eqat_cli.train.e2e_qp_runner import e2e_qp_from_spec
+    from eqat_cli.train.e2e_qp import E2EConfig, e2e_qp_from_spec
 
     cfg = E2EConfig(epochs=epochs, lr=lr, global_batch=global_batch, batch_size=batch_size,
                     warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
@@ -93,7 +95,7 @@ def e2e_qp_cmd(
     try:
         res = e2e_qp_from_spec(model, dataset, output, cfg, data_format=data_format, teacher=teacher,
                                samples=samples, seqlen=seqlen, val_samples=val_samples, device=device,
-                               data_dir=data_dir, progress=live, resume=resume, overwrite=overwrite)
+                               data_dir=data_dir, progress=live, resume=resume, overwrite=overwrite, wait=wait)
     finally:
         live.close()
     if res.rank == 0:

@@ -41,35 +41,40 @@ def eval_cmd(
 
     Example: [bold]eqat eval ./out --ppl wikitext2 --tasks piqa,arc_easy[/]
     """
-    from eqat_cli.eval.runner import EvalConfig, split_list, validate
+    from eqat_cli.eval.runner import EvalConfig, split_list
 
     cfg = EvalConfig(
         model=model, ppl=split_list(ppl), tasks=split_list(tasks), seqlen=seqlen,
         limit=limit, batch_size=batch_size, device=device, backend=backend,
         data_dir=data_dir,
     )
-    from eqat_cli.readers import preflight_model
-
-    plans = validate(cfg)  # fail fast, before loading the model
-    preflight_model(model)
-    results = _run(cfg, plans)
+    results = _run(cfg)
     render(results)
     emit_json(results, json_out)
 
 
-def _run(cfg: Any, plans: list) -> dict:
-    from eqat_cli.eval.runner import run_eval
+def _run(cfg: Any) -> dict:
+    from eqat_cli.eval.runner import eval_from_spec
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bar replaces "Loading weights"
     bars = progress_bars(transient=True)
     what = {"load": "loading", "ppl": "windows", "task": "requests"}
-    progress = counting_bars(bars, key=lambda event, info: (event, info["label"]),
+    counting = counting_bars(bars, key=lambda event, info: (event, info["label"]),
                              describe=lambda event, info: f"{info['label']} ({what[event]})")
-    console.print(f"evaluating [bold]{cfg.model}[/]")
-    with bars:
-        return run_eval(cfg, plans, progress)
+
+    def progress(event: str, info: dict) -> None:
+        if event == "start":  # checked: now the model loads
+            console.print(f"evaluating [bold]{info['model']}[/]")
+            bars.start()
+        else:
+            counting(event, info)
+
+    try:
+        return eval_from_spec(cfg, progress)
+    finally:
+        bars.stop()
 
 
 def short_source(source: str) -> str:

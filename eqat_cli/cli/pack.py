@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from eqat_cli.cli.common import (
-    JsonOpt, ModelArg, OutOpt, OverwriteOpt, TrustRemoteCodeOpt, console, emit_json,
+    JsonOpt, ModelArg, OutOpt, OverwriteOpt, TrustRemoteCodeOpt, WaitOpt, console, emit_json, render_lock_event,
 )
 from eqat_cli.formats.builtin import BUILTIN_FORMATS
 
@@ -32,6 +32,7 @@ def pack_cmd(
     fmt: Annotated[str, FORMAT_OPTION],
     output: OutOpt,
     overwrite: OverwriteOpt = False,
+    wait: WaitOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -42,13 +43,15 @@ def pack_cmd(
     Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
     """
     from eqat_cli.formats.describe import human_bytes
-    from eqat_cli.pack import pack_model
+    from eqat_cli.pack import pack_from_spec
 
     def progress(event: str, info: dict) -> None:
+        if render_lock_event(event, info):
+            return
         if event == "load" and info["done"] == 0:
             console.print(f"loading [bold]{info['label']}[/]")
 
-    summary = pack_model(model, fmt, output, overwrite, progress)
+    summary = pack_from_spec(model, fmt, output, overwrite, progress, wait=wait)
     console.print(f"[green]wrote[/] {summary['output']} ({summary['format']}, "
                   f"{human_bytes(summary['size_bytes'])})")
     for note in summary.get("notes", []):

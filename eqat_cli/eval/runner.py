@@ -145,6 +145,18 @@ def bits_per_weight(model: Any, arch: Any, path: Optional[Path]) -> dict:
 # ---------------------------------------------------------------------- run
 
 
+def eval_from_spec(cfg: EvalConfig, progress: Optional[Progress] = None) -> dict:
+    """``eqat eval``'s library side: check the sets and tasks (:func:`validate`) and the model spec
+    before anything is loaded, report ``progress("start", {"model"})``, then :func:`run_eval`."""
+    from eqat_cli.readers import preflight_model
+
+    plans = validate(cfg)  # fail fast, before loading the model
+    preflight_model(cfg.model)
+    if progress is not None:
+        progress("start", {"model": cfg.model})
+    return run_eval(cfg, plans, progress)
+
+
 def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[Progress] = None) -> dict:
     """Load ``cfg.model``, measure perplexity and zero-shot accuracy; return the results dict.
 

@@ -169,6 +169,40 @@ def calibrate(
     return calib, tok, path
 
 
+def calibrate_to_file(
+    model: str,
+    dataset: str,
+    output: str | Path,
+    samples: int = 4096,
+    seqlen: int = 2048,
+    val_samples: int = 64,
+    seed: int = 2,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    wait: bool = False,
+    progress: Any = None,
+) -> Calibration:
+    """``eqat calibrate``'s library side: check the output file, hold its lock (one writer per
+    output; refused, or with ``wait`` waited for), check the model, draw the windows
+    (:func:`calibrate`, reported as ``progress("calibration", {"dataset", "done"})``), save them
+    atomically. Returns the windows."""
+    from eqat_cli.fsutil import check_output, output_lock
+    from eqat_cli.readers import preflight_model
+
+    note = progress or (lambda event, info: None)
+    check_output(output, overwrite, kind="file")
+    with output_lock(output, wait=wait, progress=progress):
+        check_output(output, overwrite, kind="file")  # again: a run we waited for may have written it
+        preflight_model(model)
+        note("calibration", {"dataset": dataset, "done": False})
+        try:
+            calib, _, _ = calibrate(model, dataset, samples, seqlen, val_samples, seed, data_dir)
+        finally:
+            note("calibration", {"dataset": dataset, "done": True})
+        save_calibration(calib, output)
+    return calib
+
+
 def calibration_for(
     model: str,
     calib: str | Path | None = None,

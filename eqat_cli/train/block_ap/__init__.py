@@ -12,7 +12,8 @@ For block i (in order):
 
 The rooms: :mod:`.config` (recipes), :mod:`.blockio` (activations, weights block by block,
 batched forwards, losses), :mod:`.start`, :mod:`.train`, :mod:`.driver` (the loop over blocks,
-resume, checkpoint writing).
+resume, checkpoint writing; its skeleton is :mod:`eqat_cli.train.runs`, shared with E2E-QP),
+:mod:`.runner` (``eqat block-ap``'s library side, :func:`block_ap_from_spec`).
 
 Memory: the model is a meta-device skeleton; each block's weights are read from the safetensors
 shards only when it is its turn, and only that block is on the accelerator; once a block is done
@@ -29,12 +30,13 @@ from eqat_cli.train.block_ap.config import (
     BESTS, INITS, LOSSES, OPTIMIZERS, PARAMS, RECIPES, SCHEDULES, BlockAPConfig, NonFiniteLossError, Progress,
 )
 from eqat_cli.train.block_ap.driver import STATE_FILE, WORK_SUFFIX, BlockAPResult, run_block_ap
+from eqat_cli.train.block_ap.runner import block_ap_from_spec
 from eqat_cli.train.block_ap.start import collect_hessians, gptq_init_block, quantize_block_start
 from eqat_cli.train.block_ap.train import SignSGD, train_block
 
 __all__ = [
     "ActivationStore", "block_loss", "eval_block_loss", "BESTS", "INITS", "LOSSES", "OPTIMIZERS",
     "PARAMS", "RECIPES", "SCHEDULES", "BlockAPConfig", "NonFiniteLossError", "Progress", "STATE_FILE",
-    "WORK_SUFFIX", "BlockAPResult", "run_block_ap", "collect_hessians", "gptq_init_block",
+    "WORK_SUFFIX", "BlockAPResult", "run_block_ap", "block_ap_from_spec", "collect_hessians", "gptq_init_block",
     "quantize_block_start", "SignSGD", "train_block",
 ]

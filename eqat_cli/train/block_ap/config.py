@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from eqat_cli.device import PRECISIONS
-from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.errors import BadInputError
 from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
+from eqat_cli.scheme import QuantScheme
+from eqat_cli.train.runs import NonFiniteLossError  # noqa: F401 (re-exported)
 
 LOSSES = ("mse", "token-rel")
 INITS = ("minmax", "gptq")
@@ -74,6 +76,7 @@ class BlockAPConfig:
     precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
 
     def __post_init__(self) -> None:
+        QuantScheme(self.bits, self.group_size)  # one line on unsupported bits or a bad group size
         for name, allowed in (("loss", LOSSES), ("init", INITS), ("param", PARAMS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("best", BESTS), ("recipe", RECIPES),
                              ("precision", PRECISIONS)):
@@ -103,6 +106,10 @@ class BlockAPConfig:
         if recipe not in RECIPES:
             raise BadInputError(f"unknown Block-AP recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         return cls.paper(**overrides) if recipe == "paper" else cls(**overrides)
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size)
 
     @property
     def trains(self) -> bool:
@@ -176,9 +183,3 @@ def legacy_defaults() -> dict:
     """Values of options missing from a run key written by an older eqat: every option added
     since was added with the paper's behaviour as its default."""
     return BlockAPConfig.paper().to_json()
-
-
-class NonFiniteLossError(EqatError):
-    pass
-
-

@@ -3,9 +3,11 @@
 :func:`run_block_ap` is a sequence of named steps: check the inputs, open the source model (a
 meta-device skeleton and a shard reader), resume or start the work directory, embed the
 calibration windows, quantize the blocks one by one, write the rest of the checkpoint, and move
-the work directory into place. The state those steps share lives in three small objects:
-:class:`_Source` (the model being read), :class:`_WorkDir` (the resumable work directory) and
-:class:`_Activations` (the six activation stores of the full-precision and quantized chains).
+the work directory into place, all under the output's lock. The skeleton of the run (lock, output
+check, work directory, run key, atomic state writes) is :mod:`eqat_cli.train.runs`, shared with
+E2E-QP. The state the steps share lives in three small objects: :class:`_Source` (the model being
+read), :class:`_WorkDir` (the resumable work directory) and :class:`_Activations` (the six
+activation stores of the full-precision and quantized chains).
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ from torch import nn
 
 from eqat_cli.errors import BadInputError
 from eqat_cli.memory import peak_rss_bytes, release_memory
-from eqat_cli.quant.primitives import check_bits
 from eqat_cli.quantize import pack_block
 from eqat_cli.formats.shards import ShardReader
 from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start, scale_block_pairs
 from eqat_cli.train.block_ap.train import check_keep_best, train_block
+from eqat_cli.train.runs import WORK_SUFFIX, WorkDir, check_new_output, read_json_state, run_lock, work_dir_for  # noqa: F401 (WORK_SUFFIX re-exported)
 
 STATE_FILE = "blockap_state.json"
-WORK_SUFFIX = ".partial"
 
 
 def _same_run(old: dict | None, new: dict) -> bool:
@@ -104,17 +105,21 @@ def run_block_ap(
     resume: bool = True,
     overwrite: bool = False,
 ) -> BlockAPResult:
-    """Quantize the full-precision model at ``model_path`` and write a packed checkpoint."""
+    """Quantize the full-precision model at ``model_path`` and write a packed checkpoint.
+
+    Holds the output's lock for the run (a no-op inside :func:`block_ap_from_spec`, which took it);
+    another process writing the same output is refused (:class:`~eqat_cli.errors.OutputBusyError`).
+    """
     output = Path(output)
-    _check_inputs(cfg, calib_val, output, overwrite)
-    t0 = time.time()
-    src = _open_source(model_path, cfg, device)
-    work = _resume_or_start(output.with_name(output.name + WORK_SUFFIX),
-                            _run_key(cfg, model_path, calib_train, calib_val), resume)
-    acts = _embed_windows(src, calib_train, calib_val, work.activations_dir(cfg))
-    _quantize_blocks(src, acts, work, progress)
-    _write_checkpoint(src, work, tokenizer, extra_meta)
-    _move_into_place(work, acts, output)
+    with run_lock(output, progress=progress):
+        _check_inputs(cfg, calib_val, output, overwrite)
+        t0 = time.time()
+        src = _open_source(model_path, cfg, device)
+        work = _resume_or_start(work_dir_for(output), _run_key(cfg, model_path, calib_train, calib_val), resume)
+        acts = _embed_windows(src, calib_train, calib_val, work.activations_dir(cfg))
+        _quantize_blocks(src, acts, work, progress)
+        _write_checkpoint(src, work, tokenizer, extra_meta)
+        _move_into_place(work, acts, output)
     return BlockAPResult(output, work.state["blocks"], time.time() - t0, work.resumed_from,
                          round(peak_rss_bytes() / 2**20, 1))
 
@@ -123,12 +128,10 @@ def run_block_ap(
 
 
 def _check_inputs(cfg: BlockAPConfig, calib_val: torch.Tensor, output: Path, overwrite: bool) -> None:
-    """Fail on a bad recipe or an existing output before anything is read or written."""
-    check_bits(cfg.bits)
+    """Fail on a bad recipe or an existing output before anything is read or written (bits and
+    group size were validated with the config, through ``QuantScheme``)."""
     check_keep_best(cfg, calib_val.shape[0])
-    if output.exists():
-        if not overwrite:
-            raise BadInputError(f"output {output} already exists (pass --overwrite to replace it)")
+    check_new_output(output, overwrite)
 
 
 @dataclass
@@ -182,46 +185,34 @@ def _run_key(cfg: BlockAPConfig, model_path: Path, calib_train: torch.Tensor, ca
 
 
 @dataclass
-class _WorkDir:
+class _WorkDir(WorkDir):
     """The work directory beside the output: finished block files and the resume state."""
 
-    path: Path
-    state: dict  # run_key, finished (block indices), blocks (one summary per finished block)
-    resumed_from: int  # blocks finished by an earlier run
-
-    @property
-    def state_path(self) -> Path:
-        return self.path / STATE_FILE
+    state: dict = field(default_factory=dict)  # run_key, finished (block indices), blocks (summaries)
+    resumed_from: int = 0  # blocks finished by an earlier run
 
     def activations_dir(self, cfg: BlockAPConfig) -> Path | None:
         return self.path / "activations" if cfg.offload_to_disk else None
 
     def record(self, i: int, info: dict) -> None:
         """Block ``i`` is finished (its file written): save the resume state atomically."""
-        from eqat_cli.fsutil import write_json_atomic
-
         self.state["blocks"] = self.state["blocks"][:i] + [info]
         self.state["finished"] = list(range(i + 1))
-        write_json_atomic(self.state_path, self.state)
+        self.save_json(self.state)
 
 
 def _resume_or_start(work: Path, run_key: dict, resume: bool) -> _WorkDir:
     """Resume bookkeeping: the work dir records the config; a different config starts over."""
-    from eqat_cli.readers import read_json
-
-    state_path = work / STATE_FILE
-    state = {"finished": [], "blocks": []}
-    if work.exists() and resume and state_path.exists():
-        old = read_json(state_path, "Block-AP resume state")
-        if _same_run(old.get("run_key"), run_key):
-            state = old
-        else:
-            shutil.rmtree(work)
-    elif work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    wd = _WorkDir(work, STATE_FILE)
+    state = wd.previous(resume, lambda p: read_json_state(p, "Block-AP resume state"),
+                        lambda old: _same_run(old.get("run_key"), run_key))
+    if state is None:
+        wd.clear()
+        state = {"finished": [], "blocks": []}
+    wd.create()
     state["run_key"] = run_key
-    return _WorkDir(work, state, len(state["finished"]))
+    wd.state, wd.resumed_from = state, len(state["finished"])
+    return wd
 
 
 @dataclass

@@ -11,7 +11,9 @@ from torch import nn
 from eqat_cli.errors import BadInputError
 from eqat_cli.progress import Progress
 from eqat_cli.train.block_ap.blockio import block_kwargs_cached, block_loss, eval_block_loss
-from eqat_cli.train.block_ap.config import BlockAPConfig, NonFiniteLossError
+from eqat_cli.train import schedule
+from eqat_cli.train.block_ap.config import BlockAPConfig
+from eqat_cli.train.runs import NonFiniteLossError
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -33,11 +35,8 @@ def lr_factor(step: int, total: int, cfg: BlockAPConfig) -> float:
     """The learning-rate multiplier at ``step`` of ``total``: cosine to ``1/min_lr_factor`` (the
     paper) or linear to 0 (SignRound)."""
     if cfg.schedule == "linear":
-        return 1.0 - step / total
-    floor = 1.0 / cfg.min_lr_factor
-    if total <= 1:
-        return 1.0
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * step / (total - 1)))
+        return schedule.linear(step, total)
+    return schedule.cosine(step, total, 1.0 / cfg.min_lr_factor)
 
 
 def param_groups(block: nn.Module, cfg: BlockAPConfig, total: int) -> tuple[list[dict], list[nn.Module]]:
