@@ -23,6 +23,12 @@ from typing import Any
 
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
 from eqat_cli.formats.detect import detect_layout
+from eqat_cli.hub import hub_access
+from eqat_cli.model_files import (
+    check_model_weights, check_weight_shapes, hf_load, load_config, model_dir_files, quantized, read_model_config,
+)
+from eqat_cli.model_files import load_tokenizer as read_tokenizer
+from eqat_cli.readers import reading
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -115,8 +121,6 @@ def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
         raise MissingDependencyError("gguf", "loading a .gguf model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eqat_cli.readers import hf_load
-
     model = hf_load(AutoModelForCausalLM.from_pretrained, directory, "GGUF model", gguf_file=gguf_file, dtype=dtype)
     tok = hf_load(AutoTokenizer.from_pretrained, directory, "GGUF tokenizer", gguf_file=gguf_file)
     _drop_gguf_quantizer(model)
@@ -170,8 +174,6 @@ def download(
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
-    from eqat_cli.data import hub_access
-
     kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
     try:
         with hub_access():  # no network: offline mode, cached copies only (no retries)
@@ -211,7 +213,6 @@ def local_path(source: ModelSource, revision: str | None = None) -> Path:
 
 def load_fp(path: Path, dtype) -> tuple[Any, Any]:
     from eqat_cli.formats.native import model_class_for
-    from eqat_cli.readers import check_model_weights, hf_load, load_config
 
     config = load_config(path)
     check_model_weights(path)
@@ -220,9 +221,25 @@ def load_fp(path: Path, dtype) -> tuple[Any, Any]:
 
 
 def load_tokenizer(path: Path) -> Any:
-    from eqat_cli.readers import load_tokenizer as read_tokenizer
-
     return read_tokenizer(path)
+
+
+def preflight_model(spec: str) -> bool | None:
+    """Cheap checks of a model spec before anything is printed, created or loaded: a local
+    directory is validated with :func:`eqat_cli.model_files.check_model_dir` (config sanity and
+    shard shapes included), a ``.gguf`` file must start with the GGUF magic. Hub ids and aliases
+    are checked when they are fetched (:func:`resolve`).
+
+    Returns whether a local directory holds a quantized checkpoint (None for other specs)."""
+    src = classify(spec)
+    if src.kind == "dir" and src.path is not None:
+        return quantized(*model_dir_files(Path(src.path)))
+    if src.kind == "gguf" and src.path is not None:
+        f = Path(src.path) / str(src.gguf_file)
+        with reading(f, "GGUF file"), open(f, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise BadInputError(f"{f}: not a GGUF file (no GGUF magic at the start)")
+    return None
 
 
 def resolve(
@@ -250,7 +267,8 @@ def resolve(
         fmt, path = "fp", source.path
     else:
         path = local_path(source, revision)
-        layout = detect_layout(path)
+        layout = detect_layout(path)  # config.json sanity (model_files.check_config) included
+        check_weight_shapes(read_model_config(path), path / "config.json", check_model_weights(path))
         fmt = layout.format
         if layout.packed:
             from eqat_cli.formats.native import load_packed_model

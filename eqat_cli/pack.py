@@ -64,7 +64,7 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
 
     from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
     from eqat_cli.models import resolve
-    from eqat_cli.readers import preflight_model
+    from eqat_cli.models import preflight_model
 
     def refuse_full_precision():
         return BadInputError(

@@ -34,7 +34,7 @@ def calibrate_cmd(
     Example: [bold]eqat calibrate smollm2 --dataset c4 --samples 128 --seqlen 512 -o calib.safetensors[/]
     """
     from eqat_cli.fsutil import check_output
-    from eqat_cli.readers import preflight_model
+    from eqat_cli.models import preflight_model
     from eqat_cli.train.calib import calibrate, save_calibration
 
     check_output(output, overwrite, kind="file")

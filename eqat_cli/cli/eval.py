@@ -48,7 +48,7 @@ def eval_cmd(
         limit=limit, batch_size=batch_size, device=device, backend=backend,
         data_dir=data_dir,
     )
-    from eqat_cli.readers import preflight_model
+    from eqat_cli.models import preflight_model
 
     plans = validate(cfg)  # fail fast, before loading the model
     preflight_model(model)

@@ -44,7 +44,7 @@ def split_list(value: Optional[str]) -> tuple[str, ...]:
 
 def validate(cfg: EvalConfig) -> list:
     """Check everything that can be checked before loading the model; return the task plans."""
-    from eqat_cli.data import check_ppl_set
+    from eqat_cli.eval.ppl_text import check_ppl_set
     from eqat_cli.eval.zeroshot import plan_tasks
 
     if not cfg.ppl and not cfg.tasks:
@@ -154,7 +154,7 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[P
     import torch
 
     import eqat_cli
-    from eqat_cli.data import perplexity_text
+    from eqat_cli.eval.ppl_text import perplexity_text
     from eqat_cli.eval.perplexity import perplexity
     from eqat_cli.fsutil import dir_size
     from eqat_cli.models import resolve

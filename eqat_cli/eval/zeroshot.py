@@ -257,7 +257,7 @@ def run_task(
     t0 = time.perf_counter()
     include = (str(plan.include_path),) if plan.include_path else ()
     tm = _task_manager(include, plan.include_path is None, str(data_dir) if plan.local else None)
-    from eqat_cli.data import hub_access
+    from eqat_cli.hub import hub_access
 
     with quiet_lm_eval():
         try:

@@ -171,7 +171,7 @@ def read_small_tensor(meta: TensorMeta) -> list[int]:
 def safetensor_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        from eqat_cli.readers import check_model_weights
+        from eqat_cli.model_files import check_model_weights
 
         return check_model_weights(path)
     single = path / "model.safetensors"
@@ -207,7 +207,7 @@ class Layout:
 
 
 def read_config_dict(path: str | os.PathLike) -> dict:
-    from eqat_cli.readers import read_model_config
+    from eqat_cli.model_files import read_model_config
 
     if not (Path(path) / "config.json").exists():
         raise BadInputError(f"{path} has no config.json")

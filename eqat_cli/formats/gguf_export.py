@@ -417,7 +417,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     """Load through transformers (``gguf_file=``), the way users will."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eqat_cli.readers import hf_load
+    from eqat_cli.model_files import hf_load
 
     p = Path(path)
     model = hf_load(AutoModelForCausalLM.from_pretrained, p.parent, "GGUF model", gguf_file=p.name, dtype=dtype)

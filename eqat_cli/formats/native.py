@@ -216,7 +216,7 @@ def load_packed_model(
     gptq3: bool = False,
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
     """Load a packed checkpoint (native or GPTQ-style tensors) into a transformers model."""
-    from eqat_cli.readers import load_config
+    from eqat_cli.model_files import load_config
 
     path = Path(path)
     config = load_config(path)

@@ -23,7 +23,8 @@ class ShardReader:
     """
 
     def __init__(self, path: Path, arch: Any = None):
-        from eqat_cli.readers import check_model_weights, read_json
+        from eqat_cli.model_files import check_model_weights
+        from eqat_cli.readers import read_json
 
         path = Path(path)
         index = path / INDEX_FILE

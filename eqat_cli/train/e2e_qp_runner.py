@@ -62,7 +62,8 @@ def e2e_qp_from_spec(
     from eqat_cli.formats.native import eqat_section
     from eqat_cli.fsutil import check_output
     from eqat_cli.models import resolve
-    from eqat_cli.readers import preflight_model, read_jsonl
+    from eqat_cli.models import preflight_model
+    from eqat_cli.readers import read_jsonl
     from eqat_cli.train.e2e_qp import LOSSES, init_distributed, run_e2e_qp, world
     from eqat_cli.train.sft_data import training_examples
 
