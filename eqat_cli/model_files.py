@@ -76,6 +76,9 @@ def check_config(cfg: dict, file: str | os.PathLike = "config.json") -> None:
     every special token id is inside the vocabulary; norm epsilons and ``rope_theta`` are finite
     and positive.
     """
+    for key in ("text_config", "quantization_config", "rope_scaling", "rope_parameters"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise BadInputError(f"{file}: {key} must be a JSON object, found {type(cfg[key]).__name__}")
     scopes = [("", cfg)]
     if isinstance(cfg.get("text_config"), dict):
         scopes.append(("text_config.", cfg["text_config"]))
@@ -316,10 +319,14 @@ def check_model_weights(path: str | os.PathLike) -> list[Path]:
         files = []
         for name in sorted(set(wm.values())):
             f = (p / name)
-            if Path(name).is_absolute() or ".." in Path(name).parts:
+            if not name or Path(name).is_absolute() or ".." in Path(name).parts:
                 raise BadInputError(f"{index}: shard name {name!r} points outside the model directory")
-            if not f.exists():
-                raise BadInputError(f"{index}: lists shard {name}, which is missing")
+            if len(name) > 4096 or any(len(part.encode()) > 255 for part in Path(name).parts):
+                raise BadInputError(f"{index}: shard name {name[:60]!r}... is too long for a file name")
+            with reading(index, "safetensors index"):
+                exists = f.is_file()
+            if not exists:
+                raise BadInputError(f"{index}: lists shard {name[:200]}, which is missing")
             files.append(f)
     elif (p / "model.safetensors").exists():
         files = [p / "model.safetensors"]

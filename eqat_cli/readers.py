@@ -80,6 +80,8 @@ def reading(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
         raise BadInputError(
             f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
         ) from e
+    except RecursionError as e:  # JSON arrays/objects nested thousands deep
+        raise BadInputError(f"{path}: {what} is nested too deeply to read") from e
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -154,6 +156,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON lines file", opener: C
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInputError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise BadInputError(f"{path}:{i}: JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise BadInputError(f"{path}:{i}: expected a JSON object, found {type(obj).__name__}")
         yield i, obj
@@ -201,7 +205,7 @@ def safetensors_header(path: str | os.PathLike, what: str = "safetensors file") 
             blob = fh.read(n)
     try:
         header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadInputError(f"{p}: not a {what} (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise BadInputError(f"{p}: not a {what} (its header is not a JSON object)")
@@ -217,7 +221,7 @@ def safetensors_header(path: str | os.PathLike, what: str = "safetensors file") 
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise BadInputError(f"{p}: damaged {what}: entry {name!r} lacks dtype/shape/data_offsets") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise BadInputError(f"{p}: damaged {what}: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise BadInputError(f"{p}: damaged {what}: tensor {name!r} has an invalid shape {shape!r}")
