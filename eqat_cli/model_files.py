@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from eqat_cli.errors import BadInputError, EqatError
 from eqat_cli.readers import check_safetensors, first_line, read_json, reading, safetensors_header
+from eqat_cli.registry import get_registry
 
 TRUST_REMOTE_CODE_ENV = "EQAT_TRUST_REMOTE_CODE"
 _trust_remote_code: bool | None = None  # None: follow the environment variable
@@ -204,8 +205,6 @@ def check_weight_shapes(cfg: dict, cfg_file: str | os.PathLike, files: list[Path
 
 def _architecture(cfg: dict) -> Any:
     """The registry's architecture for this config's model type, or None."""
-    from eqat_cli.registry import get_registry
-
     model_type = cfg.get("model_type") or text_config(cfg).get("model_type")
     try:
         return get_registry().find_architecture(model_type)

@@ -28,7 +28,9 @@ from eqat_cli.model_files import (
     check_model_weights, check_weight_shapes, hf_load, load_config, model_dir_files, quantized, read_model_config,
 )
 from eqat_cli.model_files import load_tokenizer as read_tokenizer
+from eqat_cli.fsutil import atomic_dir
 from eqat_cli.readers import reading
+from eqat_cli.registry import get_registry
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -137,8 +139,6 @@ def materialize_gguf(gguf: Path, name: str | None = None) -> Path:
 
     Training reads weights block by block from safetensors, which GGUF files are not.
     """
-    from eqat_cli.fsutil import atomic_dir
-
     gguf = Path(gguf).resolve()
     if name is None:
         st = gguf.stat()
@@ -256,7 +256,6 @@ def resolve(
     evaluating needs only what transformers can load; quantizing and packing need the plugin.
     """
     from eqat_cli.device import parse_dtype, pick_device
-    from eqat_cli.registry import get_registry
 
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype, dev)
@@ -313,7 +312,6 @@ def attach_backend(
     supported); ``group_size=None`` leaves group sizes out of the choice.
     """
     from eqat_cli.quant.linear import PackedLinear
-    from eqat_cli.registry import get_registry
 
     spec, why = get_registry().select_backend(backend, bits, device, group_size)
     kernel = spec.kernel()

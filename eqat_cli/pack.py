@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
+from eqat_cli.models import preflight_model, resolve
 from eqat_cli.progress import Progress, count
 
 FORMATS = ("eqat", "gptq", "gptq_v2", "fp16", "gguf")
@@ -61,10 +63,6 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
     fmt = normalize_format(fmt)
     output = Path(output).expanduser()
     check_output(fmt, output, overwrite)
-
-    from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
-    from eqat_cli.models import resolve
-    from eqat_cli.models import preflight_model
 
     def refuse_full_precision():
         return BadInputError(

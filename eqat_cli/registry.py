@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
-
+from eqat_cli.plugin_manager import get_plugin_manager
 from eqat_cli.specs import bits_label
 
 # Re-exported for plugins written against ``eqat_cli.registry`` (see the module docstring).
@@ -200,8 +200,6 @@ _REGISTRY: Registry | None = None
 def get_registry() -> Registry:
     global _REGISTRY
     if _REGISTRY is None:
-        from eqat_cli.plugin_manager import get_plugin_manager
-
         _REGISTRY = Registry(get_plugin_manager())
     return _REGISTRY
 
@@ -210,7 +208,5 @@ def reset_registry(reload_plugins: bool = False) -> None:
     """Re-collect registrations (after ``pm.register``/``unregister``); optionally reload plugins."""
     global _REGISTRY
     if reload_plugins:
-        from eqat_cli.plugin_manager import get_plugin_manager
-
         get_plugin_manager.cache_clear()
     _REGISTRY = None

@@ -33,9 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"*"},  # the top: everything below it
     "train": {"quant", "quantize", "formats", "models", "model_files", "readers", "data", "registry", "device",
               "memory", "fsutil"},
-    "eval": {"models", "model_files", "data", "hub", "readers", "quant", "registry", "fsutil"},
-    "benchmark": {"models", "model_files", "readers", "formats", "quant", "quantize", "registry", "memory", "device"},
-    "pack": {"models", "model_files", "formats", "readers", "fsutil"},
+    "eval": {"models", "data", "hub", "readers", "quant", "registry", "fsutil"},
+    "benchmark": {"models", "model_files", "formats", "quant", "quantize", "registry", "memory", "device"},
+    "pack": {"models", "formats", "fsutil"},
     "models": {"formats", "model_files", "readers", "hub", "registry", "device", "fsutil", "quant"},
     "formats": {"quant", "model_files", "readers", "registry"},
     "quantize": {"quant"},
@@ -45,7 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "readers": set(),
     "hub": set(),
     "registry": {"specs", "plugin_manager"},
-    "plugin_manager": {"hookspecs", "specs"},
+    "plugin_manager": {"hookspecs"},
     "hookspecs": {"specs"},
     "plugins": {"hookspecs", "specs", "quant"},
     "specs": set(),
@@ -63,9 +63,35 @@ NO_FOUNDATION = {"specs", "errors", "progress", "eqat_cli"}
 # Packages whose import makes a module heavy (seconds of start-up, torch's memory).
 HEAVY = {"torch", "transformers", "datasets", "lm_eval", "triton", "accelerate", "numpy", "gguf", "pyarrow"}
 
-# (importer, imported): lazy imports in library rooms that are neither cli/ nor plugins and do not
-# keep a heavy module out of a light one, each with its reason.
-LAZY_EXCEPTIONS: dict[tuple[str, str], str] = {}
+# importer -> (the modules it may import lazily, why): lazy imports in library rooms that are
+# neither cli/ nor plugins and do not keep a heavy module out of a light one.
+_H25F = "formats/ is being rebuilt on branch h25f (Format registry, Checkpoint reader): move these " \
+        "to module level after that merge, not in a conflicting edit"
+_H25T = "train/ is being rebuilt on branch h25t (one resumable-run skeleton, E2E-QP package): move " \
+        "these to module level after that merge"
+_H26 = "benchmark/ is being changed on branches h26g/h26k (generation, CPU kernels): move these to " \
+       "module level after those merges"
+LAZY_EXCEPTIONS: dict[str, tuple[set[str], str]] = {
+    "eqat_cli.formats.detect": ({"eqat_cli.model_files", "eqat_cli.readers", "eqat_cli.registry"}, _H25F),
+    "eqat_cli.formats.gguf_export": ({"eqat_cli.formats.gptq", "eqat_cli.model_files"}, _H25F),
+    "eqat_cli.formats.native": ({"eqat_cli.model_files", "eqat_cli.readers"}, _H25F),
+    "eqat_cli.formats.shards": ({"eqat_cli.model_files", "eqat_cli.readers"}, _H25F),
+    "eqat_cli.train.amp": ({"eqat_cli.device"}, _H25T),
+    "eqat_cli.train.block_ap.driver": ({"eqat_cli.formats.native", "eqat_cli.fsutil", "eqat_cli.model_files",
+                                        "eqat_cli.readers", "eqat_cli.registry"}, _H25T),
+    "eqat_cli.train.block_ap.start": ({"eqat_cli.quant.gptq", "eqat_cli.quant.linear", "eqat_cli.quant.primitives",
+                                       "eqat_cli.quant.rounding", "eqat_cli.quant.scaling"}, _H25T),
+    "eqat_cli.train.block_ap.train": ({"eqat_cli.quant.rounding", "eqat_cli.train.amp"}, _H25T),
+    "eqat_cli.train.calib": ({"eqat_cli.data", "eqat_cli.fsutil", "eqat_cli.models", "eqat_cli.readers"}, _H25T),
+    "eqat_cli.train.e2e_qp": ({"eqat_cli.formats.native", "eqat_cli.fsutil", "eqat_cli.registry"}, _H25T),
+    "eqat_cli.train.e2e_qp_runner": ({"eqat_cli.errors", "eqat_cli.formats.native", "eqat_cli.fsutil",
+                                      "eqat_cli.models", "eqat_cli.readers", "eqat_cli.train.e2e_qp",
+                                      "eqat_cli.train.sft_data"}, _H25T),
+    "eqat_cli.train.sft_data": ({"eqat_cli.data", "eqat_cli.readers", "eqat_cli.train.calib"}, _H25T),
+    "eqat_cli.benchmark.generation": ({"eqat_cli.errors", "eqat_cli.formats.detect", "eqat_cli.models"}, _H26),
+    "eqat_cli.benchmark.runner": ({"eqat_cli.registry"}, _H26),
+    "eqat_cli.benchmark.shapes": ({"eqat_cli.model_files", "eqat_cli.models", "eqat_cli.registry"}, _H26),
+}
 
 
 @dataclass(frozen=True)
@@ -260,37 +286,35 @@ def test_lazy_imports_only_where_start_up_needs_them():
             continue
         if e.imported in heavy and e.importer not in heavy:
             continue  # keeps torch & co. out of a light module
-        key = (e.importer, e.imported)
-        if key in LAZY_EXCEPTIONS:
-            used.add(key)
+        if e.imported in LAZY_EXCEPTIONS.get(e.importer, (set(), ""))[0]:
+            used.add((e.importer, e.imported))
             continue
         bad.append(f"{e.importer}:{e.line} imports {e.imported} inside a function")
     assert not bad, "lazy imports that are not needed for start-up (import at module level, or list " \
                     "in LAZY_EXCEPTIONS with a reason):\n" + "\n".join(sorted(bad))
-    assert used == set(LAZY_EXCEPTIONS), f"stale LAZY_EXCEPTIONS: {sorted(set(LAZY_EXCEPTIONS) - used)}"
+    listed = {(m, t) for m, (targets, _) in LAZY_EXCEPTIONS.items() for t in targets}
+    assert used == listed, f"stale LAZY_EXCEPTIONS (now at module level or gone): {sorted(listed - used)}"
 
 
 def test_architecture_doc_lists_the_same_imports():
     """docs/ARCHITECTURE.md's room table: every room has a row and its "imports from eqat" column
-    names exactly the rooms :data:`ALLOWED` allows (besides the foundation)."""
+    names exactly the rooms :data:`ALLOWED` allows (the foundation may be named or not)."""
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     rows = {}
     for line in text.splitlines():
         if not line.startswith("| `eqat_cli/"):
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
-        for name in re.findall(r"`eqat_cli/([\w/]+?)(?:\.py|/)?`", cells[0]):
-            rows[name.strip("/")] = cells[2]
+        for name in re.findall(r"`(?:eqat_cli/)?([\w]+)(?:\.py|/)`", cells[0]):
+            rows[name] = cells[2]
     missing = sorted(r for r in ALLOWED if r not in rows and r != "eqat_cli")
     assert not missing, f"rooms without a row in docs/ARCHITECTURE.md: {missing}"
     wrong = []
     for r, allowed in ALLOWED.items():
         if r in ("cli", "eqat_cli"):
             continue
-        named = set(re.findall(r"`([\w.]+)/?`", rows[r])) - {"eqat_kernels.caps", "quant.caps", "quant.linear",
-                                                            "plugins.llama"}
-        named = {n.split(".")[0] for n in named} | set(re.findall(r"`(quant)\.", rows[r]))
-        want = allowed | ((FOUNDATION - {"eqat_cli"}) & named)  # the foundation may be named or not
-        if named - {"eqat_cli"} != want - {"eqat_cli"}:
-            wrong.append(f"{r}: doc says {sorted(named)}, the test allows {sorted(allowed)}")
+        named = {w.split(".")[0].rstrip("/") for w in re.findall(r"`([\w./]+)`", rows[r])}
+        named = (named & set(ALLOWED)) - {r, "eqat_cli"}  # module names; not files like `caps.py`
+        if named - FOUNDATION != allowed - FOUNDATION:
+            wrong.append(f"{r}: the doc names {sorted(named - FOUNDATION)}, the test allows {sorted(allowed)}")
     assert not wrong, "docs/ARCHITECTURE.md's import column disagrees:\n" + "\n".join(wrong)
