@@ -23,7 +23,7 @@ from typing import Any
 
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
 from eqat_cli.formats.detect import detect_layout
-from eqat_cli.hub import hub_access
+from eqat_cli.hub import check_repo_files, hub_access, remote_files, verify_download
 from eqat_cli.model_files import (
     check_model_weights, check_weight_shapes, hf_load, load_config, model_dir_files, quantized, read_model_config,
 )
@@ -166,6 +166,12 @@ def download(
 ) -> Path:
     """Snapshot-download a Hub repo, mapping hub errors to one-line messages.
 
+    Integrity (:mod:`eqat_cli.hub`): the Hub's file list (with sizes and hashes) is fetched
+    first; a list with paths out of the download or only pickle weights is refused before any
+    byte is written, pickle files beside safetensors are skipped, and every downloaded file is
+    checked against the recorded sha256 (LFS) or git blob id. Offline, the cached copy is used
+    as is.
+
     ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull`` passes a
     Rich-backed one). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
     files finished by an earlier, interrupted call are not downloaded again.
@@ -175,8 +181,16 @@ def download(
     from huggingface_hub import errors as hf_errors
 
     kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
+    files = None
     try:
-        with hub_access():  # no network: offline mode, cached copies only (no retries)
+        with hub_access() as offline:  # no network: offline mode, cached copies only (no retries)
+            if offline is None:  # the Hub's file list with sizes and hashes, checked before downloading
+                from huggingface_hub import HfApi
+
+                files = remote_files(HfApi().model_info(repo_id, revision=revision, files_metadata=True))
+                skip = check_repo_files(repo_id, files, revision)
+                if skip:
+                    kwargs["ignore_patterns"] = skip
             path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
     except hf_errors.HFValidationError as e:
         raise BadInputError(f"{repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]})") from e
@@ -197,7 +211,12 @@ def download(
         ) from e
     except (OSError, hf_errors.HfHubHTTPError) as e:
         raise EqatError(f"download of {repo_id!r} failed: {str(e).splitlines()[0]}") from e
-    return Path(path)
+    path = Path(path)
+    if files is not None:
+        # The snapshot links into the repo's cache folder (models--owner--name/blobs).
+        confine = Path(local_dir) if local_dir else path.parents[1]
+        verify_download(repo_id, path, files, confine, kwargs.get("ignore_patterns", []))
+    return path
 
 
 def local_path(source: ModelSource, revision: str | None = None) -> Path:
