@@ -259,17 +259,20 @@ def _check_remote_code(cfg: dict, file: Path, model_type: str) -> None:
 def hf_load(fn: Callable, path: str | os.PathLike, what: str, **kwargs) -> Any:
     """Call a Hugging Face ``from_pretrained``-style loader on ``path`` with the remote-code gate.
 
-    Any failure becomes one line naming ``path`` (transformers raises OSError, ValueError,
-    json errors, tokenizers exceptions, safetensors errors for damaged files).
+    Any failure becomes one line naming the file: ``path``, or ``path / gguf_file`` when a GGUF
+    file is loaded from its directory (never the bare directory, which is ``.`` for a file in the
+    working directory). Transformers raises OSError, ValueError, json errors, tokenizers
+    exceptions, safetensors errors for damaged files.
     """
     kwargs.setdefault("trust_remote_code", trust_remote_code())
+    shown = Path(path) / kwargs["gguf_file"] if kwargs.get("gguf_file") else path
     try:
-        with reading(path, what):
+        with reading(shown, what):
             return fn(str(path), **kwargs)
     except EqatError:
         raise
-    except (RuntimeError, AttributeError, AssertionError) as e:
-        raise BadInputError(f"{path}: cannot load the {what} ({first_line(e)})") from e
+    except (RuntimeError, AttributeError, AssertionError, MemoryError, OverflowError) as e:
+        raise BadInputError(f"{shown}: cannot load the {what} ({first_line(e)})") from e
 
 
 def load_config(path: str | os.PathLike) -> Any:

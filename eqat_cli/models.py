@@ -83,6 +83,8 @@ def smollm2_gguf_path() -> Path:
 
 def classify(spec: str) -> ModelSource:
     """Decide what kind of model ``spec`` names, without loading it."""
+    if not spec.strip():
+        raise BadInputError("the model spec is empty: name a directory, a .gguf file, a Hub repo id or an alias")
     if spec.lower() in ALIASES:
         return ModelSource("alias", ALIASES[spec.lower()])
     p = Path(spec).expanduser()

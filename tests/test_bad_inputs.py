@@ -481,3 +481,30 @@ def test_config_sanity_on_the_resolver_path(world, tmp_path):
     (d2 / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInputError, match=r"num_hidden_layers is 5, but the weights have no block 2"):
         resolve(str(d2), device="cpu")
+
+
+def test_messages_name_the_file_never_dot(world, tmp_path, monkeypatch):
+    """Issue #29: a file in the working directory is named by its name, not by its directory
+    (``.``): a GGUF header that claims 2^40 tensors, a remote-code config read as ``.``, and an
+    empty model spec."""
+    import struct
+
+    from eqat_cli import model_files
+    from eqat_cli.cli.app import build_app
+
+    monkeypatch.chdir(tmp_path)
+    Path("m.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0) + bytes(64))
+    Path("c.txt").write_text(TEXT)
+    res = CliRunner().invoke(build_app(), ["eval", "m.gguf", "--ppl", "c.txt", "--limit", "1"])
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: m.gguf: "), lines[0]
+
+    d = Scratch(world, tmp_path).config_edit(_remote_code)
+    monkeypatch.chdir(d)
+    with pytest.raises(model_files.BadInputError) as e:
+        model_files.read_model_config(".")
+    assert str(e.value).startswith("config.json: model type 'eqat_test_custom' needs"), str(e.value)
+
+    res = CliRunner().invoke(build_app(), ["eval", "", "--ppl", str(tmp_path / "c.txt")])
+    assert res.exit_code == 2 and "error: the model spec is empty" in res.output, res.output
