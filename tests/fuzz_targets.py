@@ -550,3 +550,35 @@ def _selftest_read(path: Path) -> None:
 
 if __import__("os").environ.get("EQAT_FUZZ_SELFTEST") == "1":
     TARGETS["selftest"] = Target("selftest", _selftest_make, _selftest_read)
+
+
+INSTRUCT_SEED = (b'{"instruction": "Say hi", "output": "hi"}\n'
+                 b'{"instruction": "Add", "input": "1 and 2", "output": "3"}\n'
+                 b'{"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"}]}\n')
+_TOKENIZER: list = []
+
+
+def make_instruct(work: Path, src: Source) -> Path:
+    f = work / "i.jsonl"
+    if src.int(0, 2):
+        lines = [json.loads(x) for x in INSTRUCT_SEED.decode().splitlines()]
+        i = src.int(0, len(lines) - 1)
+        lines[i] = mutate_json_value(lines[i], src)
+        f.write_bytes(b"\n".join(dump_json(x, src) for x in lines)[:MAX_INPUT])
+    else:
+        f.write_bytes(mutate_bytes(INSTRUCT_SEED, src))
+    return f
+
+
+def read_instruct(path: Path) -> None:
+    """E2E-QP's instruction data (Alpaca and chat records) through a tiny byte-level tokenizer."""
+    if not _TOKENIZER:
+        from conftest import tiny_tokenizer
+
+        _TOKENIZER.append(tiny_tokenizer())
+    from eqat_cli.train.sft_data import load_instruct
+
+    load_instruct(path, _TOKENIZER[0], seqlen=64)
+
+
+TARGETS["instruct_jsonl"] = Target("instruct_jsonl", make_instruct, read_instruct)

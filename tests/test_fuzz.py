@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import fuzz_targets as ft
 from eqat_cli.errors import BadInputError
 
-EXAMPLES = {"safetensors_tensors": 40, "calibration": 40, "parquet": 40, "gguf": 60}
+EXAMPLES = {"safetensors_tensors": 40, "calibration": 40, "parquet": 40, "gguf": 60, "instruct_jsonl": 40}
 DEFAULT_EXAMPLES = 60
 WATCHDOG_S = 20  # one input taking this long is a hang
 
@@ -127,3 +127,17 @@ def test_index_shard_name_too_long(tmp_path):
     d = ft._model_dir(tmp_path, files)
     with pytest.raises(BadInputError, match=r"model.safetensors.index.json: shard name 'y+'... is too long for a file name"):
         check_model_weights(d)
+
+
+@pytest.mark.parametrize("record", ['{"instruction": "a", "output": 5}', '{"instruction": ["a"], "output": "b"}',
+                                    '{"instruction": "a", "input": {"x": 1}, "output": "b"}',
+                                    '{"instruction": "a", "output": null}'])
+def test_instruct_fields_of_the_wrong_type(tmp_path, record):
+    """Found by fuzzing: a non-string Alpaca field reached the tokenizer, which raised ValueError."""
+    from conftest import tiny_tokenizer
+    from eqat_cli.train.sft_data import load_instruct
+
+    f = tmp_path / "i.jsonl"
+    f.write_text('{"instruction": "hi", "output": "ho"}\n' + record + "\n")
+    with pytest.raises(BadInputError, match=r"i.jsonl:2: '(instruction|input|output)' must be a string, found"):
+        load_instruct(f, tiny_tokenizer(), seqlen=64)
