@@ -582,3 +582,15 @@ def read_instruct(path: Path) -> None:
 
 
 TARGETS["instruct_jsonl"] = Target("instruct_jsonl", make_instruct, read_instruct)
+
+
+def read_gguf_config(path: Path) -> None:
+    """What ``eqat eval m.gguf`` reads first: transformers' GGUF parser building the config."""
+    from transformers import AutoConfig
+
+    from eqat_cli.model_files import hf_load
+
+    hf_load(AutoConfig.from_pretrained, path.parent, "GGUF model", gguf_file=path.name)
+
+
+TARGETS["gguf_transformers"] = Target("gguf_transformers", make_gguf, read_gguf_config)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import fuzz_targets as ft
 from eqat_cli.errors import BadInputError
 
-EXAMPLES = {"safetensors_tensors": 40, "calibration": 40, "parquet": 40, "gguf": 60, "instruct_jsonl": 40}
+EXAMPLES = {"safetensors_tensors": 40, "calibration": 40, "parquet": 40, "gguf": 60, "instruct_jsonl": 40, "gguf_transformers": 30}
 DEFAULT_EXAMPLES = 60
 WATCHDOG_S = 20  # one input taking this long is a hang
 
