@@ -23,12 +23,12 @@ from typing import Any
 
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
 from eqat_cli.formats.detect import detect_layout
+from eqat_cli.fsutil import atomic_dir
 from eqat_cli.hub import check_repo_files, hub_access, remote_files, verify_download
 from eqat_cli.model_files import (
     check_model_weights, check_weight_shapes, hf_load, load_config, model_dir_files, quantized, read_model_config,
 )
 from eqat_cli.model_files import load_tokenizer as read_tokenizer
-from eqat_cli.fsutil import atomic_dir
 from eqat_cli.readers import reading
 from eqat_cli.registry import get_registry
 
