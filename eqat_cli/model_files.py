@@ -169,11 +169,12 @@ def check_weight_shapes(cfg: dict, cfg_file: str | os.PathLike, files: list[Path
             f"{cfg_file}: num_hidden_layers is {n_layers}, but the weights hold block {extra[-1]} "
             f"({arch.layers_path}.{extra[-1]}.*)"
         )
-    missing = sorted(set(range(n_layers)) - set(found))
-    if missing:
+    # The first absent block, without building range(num_hidden_layers): the config may claim 2^62.
+    missing = next((i for i, j in enumerate(found) if i != j), len(found))
+    if missing < n_layers:
         raise BadInputError(
-            f"{cfg_file}: num_hidden_layers is {n_layers}, but the weights have no block {missing[0]} "
-            f"({arch.layers_path}.{missing[0]}.*)"
+            f"{cfg_file}: num_hidden_layers is {n_layers}, but the weights have no block {missing} "
+            f"({arch.layers_path}.{missing}.*)"
         )
     if not _is_int(hidden):
         return

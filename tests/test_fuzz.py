@@ -141,3 +141,18 @@ def test_instruct_fields_of_the_wrong_type(tmp_path, record):
     f.write_text('{"instruction": "hi", "output": "ho"}\n' + record + "\n")
     with pytest.raises(BadInputError, match=r"i.jsonl:2: '(instruction|input|output)' must be a string, found"):
         load_instruct(f, tiny_tokenizer(), seqlen=64)
+
+
+@pytest.mark.parametrize("layers", [2**32 - 1, 2**62])
+def test_huge_layer_count_is_refused_without_allocating(tmp_path, layers):
+    """Found by bench/fuzz_readers.py (seeds 3572, 4486 of config_json): ``num_hidden_layers``
+    of 2^32 - 1 made the shape check build ``set(range(n))``: 10 s and > 2 GB per input."""
+    import resource
+
+    from eqat_cli.model_files import check_model_dir
+
+    d = ft._model_dir(tmp_path, ft._valid_model_files({**ft.TINY_CONFIG, "num_hidden_layers": layers}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadInputError, match=rf"config.json: num_hidden_layers is {layers}, but the weights have no block 1"):
+        check_model_dir(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: no 2^32-set
