@@ -156,11 +156,13 @@ def _read_parquet(path: Path, field: str) -> list[str]:
         if field not in names:
             raise BadInputError(f"{path}: no {field!r} column (columns: {', '.join(names)})")
         table = pq.read_table(path, columns=[field])
+        # Decoding happens here: a damaged string column raises UnicodeDecodeError.
+        return [str(t) for t in table.column(field).to_pylist()]
     except BadInputError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid & co. for broken files
-        raise BadInputError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from e
-    return [str(t) for t in table.column(field).to_pylist()]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"{path}: cannot read parquet ({first})") from e
 
 
 def read_file(path: Path, field: str = "text") -> list[str]:

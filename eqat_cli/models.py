@@ -29,7 +29,7 @@ from eqat_cli.model_files import (
     check_model_weights, check_weight_shapes, hf_load, load_config, model_dir_files, quantized, read_model_config,
 )
 from eqat_cli.model_files import load_tokenizer as read_tokenizer
-from eqat_cli.readers import reading
+from eqat_cli.readers import check_gguf
 from eqat_cli.registry import get_registry
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,6 +125,7 @@ def load_gguf(directory: Path, gguf_file: str, dtype) -> tuple[Any, Any]:
         raise MissingDependencyError("gguf", "loading a .gguf model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(Path(directory) / gguf_file)  # counts and lengths bounded before gguf-py reads them
     model = hf_load(AutoModelForCausalLM.from_pretrained, directory, "GGUF model", gguf_file=gguf_file, dtype=dtype)
     tok = hf_load(AutoTokenizer.from_pretrained, directory, "GGUF tokenizer", gguf_file=gguf_file)
     _drop_gguf_quantizer(model)
@@ -248,7 +249,7 @@ def load_tokenizer(path: Path) -> Any:
 def preflight_model(spec: str) -> bool | None:
     """Cheap checks of a model spec before anything is printed, created or loaded: a local
     directory is validated with :func:`eqat_cli.model_files.check_model_dir` (config sanity and
-    shard shapes included), a ``.gguf`` file must start with the GGUF magic. Hub ids and aliases
+    shard shapes included), a ``.gguf`` file's header with :func:`eqat_cli.readers.check_gguf`. Hub ids and aliases
     are checked when they are fetched (:func:`resolve`).
 
     Returns whether a local directory holds a quantized checkpoint (None for other specs)."""
@@ -256,10 +257,7 @@ def preflight_model(spec: str) -> bool | None:
     if src.kind == "dir" and src.path is not None:
         return quantized(*model_dir_files(Path(src.path)))
     if src.kind == "gguf" and src.path is not None:
-        f = Path(src.path) / str(src.gguf_file)
-        with reading(f, "GGUF file"), open(f, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise BadInputError(f"{f}: not a GGUF file (no GGUF magic at the start)")
+        check_gguf(Path(src.path) / str(src.gguf_file))
     return None
 
 

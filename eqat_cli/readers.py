@@ -28,6 +28,7 @@ import contextlib
 import errno
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -278,3 +279,119 @@ def load_safetensors(path: str | os.PathLike, what: str = "safetensors file") ->
         return load_file(str(path))
 
 
+
+
+# ---------------------------------------------------------------------- GGUF headers
+
+# Value types of GGUF metadata and their sizes in bytes (8: string, 9: array have none).
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+GGUF_MAX_KEY = 65535  # bytes; llama.cpp's keys are a few dozen
+
+
+class _Cursor:
+    """Bounded reads over a memory-mapped file: every length or count is checked against the
+    bytes left before anything is read or allocated."""
+
+    def __init__(self, buf, size: int, path: Path, what: str):
+        self.buf, self.size, self.pos, self.path, self.what = buf, size, 4, path, what
+
+    def fail(self, msg: str) -> BadInputError:
+        return BadInputError(f"{self.path}: damaged {self.what}: {msg}")
+
+    @property
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def skip(self, n: int, what: str) -> int:
+        if n > self.left:
+            raise self.fail(f"{what} needs {n} bytes at offset {self.pos}, {self.left} are left")
+        at = self.pos
+        self.pos += n
+        return at
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.buf, self.skip(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.buf, self.skip(8, what))[0]
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        """A length-prefixed string; only strings under ``limit`` bytes are decoded (for names)."""
+        n = self.u64(f"the length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} claims {n} bytes (at most {limit})")
+        at = self.skip(n, what)
+        if limit is None:
+            return ""
+        text = bytes(self.buf[at:at + n]).decode("utf-8", "replace")
+        return "".join(ch if ch.isprintable() else "?" for ch in text[:80])
+
+
+def _gguf_value(c: _Cursor, vtype: int, key: str, depth: int = 0) -> None:
+    if vtype in _GGUF_SCALARS:
+        c.skip(_GGUF_SCALARS[vtype], f"the value of {key}")
+    elif vtype == 8:
+        c.string(f"the string value of {key}")
+    elif vtype == 9:
+        if depth >= 2:
+            raise c.fail(f"metadata {key} nests arrays more than two deep")
+        etype = c.u32(f"the element type of {key}")
+        count = c.u64(f"the length of array {key}")
+        if etype in _GGUF_SCALARS:
+            c.skip(count * _GGUF_SCALARS[etype], f"array {key} ({count} elements)")
+        elif etype in (8, 9):
+            minimum = 8 if etype == 8 else 12
+            if count * minimum > c.left:
+                raise c.fail(f"array {key} claims {count} elements, more than the {c.left} bytes left hold")
+            for _ in range(count):
+                _gguf_value(c, etype, key, depth + 1)
+        else:
+            raise c.fail(f"array {key} has unknown element type {etype}")
+    else:
+        raise c.fail(f"metadata {key} has unknown value type {vtype}")
+
+
+def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> dict:
+    """Walk a GGUF file's header, metadata and tensor infos with every count and length checked
+    against the file's size, before a GGUF library builds anything from them.
+
+    A header that claims 2^40 tensors, an array of 2^32 strings or a string longer than the file
+    is one line naming the file, read in time and memory bounded by the file's size. Returns
+    ``{"version", "tensors", "metadata"}`` (the counts). The values themselves are left to the
+    GGUF readers (``gguf``'s ``GGUFReader``, transformers)."""
+    p = Path(path)
+    _require_file(p, what)
+    with reading(p, what), open(p, "rb") as fh:
+        size = p.stat().st_size
+        if size < 4 or fh.read(4) != b"GGUF":
+            raise BadInputError(f"{p}: not a {what} (no GGUF magic at the start)")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _walk_gguf(_Cursor(buf, size, p, what))
+
+
+def _walk_gguf(c: _Cursor) -> dict:
+    size = c.size
+    version = c.u32("the version")
+    if version not in (2, 3):
+        raise c.fail(f"version {version} (eqat reads GGUF versions 2 and 3)")
+    n_tensors = c.u64("the tensor count")
+    n_kv = c.u64("the metadata count")
+    # Each metadata entry takes at least 12 bytes, each tensor info at least 24.
+    if n_kv * 12 + n_tensors * 24 > c.left:
+        raise c.fail(f"the header claims {n_tensors} tensors and {n_kv} metadata entries, more "
+                     f"than the file's {size} bytes hold")
+    for i in range(n_kv):
+        key = c.string(f"the key of metadata entry {i}", GGUF_MAX_KEY)
+        _gguf_value(c, c.u32(f"the value type of {key}"), key)
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor {i}", GGUF_MAX_KEY)
+        n_dims = c.u32(f"the dimension count of {name}")
+        if n_dims > GGUF_MAX_DIMS:
+            raise c.fail(f"tensor {name} has {n_dims} dimensions (at most {GGUF_MAX_DIMS})")
+        dims = [c.u64(f"a dimension of {name}") for _ in range(n_dims)]
+        c.u32(f"the type of {name}")
+        offset = c.u64(f"the data offset of {name}")
+        if offset > size or math.prod(dims) > 8 * size:  # >= 1/8 byte per element, in the file
+            raise c.fail(f"tensor {name} {dims} at offset {offset} does not fit in the file's {size} bytes")
+    return {"version": version, "tensors": n_tensors, "metadata": n_kv}

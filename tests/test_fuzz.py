@@ -156,3 +156,50 @@ def test_huge_layer_count_is_refused_without_allocating(tmp_path, layers):
     with pytest.raises(BadInputError, match=rf"config.json: num_hidden_layers is {layers}, but the weights have no block 1"):
         check_model_dir(d)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: no 2^32-set
+
+
+@pytest.mark.parametrize("seed", [359, 450])
+def test_gguf_counts_bounded_before_gguf_py_reads_them(tmp_path, seed):
+    """Found by bench/fuzz_readers.py (gguf seeds 359, 450: one flipped bit in an array length):
+    gguf-py's GGUFReader looped over 2^62 array elements (a hang, > 2 GB). ``check_gguf`` walks
+    the header with every count bounded by the file size first."""
+    from eqat_cli.formats.detect import inspect_gguf
+    from eqat_cli.readers import check_gguf
+
+    f = ft.TARGETS["gguf"].make(tmp_path, ft.RandomSource(seed))
+    with pytest.raises(BadInputError, match=r"m.gguf: damaged GGUF file: array .* elements\) needs \d+ bytes"):
+        check_gguf(f)
+    with pytest.raises(BadInputError, match=r"m.gguf: damaged GGUF file"):
+        inspect_gguf(f)
+
+
+def test_gguf_header_claims(tmp_path):
+    """The issue's file (2^40 tensors), an over-long string, too many dimensions; and the real
+    SmolLM2 GGUF passes."""
+    from eqat_cli.readers import check_gguf
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0) + bytes(64))
+    with pytest.raises(BadInputError, match=r"m.gguf: damaged GGUF file: the header claims 1099511627776 tensors"):
+        check_gguf(f)
+    f.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**60) + b"key" + bytes(16))
+    with pytest.raises(BadInputError, match=r"the key of metadata entry 0 claims 1152921504606846976 bytes"):
+        check_gguf(f)
+    data, _ = ft.gguf_seed()
+    assert check_gguf(_write(tmp_path / "ok.gguf", data)) == {"version": 3, "tensors": 2, "metadata": 6}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("seed", [4872, 5561, 6492])
+def test_parquet_with_invalid_utf8_strings(tmp_path, seed):
+    """Found by bench/fuzz_readers.py (parquet seeds 4872, 5561, 6492): a damaged string column
+    raised UnicodeDecodeError from pyarrow's ``to_pylist``, outside the error mapping."""
+    from eqat_cli.data import read_file
+
+    f = ft.TARGETS["parquet"].make(tmp_path, ft.RandomSource(seed))
+    with pytest.raises(BadInputError, match=r"d.parquet: cannot read parquet"):
+        read_file(f)

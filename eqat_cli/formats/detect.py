@@ -414,10 +414,13 @@ def inspect_gguf(file: Path) -> ModelInfo:
         from gguf import GGUFReader
     except ImportError as e:  # pragma: no cover - gguf is a core dependency
         raise BadInputError("reading GGUF metadata needs the 'gguf' package") from e
+    from eqat_cli.readers import check_gguf
+
+    check_gguf(file)  # counts and lengths bounded before GGUFReader loops over them
     try:
         reader = GGUFReader(str(file))
     except Exception as e:
-        raise BadInputError(f"{file}: not a readable GGUF file ({e})") from e
+        raise BadInputError(f"{file}: not a readable GGUF file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
     types = Counter(t.tensor_type.name for t in reader.tensors)
