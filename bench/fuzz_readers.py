@@ -37,6 +37,8 @@ def worker(name: str, start: int, end: int) -> None:
     target = ft.TARGETS[name]
     out = sys.stdout
     with tempfile.TemporaryDirectory(prefix="eqat-fuzz-") as d:
+        # Warm up (imports: transformers takes seconds) before the watchdog starts timing inputs.
+        ft.classify_one(target, Path(d), ft.RandomSource(-1))
         for seed in range(start, end):
             out.write(f"start {seed}\n")
             out.flush()

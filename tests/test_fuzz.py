@@ -203,3 +203,14 @@ def test_parquet_with_invalid_utf8_strings(tmp_path, seed):
     f = ft.TARGETS["parquet"].make(tmp_path, ft.RandomSource(seed))
     with pytest.raises(BadInputError, match=r"d.parquet: cannot read parquet"):
         read_file(f)
+
+
+@pytest.mark.parametrize("seed", [2044, 3609, 6281])
+def test_gguf_strings_that_are_not_utf8(tmp_path, seed):
+    """Found by bench/fuzz_readers.py (gguf seeds 2044, 3609, 6281): a metadata string that is not
+    UTF-8 raised UnicodeDecodeError from ``GGUFField.contents()``, outside the error mapping."""
+    from eqat_cli.formats.detect import inspect_gguf
+
+    f = ft.TARGETS["gguf"].make(tmp_path, ft.RandomSource(seed))
+    with pytest.raises(BadInputError, match=r"m.gguf: not a readable GGUF file"):
+        inspect_gguf(f)

@@ -417,18 +417,17 @@ def inspect_gguf(file: Path) -> ModelInfo:
     from eqat_cli.readers import check_gguf
 
     check_gguf(file)  # counts and lengths bounded before GGUFReader loops over them
-    try:
+    try:  # GGUFReader and the values it decodes (strings that are not UTF-8, unknown types)
         reader = GGUFReader(str(file))
+        arch_field = reader.fields.get("general.architecture")
+        arch = arch_field.contents() if arch_field is not None else None
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+        extra = {k: f.contents() for k in ("eqat.bits", "eqat.group_size") if (f := reader.fields.get(k)) is not None}
     except Exception as e:
-        raise BadInputError(f"{file}: not a readable GGUF file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    info = ModelInfo(str(file), "gguf", _architecture_name(arch), arch)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"{file}: not a readable GGUF file ({first})") from e
+    info = ModelInfo(str(file), "gguf", _architecture_name(arch if isinstance(arch, str) else None), arch)
     info.size_bytes = file.stat().st_size
     info.details["tensor_types"] = dict(types)
-    for key in ("eqat.bits", "eqat.group_size"):
-        f = reader.fields.get(key)
-        if f is not None:
-            info.details[key] = f.contents()
+    info.details.update(extra)
     return info
