@@ -13,63 +13,25 @@ A *path* to a local file is read by its suffix:
 * ``.jsonl`` / ``.json``: one JSON object per line, the ``text`` field;
 * ``.parquet``: the ``text`` column.
 
-The perplexity protocols (:data:`PPL_PROTOCOLS`) follow GPTQ / EfficientQAT exactly: WikiText-2
-test rows joined with ``"\\n\\n"``; C4 = the first 1100 documents of validation shard 00000 joined
-with ``" "``, of which the first ``256 * seqlen`` tokens are used.
+The perplexity protocols built on these corpora are in :mod:`eqat_cli.eval.ppl_text`; when the
+Hub may be reached is :mod:`eqat_cli.hub`'s policy.
 
 This module does not import torch; ``datasets`` / ``pyarrow`` are imported only when needed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
+from eqat_cli.hub import hub_access
+from eqat_cli.readers import read_jsonl, read_text, sniff_text
+from eqat_cli.registry import get_registry
 
 FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
 DATA_DIR_ENV = "EQAT_DATA_DIR"
-
-
-@dataclass(frozen=True)
-class PplProtocol:
-    """How a named set becomes one perplexity text (GPTQ / EfficientQAT conventions)."""
-
-    split: str
-    joiner: str
-    max_docs: int | None = None  # use only the first N documents
-    max_windows: int | None = None  # keep only the first max_windows * seqlen tokens
-    description: str = ""
-
-
-PPL_PROTOCOLS = {
-    "wikitext2": PplProtocol(
-        split="test",
-        joiner="\n\n",
-        description="WikiText-2 raw test rows joined with '\\n\\n', tokenized once, "
-        "non-overlapping windows (GPTQ / EfficientQAT)",
-    ),
-    "c4": PplProtocol(
-        split="validation",
-        joiner=" ",
-        max_docs=1100,
-        max_windows=256,
-        description="first 1100 documents of the C4 validation split joined with ' ', "
-        "first 256*seqlen tokens, non-overlapping windows (GPTQ / EfficientQAT)",
-    ),
-}
-FILE_PROTOCOL = "documents of the file joined with '\\n\\n' (.txt: the file text as is), " \
-    "non-overlapping windows"
-
-# Local copies that are not the data set the published numbers were measured on.
-LOCAL_CAVEATS = {
-    "c4": "the local C4 copy is a 2,000-document validation slice of unknown selection, not "
-    "GPTQ's C4 set (first 1100 documents of validation shard 00000): this perplexity is NOT "
-    "comparable to published C4 numbers",
-}
 
 
 @dataclass(frozen=True)
@@ -91,19 +53,6 @@ class TextSource:
         return f"hub:{self.hub_path}" + (f" ({extra})" if extra else "")
 
 
-@dataclass
-class PplCorpus:
-    """One perplexity text plus how it was made (recorded in results)."""
-
-    name: str
-    text: str
-    source: str
-    protocol: str
-    max_windows: int | None = None
-    comparable: bool = True  # comparable to published numbers for this set name
-    note: str | None = None
-
-
 # ---------------------------------------------------------------------- resolution
 
 
@@ -113,9 +62,8 @@ def is_file_spec(name_or_path: str) -> bool:
     return p.suffix.lower() in FILE_SUFFIXES or os.sep in name_or_path or p.is_file()
 
 
-def _spec(name: str):
-    from eqat_cli.registry import get_registry
-
+def dataset_spec(name: str):
+    """The registered :class:`~eqat_cli.specs.DatasetSpec` called ``name``."""
     return get_registry().dataset(name)  # EqatError naming the known sets
 
 
@@ -131,11 +79,9 @@ def text_source(name_or_path: str, split: str, data_dir: Path | None) -> TextSou
                 f"use one of {', '.join(FILE_SUFFIXES)}"
             )
         if p.suffix.lower() != ".parquet":
-            from eqat_cli.readers import sniff_text
-
             sniff_text(p, "data file")  # a binary file fails here, before any model is loaded
         return TextSource(name_or_path, "file", path=p)
-    spec = _spec(name_or_path)
+    spec = dataset_spec(name_or_path)
     if spec.kind != "text":
         raise BadInputError(
             f"{name_or_path!r} is a zero-shot task, not a text corpus "
@@ -192,8 +138,6 @@ def blank_line_docs(text: str) -> list[str]:
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
-    from eqat_cli.readers import read_jsonl
-
     out = []
     for i, obj in read_jsonl(path, "data file"):
         if field not in obj:
@@ -206,19 +150,19 @@ def _read_parquet(path: Path, field: str) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ModuleNotFoundError as e:  # pragma: no cover - pyarrow is a dependency
-        from eqat_cli.errors import MissingDependencyError
-
         raise MissingDependencyError("pyarrow", "reading .parquet files") from e
     try:
         names = pq.read_schema(path).names
         if field not in names:
             raise BadInputError(f"{path}: no {field!r} column (columns: {', '.join(names)})")
         table = pq.read_table(path, columns=[field])
+        # Decoding happens here: a damaged string column raises UnicodeDecodeError.
+        return [str(t) for t in table.column(field).to_pylist()]
     except BadInputError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid & co. for broken files
-        raise BadInputError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from e
-    return [str(t) for t in table.column(field).to_pylist()]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"{path}: cannot read parquet ({first})") from e
 
 
 def read_file(path: Path, field: str = "text") -> list[str]:
@@ -228,74 +172,10 @@ def read_file(path: Path, field: str = "text") -> list[str]:
         return _read_parquet(path, field)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, field)
-    from eqat_cli.readers import read_text
-
     text = read_text(path, "data file")
     if suffix == ".raw":
         return wikitext_rows(text)
     return blank_line_docs(text)
-
-
-HUB_PROBE_TIMEOUT = 3.0  # seconds to wait for a TCP connection to the Hub
-_hub_probe: dict[str, str | None] = {}
-
-
-def hub_offline_reason(datasets: bool = False) -> str | None:
-    """Why the Hub cannot be used right now (``HF_HUB_OFFLINE``, for data sets also
-    ``HF_DATASETS_OFFLINE``; no route), or None.
-
-    The network is probed once per process with one short TCP connection to ``HF_ENDPOINT``, so
-    a machine without network fails at once instead of after ~30 s of retries.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "offline mode is on (HF_HUB_OFFLINE)"
-    if datasets and os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return "offline mode is on (HF_DATASETS_OFFLINE)"
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    if endpoint not in _hub_probe:
-        import socket
-        from urllib.parse import urlsplit
-
-        u = urlsplit(endpoint)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        try:
-            with socket.create_connection((u.hostname or "", port), timeout=HUB_PROBE_TIMEOUT):
-                _hub_probe[endpoint] = None
-        except OSError as e:
-            _hub_probe[endpoint] = f"the Hub ({u.hostname}) is unreachable: {e.strerror or e}"
-    return _hub_probe[endpoint]
-
-
-@contextlib.contextmanager
-def hub_access(datasets: bool = False) -> Iterator[str | None]:
-    """Yield :func:`hub_offline_reason`; while the Hub is unreachable, huggingface_hub and datasets
-    run in offline mode (cached copies only), so a missing copy fails at once."""
-    reason = hub_offline_reason(datasets)
-    if reason is None:
-        yield None
-        return
-    import sys
-
-    from huggingface_hub import constants
-
-    saved = [(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)]
-    dconfig = sys.modules.get("datasets.config")
-    if dconfig is None:
-        try:
-            import datasets.config as dconfig
-        except ImportError:  # pragma: no cover - datasets is a dependency
-            dconfig = None
-    if dconfig is not None:
-        saved += [(dconfig, k, getattr(dconfig, k)) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(dconfig, k)]
-    try:
-        for mod, k, _ in saved:
-            setattr(mod, k, True)
-        yield reason
-    finally:
-        for mod, k, v in saved:
-            setattr(mod, k, v)
 
 
 def _read_hub(src: TextSource) -> list[str]:
@@ -345,47 +225,3 @@ def read_corpus(name_or_path: str, split: str = "train", data_dir: Path | None =
     ``split`` is ignored for files.
     """
     return read_source(text_source(name_or_path, split, data_dir))
-
-
-
-# ---------------------------------------------------------------------- perplexity text
-
-
-def check_ppl_set(name_or_path: str, data_dir: Path | None) -> TextSource:
-    """Validate a ``--ppl`` entry without reading it (cheap; run before loading a model)."""
-    if not is_file_spec(name_or_path) and name_or_path not in PPL_PROTOCOLS:
-        spec = _spec(name_or_path)  # unknown name -> EqatError listing the known sets
-        raise BadInputError(
-            f"{spec.name!r} has no perplexity protocol; perplexity sets: "
-            f"{', '.join(PPL_PROTOCOLS)} or a .txt/.raw/.jsonl/.parquet file"
-        )
-    split = PPL_PROTOCOLS[name_or_path].split if name_or_path in PPL_PROTOCOLS else ""
-    return text_source(name_or_path, split, data_dir)
-
-
-def perplexity_text(name_or_path: str, data_dir: Path | None = None) -> PplCorpus:
-    """The single text a perplexity run tokenizes, built exactly per :data:`PPL_PROTOCOLS`."""
-    src = check_ppl_set(name_or_path, data_dir)
-    if src.kind == "file":
-        assert src.path is not None
-        if src.path.suffix.lower() == ".txt":
-            from eqat_cli.readers import read_text
-
-            text = read_text(src.path, "data file")
-        else:
-            text = "\n\n".join(read_file(src.path))
-        return PplCorpus(name_or_path, text, src.describe(), FILE_PROTOCOL, comparable=False)
-    proto = PPL_PROTOCOLS[name_or_path]
-    docs = read_source(src)
-    if proto.max_docs is not None:
-        docs = docs[: proto.max_docs]
-    caveat = LOCAL_CAVEATS.get(name_or_path) if src.kind == "local" else None
-    return PplCorpus(
-        name=name_or_path,
-        text=proto.joiner.join(docs),
-        source=src.describe(),
-        protocol=proto.description,
-        max_windows=proto.max_windows,
-        comparable=caveat is None,
-        note=caveat,
-    )

@@ -15,12 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from eqat_cli.errors import BadInputError, DiskFullError
+
 
 def check_output(target: str | os.PathLike, overwrite: bool = False, kind: str = "directory") -> Path:
     """Refuse an output path before anything is created: it exists (without ``overwrite``), it
     is of the other kind (file vs directory), or its parent is a file or not writable."""
-    from eqat_cli.errors import BadInputError
-
     target = Path(target).expanduser()
     if str(target).strip() in ("", "."):
         raise BadInputError(f"output path {str(target)!r} is not a new {kind} name")
@@ -50,8 +50,6 @@ def is_disk_full(e: BaseException) -> bool:
 
 def _disk_full(e: BaseException, target: Path) -> None:
     """Re-raise a disk-full failure while writing ``target`` as DiskFullError."""
-    from eqat_cli.errors import DiskFullError
-
     if is_disk_full(e) and not isinstance(e, DiskFullError):
         raise DiskFullError(target) from e
 
@@ -75,8 +73,6 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory next to ``target``; rename it into place on success."""
     target = Path(target)
     if target.exists() and not overwrite:
-        from eqat_cli.errors import BadInputError
-
         raise BadInputError(f"output {target} already exists (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

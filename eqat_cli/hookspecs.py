@@ -8,7 +8,7 @@ published under the entry-point group ``eqat``::
 
 Plugin modules must not import torch at import time (``eqat --help`` stays fast). The specs they
 register come from :mod:`eqat_cli.specs` (torch-free) and, for formats,
-:mod:`eqat_cli.formats.registry`; this module imports nothing else of eqat at run time.
+:mod:`eqat_cli.format_spec`; this module imports nothing else of eqat at run time.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pluggy
 
 from eqat_cli.specs import ArchitectureSpec, BackendSpec, DatasetSpec
 
-if TYPE_CHECKING:  # formats.registry is torch-free too, but only the type is needed here
-    from eqat_cli.formats.registry import Format
+if TYPE_CHECKING:  # format_spec is torch-free too, but only the type is needed here
+    from eqat_cli.format_spec import Format
 
 PROJECT = "eqat"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -45,7 +45,7 @@ def register_datasets(register: Callable[[DatasetSpec], None]) -> None:
 @hookspec
 def register_formats(register: Callable[["Format"], None]) -> None:
     """Register output formats (``eqat pack --format``) with ``register(Format(...))``; see
-    :mod:`eqat_cli.formats.registry` for what a ``Format`` is."""
+    :mod:`eqat_cli.format_spec` for what a ``Format`` is."""
 
 
 @hookspec

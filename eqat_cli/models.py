@@ -24,6 +24,14 @@ from typing import Any
 from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
 from eqat_cli.formats.checkpoint import Checkpoint
 from eqat_cli.formats.detect import FULL_PRECISION
+from eqat_cli.fsutil import atomic_dir
+from eqat_cli.hub import check_repo_files, hub_access, remote_files, verify_download
+from eqat_cli.model_files import (
+    check_model_weights, check_weight_shapes, hf_load, load_config, model_dir_files, quantized,
+)
+from eqat_cli.model_files import load_tokenizer as read_tokenizer
+from eqat_cli.readers import check_gguf
+from eqat_cli.registry import get_registry
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -76,6 +84,8 @@ def smollm2_gguf_path() -> Path:
 
 def classify(spec: str) -> ModelSource:
     """Decide what kind of model ``spec`` names, without loading it."""
+    if not spec.strip():
+        raise BadInputError("the model spec is empty: name a directory, a .gguf file, a Hub repo id or an alias")
     if spec.lower() in ALIASES:
         return ModelSource("alias", ALIASES[spec.lower()])
     p = Path(spec).expanduser()
@@ -133,8 +143,6 @@ def materialize_gguf(gguf: Path, name: str | None = None) -> Path:
 
     Training reads weights block by block from safetensors, which GGUF files are not.
     """
-    from eqat_cli.fsutil import atomic_dir
-
     gguf = Path(gguf).resolve()
     if name is None:
         st = gguf.stat()
@@ -162,6 +170,12 @@ def download(
 ) -> Path:
     """Snapshot-download a Hub repo, mapping hub errors to one-line messages.
 
+    Integrity (:mod:`eqat_cli.hub`): the Hub's file list (with sizes and hashes) is fetched
+    first; a list with paths out of the download or only pickle weights is refused before any
+    byte is written, pickle files beside safetensors are skipped, and every downloaded file is
+    checked against the recorded sha256 (LFS) or git blob id. Offline, the cached copy is used
+    as is.
+
     ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull`` passes a
     Rich-backed one). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
     files finished by an earlier, interrupted call are not downloaded again.
@@ -170,11 +184,17 @@ def download(
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
-    from eqat_cli.data import hub_access
-
     kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
+    files = None
     try:
-        with hub_access():  # no network: offline mode, cached copies only (no retries)
+        with hub_access() as offline:  # no network: offline mode, cached copies only (no retries)
+            if offline is None:  # the Hub's file list with sizes and hashes, checked before downloading
+                from huggingface_hub import HfApi
+
+                files = remote_files(HfApi().model_info(repo_id, revision=revision, files_metadata=True))
+                skip = check_repo_files(repo_id, files, revision)
+                if skip:
+                    kwargs["ignore_patterns"] = skip
             path = snapshot_download(repo_id, revision=revision, local_dir=local_dir, **kwargs)
     except hf_errors.HFValidationError as e:
         raise BadInputError(f"{repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]})") from e
@@ -195,7 +215,12 @@ def download(
         ) from e
     except (OSError, hf_errors.HfHubHTTPError) as e:
         raise EqatError(f"download of {repo_id!r} failed: {str(e).splitlines()[0]}") from e
-    return Path(path)
+    path = Path(path)
+    if files is not None:
+        # The snapshot links into the repo's cache folder (models--owner--name/blobs).
+        confine = Path(local_dir) if local_dir else path.parents[1]
+        verify_download(repo_id, path, files, confine, kwargs.get("ignore_patterns", []))
+    return path
 
 
 def local_path(source: ModelSource, revision: str | None = None) -> Path:
@@ -211,7 +236,6 @@ def local_path(source: ModelSource, revision: str | None = None) -> Path:
 
 def load_fp(path: Path, dtype) -> tuple[Any, Any]:
     from eqat_cli.formats.native import model_class_for
-    from eqat_cli.readers import check_model_weights, hf_load, load_config
 
     config = load_config(path)
     check_model_weights(path)
@@ -220,9 +244,22 @@ def load_fp(path: Path, dtype) -> tuple[Any, Any]:
 
 
 def load_tokenizer(path: Path) -> Any:
-    from eqat_cli.readers import load_tokenizer as read_tokenizer
-
     return read_tokenizer(path)
+
+
+def preflight_model(spec: str) -> bool | None:
+    """Cheap checks of a model spec before anything is printed, created or loaded: a local
+    directory is validated with :func:`eqat_cli.model_files.check_model_dir` (config sanity and
+    shard shapes included), a ``.gguf`` file's header with :func:`eqat_cli.readers.check_gguf`. Hub ids and aliases
+    are checked when they are fetched (:func:`resolve`).
+
+    Returns whether a local directory holds a quantized checkpoint (None for other specs)."""
+    src = classify(spec)
+    if src.kind == "dir" and src.path is not None:
+        return quantized(*model_dir_files(Path(src.path)))
+    if src.kind == "gguf" and src.path is not None:
+        check_gguf(Path(src.path) / str(src.gguf_file))
+    return None
 
 
 def resolve(
@@ -239,7 +276,6 @@ def resolve(
     evaluating needs only what transformers can load; quantizing and packing need the plugin.
     """
     from eqat_cli.device import parse_dtype, pick_device
-    from eqat_cli.registry import get_registry
 
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype, dev)
@@ -252,6 +288,8 @@ def resolve(
         path = local_path(source, revision)
         ckpt = Checkpoint.open(path)  # config.json and every shard header, read once
         layout = ckpt.layout
+        check_weight_shapes(ckpt.config, path / "config.json",
+                            shapes={key: (m.file, list(m.shape)) for key, m in ckpt.tensors.items()})
         fmt = layout.format
         if layout.packed:
             from eqat_cli.formats.native import load_packed_model
@@ -294,7 +332,6 @@ def attach_backend(
     supported); ``group_size=None`` leaves group sizes out of the choice.
     """
     from eqat_cli.quant.linear import PackedLinear
-    from eqat_cli.registry import get_registry
 
     spec, why = get_registry().select_backend(backend, bits, device, group_size)
     kernel = spec.kernel()

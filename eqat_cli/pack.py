@@ -1,7 +1,7 @@
 """``eqat pack`` as one function: convert a quantized model between checkpoint formats.
 
 :func:`pack_model` loads any model the resolver accepts and hands it to the output
-:class:`~eqat_cli.formats.registry.Format` the registry finds under the given name (eqat native,
+:class:`~eqat_cli.format_spec.Format` the registry finds under the given name (eqat native,
 GPTQ v1/v2, dense fp16, GGUF, or a plugin's). No Rich, no typer here; torch is imported only when
 a model is loaded.
 """
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
+from eqat_cli.models import preflight_model, resolve
 from eqat_cli.progress import Progress, count
 
 
@@ -52,10 +54,7 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
     check_output(form.name, output, overwrite)
 
     from eqat_cli.formats.checkpoint import Checkpoint
-    from eqat_cli.formats.registry import WriteJob
-    from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
-    from eqat_cli.models import resolve
-    from eqat_cli.readers import preflight_model
+    from eqat_cli.format_spec import WriteJob
 
     def refuse_full_precision():
         return BadInputError(

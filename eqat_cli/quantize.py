@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from eqat_cli.quant.linear import PackedLinear, QuantLinear, replace_linears
+from eqat_cli.quant.rounding import RoundQuantLinear
 
 
 def fake_quantize_block(block: nn.Module, arch, bits: int, group: int) -> dict[str, QuantLinear]:
@@ -19,8 +20,6 @@ def fake_quantize_block(block: nn.Module, arch, bits: int, group: int) -> dict[s
 
 def pack_block(block: nn.Module) -> dict[str, PackedLinear]:
     """Freeze every :class:`QuantLinear` / :class:`RoundQuantLinear` in ``block`` to a :class:`PackedLinear` (in place)."""
-    from eqat_cli.quant.rounding import RoundQuantLinear
-
     names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, RoundQuantLinear))]
     out = {}
     for name in names:

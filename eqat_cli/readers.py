@@ -1,25 +1,25 @@
-"""Every file eqat reads goes through here: a damaged or foreign file becomes one line.
+"""The readers of untrusted bytes: a damaged or foreign file becomes one line.
 
 Each reader raises :class:`~eqat_cli.errors.BadInputError` whose message names the file and what
 is wrong with it (``config.json: not valid JSON (line 3, column 5: Expecting ',' delimiter)``,
 ``model.safetensors: truncated: header promises 388440 bytes of tensor data, the file has
 1000``), which the CLI prints as one line with exit code 2. Readers never execute code from a
-file: JSON, safetensors and text are parsed as data, ``torch.load`` is never used, and
-Hugging Face loaders run with ``trust_remote_code`` only after the user passed
-``--trust-remote-code`` (:func:`set_trust_remote_code`).
+file: JSON, safetensors and text are parsed as data, and ``torch.load`` is never used.
 
 The readers:
 
-* :func:`read_json`, :func:`read_model_config`: JSON files / ``config.json``;
+* :func:`read_json`: JSON files whose top level is an object (or another given type);
 * :func:`safetensors_header`, :func:`check_safetensors`, :func:`open_safetensors`,
   :func:`load_safetensors`: safetensors headers (fully validated: offsets, sizes, dtypes,
   truncation) and tensors;
-* :func:`read_text`, :func:`text_lines`, :func:`read_jsonl`: UTF-8 text and JSON lines;
-* :func:`load_config`, :func:`load_tokenizer`, :func:`hf_load`: Hugging Face loaders, with the
-  remote-code gate;
+* :func:`read_text`, :func:`text_lines`, :func:`sniff_text`, :func:`read_jsonl`: UTF-8 text and
+  JSON lines;
 * :func:`reading`: the context manager the others use, for any other read.
 
-Nothing here imports torch at module level.
+This is the bottom of the reading side: it imports nothing of eqat but ``errors`` (a model
+directory's files, the remote-code gate and the Hugging Face loaders are in
+:mod:`eqat_cli.model_files`). Nothing here imports torch at module level. Every reader is fuzzed
+(``tests/test_fuzz.py``, ``bench/fuzz_readers.py``).
 """
 
 from __future__ import annotations
@@ -28,15 +28,13 @@ import contextlib
 import errno
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from eqat_cli.errors import BadInputError, EqatError
-
-TRUST_REMOTE_CODE_ENV = "EQAT_TRUST_REMOTE_CODE"
-_trust_remote_code: bool | None = None  # None: follow the environment variable
 
 # Bytes per element of every safetensors dtype.
 SAFETENSORS_DTYPES = {
@@ -47,7 +45,8 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -82,17 +81,19 @@ def reading(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
         raise BadInputError(
             f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
         ) from e
+    except RecursionError as e:  # JSON arrays/objects nested thousands deep
+        raise BadInputError(f"{path}: {what} is nested too deeply to read") from e
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise BadInputError(f"{path}: cannot read the {what} ({_first_line(e)})") from e
+        raise BadInputError(f"{path}: cannot read the {what} ({first_line(e)})") from e
     except (ValueError, KeyError, TypeError, IndexError, struct.error, EOFError) as e:
-        raise BadInputError(f"{path}: not a valid {what} ({_first_line(e)})") from e
+        raise BadInputError(f"{path}: not a valid {what} ({first_line(e)})") from e
     except Exception as e:
         # safetensors, tokenizers, pyarrow and gguf raise their own exception types.
         mod = type(e).__module__ or ""
         if mod.split(".")[0] in ("safetensors", "tokenizers", "pyarrow", "gguf", "huggingface_hub", "google"):
-            raise BadInputError(f"{path}: not a valid {what} ({_first_line(e)})") from e
+            raise BadInputError(f"{path}: not a valid {what} ({first_line(e)})") from e
         raise
 
 
@@ -156,6 +157,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON lines file", opener: C
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInputError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise BadInputError(f"{path}:{i}: JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise BadInputError(f"{path}:{i}: expected a JSON object, found {type(obj).__name__}")
         yield i, obj
@@ -173,113 +176,6 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", kind: type = dic
             f"found {type(obj).__name__}"
         )
     return obj
-
-
-def read_model_config(path: str | os.PathLike) -> dict:
-    """``config.json`` of a model directory, checked for a model type and the remote-code gate."""
-    p = Path(path)
-    cfg_file = p / "config.json" if p.is_dir() or not p.name.endswith(".json") else p
-    cfg = read_json(cfg_file, "model config (config.json)")
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    model_type = cfg.get("model_type") or text.get("model_type")
-    if not isinstance(model_type, str) or not model_type:
-        raise BadInputError(f"{cfg_file}: model config has no model_type (not a transformers model?)")
-    _check_remote_code(cfg, cfg_file, model_type)
-    return cfg
-
-
-# ---------------------------------------------------------------------- remote code
-
-
-def set_trust_remote_code(value: bool | None) -> None:
-    """Allow (``True``) or refuse (``False``) models that need their own Python code.
-
-    ``None`` follows ``EQAT_TRUST_REMOTE_CODE`` (refused unless it is ``1``). The CLI sets it from
-    ``--trust-remote-code``.
-    """
-    global _trust_remote_code
-    _trust_remote_code = value
-
-
-def trust_remote_code() -> bool:
-    if _trust_remote_code is not None:
-        return _trust_remote_code
-    return os.environ.get(TRUST_REMOTE_CODE_ENV, "") in ("1", "true", "yes")
-
-
-def _known_model_type(model_type: str) -> bool:
-    try:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    except Exception:  # pragma: no cover - transformers is a dependency
-        return False
-    return model_type in CONFIG_MAPPING
-
-
-def _check_remote_code(cfg: dict, file: Path, model_type: str) -> None:
-    """Refuse a config that can only be loaded by running the code it ships (``auto_map`` and a
-    model type transformers does not implement) unless remote code is trusted. A known model type
-    with an ``auto_map`` loads with transformers' own class (the shipped code is not run)."""
-    if cfg.get("auto_map") and not trust_remote_code():
-        if _known_model_type(model_type):
-            return
-        raise BadInputError(
-            f"{file.parent}: model type {model_type!r} needs the Python code shipped with the "
-            f"model (auto_map in {file.name}); eqat does not run it unless you pass --trust-remote-code",
-            hint="only pass --trust-remote-code for a model whose code you have read",
-        )
-
-
-# ---------------------------------------------------------------------- Hugging Face loaders
-
-
-def hf_load(fn: Callable, path: str | os.PathLike, what: str, **kwargs) -> Any:
-    """Call a Hugging Face ``from_pretrained``-style loader on ``path`` with the remote-code gate.
-
-    Any failure becomes one line naming ``path`` (transformers raises OSError, ValueError,
-    json errors, tokenizers exceptions, safetensors errors for damaged files).
-    """
-    kwargs.setdefault("trust_remote_code", trust_remote_code())
-    try:
-        with reading(path, what):
-            return fn(str(path), **kwargs)
-    except EqatError:
-        raise
-    except (RuntimeError, AttributeError, AssertionError) as e:
-        raise BadInputError(f"{path}: cannot load the {what} ({_first_line(e)})") from e
-
-
-def load_config(path: str | os.PathLike) -> Any:
-    """``AutoConfig`` of a model directory, after :func:`read_model_config` checked the file."""
-    from transformers import AutoConfig
-
-    read_model_config(path)
-    return hf_load(AutoConfig.from_pretrained, path, "model config")
-
-
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def load_tokenizer(path: str | os.PathLike, **kwargs) -> Any:
-    """``AutoTokenizer`` of a model directory; its JSON files are checked first."""
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        for name in TOKENIZER_JSON_FILES:
-            if (p / name).exists():
-                cfg = read_json(p / name, f"tokenizer file ({name})")
-                if name == "tokenizer_config.json" and cfg.get("auto_map") and not trust_remote_code():
-                    raise BadInputError(
-                        f"{p}: the tokenizer needs the Python code shipped with the model (auto_map in "
-                        f"{name}); eqat does not run it unless you pass --trust-remote-code"
-                    )
-    try:
-        tok = hf_load(AutoTokenizer.from_pretrained, p, "tokenizer", **kwargs)
-    except BadInputError as e:
-        raise BadInputError(f"{p}: no usable tokenizer ({str(e).split(': ', 1)[-1]})") from e
-    if tok is None or isinstance(tok, bool):
-        raise BadInputError(f"{p}: no usable tokenizer")
-    return tok
 
 
 # ---------------------------------------------------------------------- safetensors
@@ -310,7 +206,7 @@ def safetensors_header(path: str | os.PathLike, what: str = "safetensors file") 
             blob = fh.read(n)
     try:
         header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadInputError(f"{p}: not a {what} (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise BadInputError(f"{p}: not a {what} (its header is not a JSON object)")
@@ -326,7 +222,7 @@ def safetensors_header(path: str | os.PathLike, what: str = "safetensors file") 
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise BadInputError(f"{p}: damaged {what}: entry {name!r} lacks dtype/shape/data_offsets") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise BadInputError(f"{p}: damaged {what}: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise BadInputError(f"{p}: damaged {what}: tensor {name!r} has an invalid shape {shape!r}")
@@ -383,79 +279,119 @@ def load_safetensors(path: str | os.PathLike, what: str = "safetensors file") ->
         return load_file(str(path))
 
 
-def check_model_weights(path: str | os.PathLike) -> list[Path]:
-    """Validate the index (if any) and every safetensors shard header of a model directory."""
-    p = Path(path)
-    index = p / "model.safetensors.index.json"
-    if index.exists():
-        idx = read_json(index, "safetensors index")
-        wm = idx.get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise BadInputError(f"{index}: safetensors index has no weight_map of tensor -> file")
-        files = []
-        for name in sorted(set(wm.values())):
-            f = (p / name)
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise BadInputError(f"{index}: shard name {name!r} points outside the model directory")
-            if not f.exists():
-                raise BadInputError(f"{index}: lists shard {name}, which is missing")
-            files.append(f)
-    elif (p / "model.safetensors").exists():
-        files = [p / "model.safetensors"]
+
+
+# ---------------------------------------------------------------------- GGUF headers
+
+# Value types of GGUF metadata and their sizes in bytes (8: string, 9: array have none).
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+GGUF_MAX_KEY = 65535  # bytes; llama.cpp's keys are a few dozen
+
+
+class _Cursor:
+    """Bounded reads over a memory-mapped file: every length or count is checked against the
+    bytes left before anything is read or allocated."""
+
+    def __init__(self, buf, size: int, path: Path, what: str):
+        self.buf, self.size, self.pos, self.path, self.what = buf, size, 4, path, what
+
+    def fail(self, msg: str) -> BadInputError:
+        return BadInputError(f"{self.path}: damaged {self.what}: {msg}")
+
+    @property
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def skip(self, n: int, what: str) -> int:
+        if n > self.left:
+            raise self.fail(f"{what} needs {n} bytes at offset {self.pos}, {self.left} are left")
+        at = self.pos
+        self.pos += n
+        return at
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.buf, self.skip(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.buf, self.skip(8, what))[0]
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        """A length-prefixed string; only strings under ``limit`` bytes are decoded (for names)."""
+        n = self.u64(f"the length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} claims {n} bytes (at most {limit})")
+        at = self.skip(n, what)
+        if limit is None:
+            return ""
+        text = bytes(self.buf[at:at + n]).decode("utf-8", "replace")
+        return "".join(ch if ch.isprintable() else "?" for ch in text[:80])
+
+
+def _gguf_value(c: _Cursor, vtype: int, key: str, depth: int = 0) -> None:
+    if vtype in _GGUF_SCALARS:
+        c.skip(_GGUF_SCALARS[vtype], f"the value of {key}")
+    elif vtype == 8:
+        c.string(f"the string value of {key}")
+    elif vtype == 9:
+        if depth >= 2:
+            raise c.fail(f"metadata {key} nests arrays more than two deep")
+        etype = c.u32(f"the element type of {key}")
+        count = c.u64(f"the length of array {key}")
+        if etype in _GGUF_SCALARS:
+            c.skip(count * _GGUF_SCALARS[etype], f"array {key} ({count} elements)")
+        elif etype in (8, 9):
+            minimum = 8 if etype == 8 else 12
+            if count * minimum > c.left:
+                raise c.fail(f"array {key} claims {count} elements, more than the {c.left} bytes left hold")
+            for _ in range(count):
+                _gguf_value(c, etype, key, depth + 1)
+        else:
+            raise c.fail(f"array {key} has unknown element type {etype}")
     else:
-        files = sorted(p.glob("*.safetensors"))
-    for f in files:
-        check_safetensors(f, "safetensors weight shard")
-    return files
+        raise c.fail(f"metadata {key} has unknown value type {vtype}")
 
 
-def _model_dir(p: Path) -> tuple[dict, list[Path]]:
-    cfg = read_model_config(p)
-    for name in TOKENIZER_JSON_FILES:
-        if (p / name).exists():
-            read_json(p / name, f"tokenizer file ({name})")
-    files = check_model_weights(p)
-    if not files:
-        raise BadInputError(f"{p} holds no .safetensors weights")
-    return cfg, files
+def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> dict:
+    """Walk a GGUF file's header, metadata and tensor infos with every count and length checked
+    against the file's size, before a GGUF library builds anything from them.
 
-
-def check_model_dir(path: str | os.PathLike) -> dict:
-    """Validate a local model directory without loading it: ``config.json`` (incl. the
-    remote-code gate), the tokenizer's JSON files and every weight shard's header. Returns the
-    config dict."""
-    return _model_dir(Path(path))[0]
-
-
-def _quantized(cfg: dict, files: list[Path]) -> bool:
-    return bool(cfg.get("quantization_config")) or any(
-        k.endswith(".qweight") for f in files for k in check_safetensors(f)
-    )
-
-
-def check_full_precision_model(path: str | os.PathLike) -> dict:
-    """:func:`check_model_dir`, and refuse a quantized checkpoint (GPTQ, eqat native, ...)."""
+    A header that claims 2^40 tensors, an array of 2^32 strings or a string longer than the file
+    is one line naming the file, read in time and memory bounded by the file's size. Returns
+    ``{"version", "tensors", "metadata"}`` (the counts). The values themselves are left to the
+    GGUF readers (``gguf``'s ``GGUFReader``, transformers)."""
     p = Path(path)
-    cfg, files = _model_dir(p)
-    if _quantized(cfg, files):
-        raise BadInputError(f"{p} is already quantized; Block-AP needs a full-precision model")
-    return cfg
+    _require_file(p, what)
+    with reading(p, what), open(p, "rb") as fh:
+        size = p.stat().st_size
+        if size < 4 or fh.read(4) != b"GGUF":
+            raise BadInputError(f"{p}: not a {what} (no GGUF magic at the start)")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _walk_gguf(_Cursor(buf, size, p, what))
 
 
-def preflight_model(spec: str) -> bool | None:
-    """Cheap checks of a model spec before anything is printed, created or loaded: a local
-    directory is validated with :func:`check_model_dir`, a ``.gguf`` file must start with the
-    GGUF magic. Hub ids and aliases are checked when they are fetched.
-
-    Returns whether a local directory holds a quantized checkpoint (None for other specs)."""
-    from eqat_cli.models import classify
-
-    src = classify(spec)
-    if src.kind == "dir" and src.path is not None:
-        return _quantized(*_model_dir(Path(src.path)))
-    if src.kind == "gguf" and src.path is not None:
-        f = Path(src.path) / str(src.gguf_file)
-        with reading(f, "GGUF file"), open(f, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise BadInputError(f"{f}: not a GGUF file (no GGUF magic at the start)")
-    return None
+def _walk_gguf(c: _Cursor) -> dict:
+    size = c.size
+    version = c.u32("the version")
+    if version not in (2, 3):
+        raise c.fail(f"version {version} (eqat reads GGUF versions 2 and 3)")
+    n_tensors = c.u64("the tensor count")
+    n_kv = c.u64("the metadata count")
+    # Each metadata entry takes at least 12 bytes, each tensor info at least 24.
+    if n_kv * 12 + n_tensors * 24 > c.left:
+        raise c.fail(f"the header claims {n_tensors} tensors and {n_kv} metadata entries, more "
+                     f"than the file's {size} bytes hold")
+    for i in range(n_kv):
+        key = c.string(f"the key of metadata entry {i}", GGUF_MAX_KEY)
+        _gguf_value(c, c.u32(f"the value type of {key}"), key)
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor {i}", GGUF_MAX_KEY)
+        n_dims = c.u32(f"the dimension count of {name}")
+        if n_dims > GGUF_MAX_DIMS:
+            raise c.fail(f"tensor {name} has {n_dims} dimensions (at most {GGUF_MAX_DIMS})")
+        dims = [c.u64(f"a dimension of {name}") for _ in range(n_dims)]
+        c.u32(f"the type of {name}")
+        offset = c.u64(f"the data offset of {name}")
+        if offset > size or math.prod(dims) > 8 * size:  # >= 1/8 byte per element, in the file
+            raise c.fail(f"tensor {name} {dims} at offset {offset} does not fit in the file's {size} bytes")
+    return {"version": version, "tensors": n_tensors, "metadata": n_kv}

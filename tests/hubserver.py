@@ -3,7 +3,9 @@
 It speaks the parts of the Hub API that ``huggingface_hub`` 2.4's ``snapshot_download`` uses
 (read from huggingface_hub/_snapshot_download.py, file_download.py, hf_api.py, utils/_http.py):
 
-* ``GET /api/models/{repo}/revision/{rev}`` -> ``{"id", "sha", "siblings"}`` (``repo_info``);
+* ``GET /api/models/{repo}/revision/{rev}`` -> ``{"id", "sha", "siblings"}`` (``repo_info``;
+  with ``?blobs=true``, ``model_info(files_metadata=True)``, each sibling has ``size``,
+  ``blobId`` and, for LFS files, ``lfs.sha256``);
 * ``GET /api/models/{repo}/tree/{rev}?recursive=...`` -> ``[{"type": "file", "path", "size",
   "oid", "lfs"}]`` (``list_repo_tree``; one page, so no ``Link`` header);
 * ``HEAD /{repo}/resolve/{rev}/{file}`` -> ``ETag`` (git blob sha1, or sha256 for LFS files, with
@@ -12,7 +14,8 @@ It speaks the parts of the Hub API that ``huggingface_hub`` 2.4's ``snapshot_dow
 * errors with the ``X-Error-Code`` header ``hf_raise_for_status`` maps: ``RepoNotFound``,
   ``RevisionNotFound``, ``EntryNotFound``.
 
-Fault injection: ``drop_after[file] = n`` makes the first GET of ``file`` announce the full
+Fault injection: ``Repo.recorded[file] = bytes`` makes the Hub's records (hashes, ETag) describe
+other bytes than the ones served (a damaged mirror); ``drop_after[file] = n`` makes the first GET of ``file`` announce the full
 length, send ``n`` bytes and close the connection; ``fail_next[file] = [status, ...]`` answers
 the next GETs of ``file`` with those statuses. ``log`` records ``(method, path, range)``.
 
@@ -28,7 +31,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -40,6 +43,9 @@ def git_blob_sha1(data: bytes) -> str:
 class Repo:
     def __init__(self, files: dict[str, bytes], sha: str | None = None):
         self.files = dict(files)
+        # What the Hub's records say a file holds, where that differs from what it serves (a
+        # damaged mirror): ``recorded[name] = original bytes`` while ``files[name]`` is served.
+        self.recorded: dict[str, bytes] = {}
         if sha is None:
             h = hashlib.sha1()
             for name in sorted(self.files):
@@ -61,7 +67,7 @@ class Repo:
         return name.endswith(LFS_SUFFIXES)
 
     def etag(self, name: str) -> str:
-        data = self.files[name]
+        data = self.recorded.get(name, self.files[name])
         return hashlib.sha256(data).hexdigest() if self.is_lfs(name) else git_blob_sha1(data)
 
 
@@ -184,24 +190,36 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(404, "EntryNotFound", f"no route for {path}", head=head)
 
     def _api(self, m: re.Match, head: bool) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        blobs = query.get("blobs", ["false"])[0].lower() in ("1", "true")
         rev = unquote(m["rev"]) if m["rev"] else "main"
         repo = self._repo_rev(m["repo"], rev, head)
         if repo is None:
             return
         if m["kind"] == "tree":
             entries = []
-            for name, data in sorted(repo.files.items()):
+            for name in sorted(repo.files):
+                data = repo.recorded.get(name, repo.files[name])
                 e = {"type": "file", "path": name, "size": len(data), "oid": git_blob_sha1(data)}
                 if repo.is_lfs(name):
                     e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
                 entries.append(e)
             return self._json(200, entries, head=head)
+        siblings = []
+        for n in sorted(repo.files):
+            sib = {"rfilename": n}
+            if blobs:  # model_info(files_metadata=True): sizes, git blob ids, LFS sha256
+                data = repo.recorded.get(n, repo.files[n])
+                sib.update(size=len(data), blobId=git_blob_sha1(data))
+                if repo.is_lfs(n):
+                    sib["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            siblings.append(sib)
         info = {
             "id": m["repo"],
             "modelId": m["repo"],
             "sha": repo.sha,
             "private": False,
-            "siblings": [{"rfilename": n} for n in sorted(repo.files)],
+            "siblings": siblings,
         }
         self._json(200, info, head=head)
 

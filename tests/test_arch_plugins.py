@@ -202,7 +202,7 @@ def test_eval_full_precision_model_without_a_plugin(tmp_path):
     from eqat_cli.errors import UnknownArchitectureError
     from eqat_cli.models import resolve
 
-    cfg = GPT2Config(vocab_size=272, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    cfg = GPT2Config(vocab_size=272, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=256, eos_token_id=257)
     src = save_tiny(build(cfg), tmp_path / "gpt2")
     assert get_registry().find_architecture("gpt2") is None
     corpus = tmp_path / "corpus.txt"

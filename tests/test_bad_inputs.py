@@ -194,6 +194,44 @@ CASES = [
     Case("block-ap-truncated-shard", lambda s: bap(s, s.shard(lambda b: b[: len(b) // 2])), "truncated"),
     Case("pack-random-shard", lambda s: pk(s, s.shard(lambda b: _random(len(b)), base="q")), "model.safetensors"),
     Case("pack-full-precision", lambda s: pk(s, s.world["fp"]), "full-precision"),
+    # --- config sanity (issue #29): one line naming the field, before any model is built ---------
+    Case("eval-config-negative-layers-zero-vocab",
+         lambda s: ev(s, s.config_edit(lambda c: c.update(num_hidden_layers=-3, vocab_size=0))),
+         "must be a positive integer", json_out=True),
+    Case("eval-config-negative-layers", lambda s: ev(s, s.config_edit(lambda c: c.update(num_hidden_layers=-3))),
+         "num_hidden_layers must be a positive integer, found -3", json_out=True),
+    Case("eval-config-vocab-zero", lambda s: ev(s, s.config_edit(lambda c: c.update(vocab_size=0))),
+         "vocab_size must be a positive integer, found 0", json_out=True),
+    Case("eval-config-heads-do-not-divide-hidden", lambda s: ev(s, s.config_edit(
+        lambda c: (c.pop("head_dim", None), c.update(num_attention_heads=5, num_key_value_heads=1)))),
+         "hidden_size 64 is not a multiple of num_attention_heads 5", json_out=True),
+    Case("eval-config-kv-heads-do-not-divide-heads", lambda s: ev(s, s.config_edit(lambda c: c.update(num_key_value_heads=3))),
+         "num_attention_heads 4 is not a multiple of num_key_value_heads 3", json_out=True),
+    Case("eval-config-eos-beyond-vocab", lambda s: ev(s, s.config_edit(lambda c: c.update(eos_token_id=5000))),
+         "eos_token_id 5000 is outside the vocabulary (vocab_size 272)", json_out=True),
+    Case("eval-config-intermediate-string", lambda s: ev(s, s.config_edit(lambda c: c.update(intermediate_size="96"))),
+         "intermediate_size must be a positive integer", json_out=True),
+    Case("eval-config-max-positions-zero", lambda s: ev(s, s.config_edit(lambda c: c.update(max_position_embeddings=0))),
+         "max_position_embeddings must be a positive integer", json_out=True),
+    Case("eval-config-eps-nan", lambda s: ev(s, s.config_edit(lambda c: c.update(rms_norm_eps=float("nan")))),
+         "rms_norm_eps must be a finite positive number", json_out=True),
+    Case("eval-config-vocab-vs-embedding", lambda s: ev(s, s.config_edit(lambda c: c.update(vocab_size=300))),
+         "model.embed_tokens.weight has shape [272, 64], but", json_out=True),
+    Case("eval-config-more-layers-than-weights", lambda s: ev(s, s.config_edit(lambda c: c.update(num_hidden_layers=3))),
+         "num_hidden_layers is 3, but the weights have no block 2", json_out=True),
+    Case("eval-config-fewer-layers-than-weights", lambda s: ev(s, s.config_edit(lambda c: c.update(num_hidden_layers=1))),
+         "num_hidden_layers is 1, but the weights hold block 1", json_out=True),
+    Case("eval-config-hidden-vs-weights", lambda s: ev(s, s.config_edit(
+        lambda c: c.update(hidden_size=32, num_attention_heads=2, num_key_value_heads=1))),
+         "has shape [272, 64], but", json_out=True),
+    Case("block-ap-config-negative-layers", lambda s: bap(s, s.config_edit(lambda c: c.update(num_hidden_layers=-3))),
+         "num_hidden_layers must be a positive integer"),
+    Case("calibrate-config-vocab-zero", lambda s: cal(s, s.config_edit(lambda c: c.update(vocab_size=0))),
+         "vocab_size must be a positive integer"),
+    Case("pack-packed-more-layers-than-weights", lambda s: pk(s, s.config_edit(lambda c: c.update(num_hidden_layers=4), base="q")),
+         "num_hidden_layers is 4, but the weights have no block 2"),
+    Case("e2e-qp-config-heads", lambda s: e2e(s, s.config_edit(lambda c: c.update(num_attention_heads=3), base="q")),
+         "num_attention_heads 3 is not a multiple of num_key_value_heads 2"),
     # --- calibration files -------------------------------------------------------------------
     Case("block-ap-calib-truncated", lambda s: ["block-ap", s.world["fp"], "--calib", s.calib_bytes(lambda b: b[:-10]),
                                                 "-o", s.out], "truncated"),
@@ -363,7 +401,7 @@ def test_range_checks():
 def test_trust_remote_code_flag_passes_the_gate(world, tmp_path, monkeypatch):
     """Refused without the flag (previous table case); with --trust-remote-code the gate opens
     (calibrate only needs the tokenizer, which has no code of its own here)."""
-    from eqat_cli import readers
+    from eqat_cli import model_files
     from eqat_cli.cli.app import build_app
 
     s = Scratch(world, tmp_path)
@@ -371,9 +409,9 @@ def test_trust_remote_code_flag_passes_the_gate(world, tmp_path, monkeypatch):
     res = CliRunner().invoke(build_app(), [str(a) for a in cal(s, m)] + ["--trust-remote-code"])
     assert res.exit_code == 0, res.output
     assert s.out.is_file()
-    assert readers.trust_remote_code() is False  # the flag does not outlive the command
-    monkeypatch.setenv(readers.TRUST_REMOTE_CODE_ENV, "1")
-    assert readers.trust_remote_code() is True
+    assert model_files.trust_remote_code() is False  # the flag does not outlive the command
+    monkeypatch.setenv(model_files.TRUST_REMOTE_CODE_ENV, "1")
+    assert model_files.trust_remote_code() is True
 
 
 @pytest.mark.parametrize("case_id", ["eval-config-not-json", "calibrate-binary-text", "pull-path-traversal",
@@ -392,3 +430,81 @@ def test_real_process_one_line(case_id, world, tmp_path):
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and case.expect in lines[0], lines
     assert _leftovers(s.out) == []
+
+
+def test_linear_shapes_checked_against_the_config(tmp_path):
+    """Block linears: the first group reads hidden_size, one group reads one width, the last
+    layer writes hidden_size; the line names the tensor, its shard and the config."""
+    from safetensors.torch import save_file
+
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.model_files import check_weight_shapes
+
+    cfg = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1}
+
+    def shard(**shapes):
+        base = {"model.embed_tokens.weight": (10, 8), "model.layers.0.self_attn.q_proj.weight": (8, 8),
+                "model.layers.0.self_attn.k_proj.weight": (4, 8), "model.layers.0.self_attn.v_proj.weight": (4, 8),
+                "model.layers.0.self_attn.o_proj.weight": (8, 8), "model.layers.0.mlp.gate_proj.weight": (12, 8),
+                "model.layers.0.mlp.up_proj.weight": (12, 8), "model.layers.0.mlp.down_proj.weight": (8, 12)}
+        base.update({k.replace("__", "."): v for k, v in shapes.items()})
+        f = tmp_path / "model.safetensors"
+        save_file({k: torch.zeros(v) for k, v in base.items()}, str(f))
+        return [f]
+
+    check_weight_shapes(cfg, "config.json", shard())  # consistent: passes
+    with pytest.raises(BadInputError, match=r"model.safetensors: model.layers.0.self_attn.k_proj.weight reads 6 "
+                                            r"features, but config.json says hidden_size 8"):
+        check_weight_shapes(cfg, "config.json", shard(**{"model__layers__0__self_attn__k_proj__weight": (4, 6)}))
+    with pytest.raises(BadInputError, match=r"mlp.up_proj.weight reads 9 features, the other layers of its group 8"):
+        check_weight_shapes(cfg, "config.json", shard(**{"model__layers__0__mlp__up_proj__weight": (12, 9)}))
+    with pytest.raises(BadInputError, match=r"down_proj.weight writes 7 features, but config.json says hidden_size 8"):
+        check_weight_shapes(cfg, "config.json", shard(**{"model__layers__0__mlp__down_proj__weight": (7, 12)}))
+    # An architecture no plugin describes: only the generic embedding check.
+    check_weight_shapes({**cfg, "model_type": "nosuch"}, "config.json",
+                        shard(**{"model__layers__0__mlp__down_proj__weight": (7, 12)}))
+
+
+def test_config_sanity_on_the_resolver_path(world, tmp_path):
+    """A model that skips the CLI's preflight (library callers, Hub downloads) is checked by
+    ``models.resolve`` before transformers builds anything."""
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.models import resolve
+
+    d = Scratch(world, tmp_path).config_edit(lambda c: c.update(num_hidden_layers=-3, vocab_size=0))
+    with pytest.raises(BadInputError, match=r"config.json: vocab_size must be a positive integer, found 0"):
+        resolve(str(d), device="cpu", require_arch=False)
+    d2 = tmp_path / "two"
+    shutil.copytree(world["fp"], d2)
+    cfg = json.loads((d2 / "config.json").read_text())
+    cfg["num_hidden_layers"] = 5
+    (d2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInputError, match=r"num_hidden_layers is 5, but the weights have no block 2"):
+        resolve(str(d2), device="cpu")
+
+
+def test_messages_name_the_file_never_dot(world, tmp_path, monkeypatch):
+    """Issue #29: a file in the working directory is named by its name, not by its directory
+    (``.``): a GGUF header that claims 2^40 tensors, a remote-code config read as ``.``, and an
+    empty model spec."""
+    import struct
+
+    from eqat_cli import model_files
+    from eqat_cli.cli.app import build_app
+
+    monkeypatch.chdir(tmp_path)
+    Path("m.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0) + bytes(64))
+    Path("c.txt").write_text(TEXT)
+    res = CliRunner().invoke(build_app(), ["eval", "m.gguf", "--ppl", "c.txt", "--limit", "1"])
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: m.gguf: "), lines[0]
+
+    d = Scratch(world, tmp_path).config_edit(_remote_code)
+    monkeypatch.chdir(d)
+    with pytest.raises(model_files.BadInputError) as e:
+        model_files.read_model_config(".")
+    assert str(e.value).startswith("config.json: model type 'eqat_test_custom' needs"), str(e.value)
+
+    res = CliRunner().invoke(build_app(), ["eval", "", "--ppl", str(tmp_path / "c.txt")])
+    assert res.exit_code == 2 and "error: the model spec is empty" in res.output, res.output

@@ -148,8 +148,10 @@ def test_each_shard_header_is_parsed_once_per_load(tmp_path, monkeypatch):
     real = readers.safetensors_header
     monkeypatch.setattr(readers, "safetensors_header", lambda p, *a, **k: parsed.append(p.name) or real(p, *a, **k))
     config_reads = []
-    real_cfg = readers.read_model_config
-    monkeypatch.setattr(readers, "read_model_config", lambda p: config_reads.append(p) or real_cfg(p))
+    from eqat_cli import model_files
+
+    real_cfg = model_files.read_model_config
+    monkeypatch.setattr(model_files, "read_model_config", lambda p: config_reads.append(p) or real_cfg(p))
     lm = resolve(str(d), device="cpu")
     assert sorted(parsed) == sorted(w.shards)  # once each
     assert len(config_reads) == 1

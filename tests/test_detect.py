@@ -48,7 +48,7 @@ def test_layout_from_config_and_tensor_names():
 def load_gptq(path, dtype=torch.float32):
     """A GPTQ v1/v2 reader of the test's own, beside ``models.resolve``: the layout detection
     finds, then the packed loader with its zero offset (v1 zeros get their +1 back)."""
-    from eqat_cli.formats.detect import detect_layout
+    from eqat_cli.formats.checkpoint import detect_layout
     from eqat_cli.formats.native import load_packed_model
 
     layout = detect_layout(path)
@@ -60,7 +60,7 @@ def test_gptq_v2_with_the_legacy_format_key_loads_as_v2_everywhere(tmp_path):
     """A GPTQ v2 checkpoint that names its version only with the legacy ``format`` key: ``eqat
     pull``'s description, ``resolve`` (eval, pack) and the reader above all read v2 (resolve used
     to ignore the key and load it as v1, adding 1 to every zero point)."""
-    from eqat_cli.formats.detect import inspect_path
+    from eqat_cli.formats.describe import inspect_path
     from eqat_cli.formats.gptq import save_gptq
     from eqat_cli.models import resolve
     from eqat_cli.quantize import rtn_quantize_model
@@ -90,7 +90,8 @@ def test_other_quantization_methods_are_named_not_misread(tmp_path):
     such, not taken for the native layout."""
     from safetensors.torch import save_file
 
-    from eqat_cli.formats.detect import detect_format, inspect_path
+    from eqat_cli.formats.describe import inspect_path
+    from eqat_cli.formats.checkpoint import detect_format
 
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}))
@@ -102,7 +103,7 @@ def test_other_quantization_methods_are_named_not_misread(tmp_path):
 
 
 def test_a_directory_without_safetensors_is_left_to_transformers(tmp_path):
-    from eqat_cli.formats.detect import detect_format
+    from eqat_cli.formats.checkpoint import detect_format
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")

@@ -170,7 +170,7 @@ def reference_ppl(model, ids: list[int], seqlen: int, limit=None) -> float:
 
 
 def test_perplexity_matches_direct_computation(model, tokenizer, fake_data_dir):
-    from eqat_cli.data import perplexity_text
+    from eqat_cli.eval.ppl_text import perplexity_text
     from eqat_cli.eval.perplexity import perplexity
 
     corpus = perplexity_text("wikitext2", fake_data_dir)
@@ -193,7 +193,7 @@ def test_perplexity_matches_direct_computation(model, tokenizer, fake_data_dir):
 
 
 def test_perplexity_c4_protocol_truncates_to_256_windows(model, tokenizer, fake_data_dir):
-    from eqat_cli.data import perplexity_text
+    from eqat_cli.eval.ppl_text import perplexity_text
     from eqat_cli.eval.perplexity import perplexity
 
     corpus = perplexity_text("c4", fake_data_dir)
@@ -208,7 +208,7 @@ def test_perplexity_c4_protocol_truncates_to_256_windows(model, tokenizer, fake_
 
 
 def test_perplexity_rejects_bad_settings(model, tokenizer, fake_data_dir):
-    from eqat_cli.data import PplCorpus
+    from eqat_cli.eval.ppl_text import PplCorpus
     from eqat_cli.errors import BadInputError
     from eqat_cli.eval.perplexity import perplexity
 
@@ -223,7 +223,8 @@ def test_perplexity_rejects_bad_settings(model, tokenizer, fake_data_dir):
 
 
 def test_wikitext_rows_follow_the_gptq_hf_protocol(tmp_path):
-    from eqat_cli.data import perplexity_text, read_corpus
+    from eqat_cli.data import read_corpus
+    from eqat_cli.eval.ppl_text import perplexity_text
 
     d = tmp_path / "d"
     (d / "wikitext-2-raw").mkdir(parents=True)
@@ -259,7 +260,8 @@ def test_read_corpus_files_and_named_sets(tmp_path, fake_data_dir):
 
 
 def test_data_errors_are_one_line_and_name_the_expected_file(tmp_path, fake_data_dir):
-    from eqat_cli.data import check_ppl_set, read_corpus
+    from eqat_cli.data import read_corpus
+    from eqat_cli.eval.ppl_text import check_ppl_set
     from eqat_cli.errors import EqatError
 
     cases = [
@@ -288,7 +290,7 @@ def test_hub_loading_uses_the_registered_ids(monkeypatch):
     """Without a data dir, named sets go to datasets.load_dataset with the GPTQ arguments."""
     import datasets
 
-    from eqat_cli.data import perplexity_text
+    from eqat_cli.eval.ppl_text import perplexity_text
 
     calls = []
 
@@ -516,7 +518,8 @@ def test_cli_eval_missing_model_and_missing_local_file(tmp_path, fake_data_dir, 
 
 @pytest.mark.slow
 def test_smollm2_wikitext2_and_piqa(smollm2_dir, data_dir):
-    from eqat_cli.data import perplexity_text, read_corpus
+    from eqat_cli.data import read_corpus
+    from eqat_cli.eval.ppl_text import perplexity_text
     from eqat_cli.eval.perplexity import perplexity
     from eqat_cli.eval.zeroshot import plan_tasks, zeroshot
     from eqat_cli.models import resolve

@@ -333,7 +333,7 @@ def test_no_network_fails_at_once_for_a_named_data_set(inputs, tmp_path, monkeyp
     """An unreachable Hub (here: a closed local port) costs one probe, not ~30 s of retries."""
     from huggingface_hub import constants
 
-    from eqat_cli import data
+    from eqat_cli import hub as data
 
     waits = []
     real_sleep = time.sleep

@@ -178,7 +178,7 @@ def test_gptq_v1_converts_back_to_native(tiny_src, tmp_path):
 
 
 def test_pack_eqat_adds_the_eqat_section_to_a_release(tmp_path):
-    from eqat_cli.formats.detect import inspect_path
+    from eqat_cli.formats.describe import inspect_path
 
     src = save_native_dir(quantized_tiny(2, 32), byte_level_tokenizer(), tmp_path / "release", None)
     assert "eqat" not in json.loads((src / "config.json").read_text())
@@ -195,7 +195,7 @@ def test_gptq_layouts_read_back(tmp_path, bits, version):
     from safetensors import safe_open
 
     from eqat_cli.formats.gptq import save_gptq
-    from eqat_cli.formats.detect import inspect_path
+    from eqat_cli.formats.describe import inspect_path
     from eqat_cli.formats.native import load_packed_model
     from eqat_cli.models import resolve
 
@@ -348,7 +348,7 @@ def test_gguf_reads_back_with_the_gguf_package(tiny_src, tmp_path):
     assert meta["tokenizer.ggml.token_type"][tok.eos_token_id] == 3  # CONTROL
     assert meta["tokenizer.ggml.token_type"][-1] == 5  # UNUSED padding up to vocab_size
     assert (meta["eqat.bits"], meta["eqat.group_size"]) == (4, 32)
-    from eqat_cli.formats.detect import inspect_path
+    from eqat_cli.formats.describe import inspect_path
 
     info = inspect_path(tmp_path / "m.gguf")
     assert (info.format, info.architecture, info.details["tensor_types"]) == (

@@ -213,3 +213,105 @@ def test_pull_in_a_subprocess_honours_HF_ENDPOINT_and_skips_torch(release_dir, t
     assert info["next_command"].startswith("eqat eval ")
     assert Path(info["path"]).is_relative_to(tmp_path / "hf-home")
     assert "TORCH_NOT_LOADED" in out.stderr
+
+
+# ---------------------------------------------------------------------- integrity (issue #29)
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+@pytest.mark.parametrize("name,kind", [("model.safetensors", "sha256"), ("config.json", "git blob id")])
+def test_pull_refuses_a_file_that_does_not_match_the_hubs_hash(release_dir, hub_env, tmp_path, name, kind):
+    """A mirror serving other bytes than the Hub records (same size): one line naming the file and
+    the hash kind, the damaged file removed, and a re-run against a sound mirror completes."""
+    repo = Repo.from_dir(release_dir)
+    good = repo.files[name]
+    repo.recorded[name] = good
+    repo.files[name] = _flip(good, len(good) // 2)
+    dl = tmp_path / "dl"
+    with FakeHub({REPO_ID: repo}) as hub:
+        hub_env(hub.url)
+        res = invoke("pull", REPO_ID, "--local-dir", str(dl))
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and f"{name}: checksum mismatch: the Hub records {kind}" in lines[0], res.output
+        assert not (dl / name).exists()
+        repo.files[name] = good  # the mirror is repaired
+        res = invoke("pull", REPO_ID, "--local-dir", str(dl))
+    assert res.exit_code == 0, res.output
+    assert (dl / name).read_bytes() == good
+
+
+def test_pull_verifies_into_the_cache_too(release_dir, hub_env, tmp_path):
+    """Without --local-dir the snapshot's links into the repo's blobs are fine; a damaged blob is
+    refused and removed from the cache."""
+    repo = Repo.from_dir(release_dir)
+    good = repo.files["model.safetensors"]
+    with FakeHub({REPO_ID: repo}) as hub:
+        hub_env(hub.url)
+        assert invoke("pull", REPO_ID).exit_code == 0
+    other = "owner/damaged"
+    bad = Repo.from_dir(release_dir, sha="1" * 40)
+    bad.recorded["model.safetensors"] = good
+    bad.files["model.safetensors"] = _flip(good, 100)
+    with FakeHub({other: bad}) as hub:
+        hub_env(hub.url)
+        res = invoke("pull", other)
+    assert res.exit_code == 2 and "checksum mismatch" in res.output, res.output
+    blobs = list((tmp_path / "hf-cache").glob("models--owner--damaged/blobs/*"))
+    assert all(b.read_bytes() != bad.files["model.safetensors"] for b in blobs)
+
+
+@pytest.mark.parametrize("evil", ["../outside.json", "/etc/evil.json", "sub/../../x.json", "a\\..\\b.json"])
+def test_pull_refuses_a_file_list_that_leaves_the_download(release_dir, hub_env, tmp_path, evil):
+    repo = Repo.from_dir(release_dir)
+    repo.files[evil] = b"{}"
+    with FakeHub({REPO_ID: repo}) as hub:
+        hub_env(hub.url)
+        res = invoke("pull", REPO_ID, "--local-dir", str(tmp_path / "dl"))
+        downloads = hub.requests("GET", "/resolve/")
+    assert res.exit_code == 2, res.output
+    assert "refused: its file list holds" in res.output and "leave the download folder" in res.output
+    assert downloads == []  # refused before any file was fetched
+    assert not (tmp_path / "outside.json").exists()
+
+
+def test_pull_refuses_a_symlink_out_of_the_download(release_dir, hub_env, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "notes.txt").symlink_to(secret)
+    with FakeHub({REPO_ID: Repo.from_dir(release_dir)}) as hub:
+        hub_env(hub.url)
+        res = invoke("pull", REPO_ID, "--local-dir", str(dl))
+    assert res.exit_code == 2, res.output
+    assert "notes.txt: refused: a symlink pointing outside the download" in res.output
+
+
+def test_pull_refuses_a_pickle_only_repo_with_a_hint(hub_env, tmp_path):
+    repo = Repo({"config.json": b'{"model_type": "llama"}', "pytorch_model.bin": b"\x80\x04pickle"})
+    with FakeHub({"owner/pickled": repo}) as hub:
+        hub_env(hub.url)
+        res = invoke("pull", "owner/pickled", "--local-dir", str(tmp_path / "dl"))
+        downloads = hub.requests("GET", "/resolve/")
+    assert res.exit_code == 2, res.output
+    assert "holds only pickle weights (pytorch_model.bin)" in res.output
+    assert "--revision refs/pr/N" in res.output  # the hint
+    assert downloads == []
+
+
+def test_pull_skips_pickles_beside_safetensors(release_dir, hub_env, tmp_path):
+    repo = Repo.from_dir(release_dir)
+    repo.files["pytorch_model.bin"] = b"\x80\x04pickle"
+    repo.files["training_args.bin"] = b"\x80\x04pickle"
+    with FakeHub({REPO_ID: repo}) as hub:
+        hub_env(hub.url)
+        res = invoke("pull", REPO_ID, "--local-dir", str(tmp_path / "dl"))
+        gets = hub.requests("GET", "/resolve/")
+    assert res.exit_code == 0, res.output
+    assert not any(g[1].endswith(".bin") for g in gets)
+    assert not list((tmp_path / "dl").glob("*.bin"))
+    assert (tmp_path / "dl" / "model.safetensors").is_file()

@@ -100,7 +100,7 @@ def test_hook_register_formats(registered, tmp_path):
     """A plugin's Format is found under its name and aliases, checked and written by pack_model."""
     from conftest import build, tiny_llama_config, tiny_tokenizer
     from eqat_cli.formats.native import save_native
-    from eqat_cli.formats.registry import Format
+    from eqat_cli.format_spec import Format
     from eqat_cli.pack import pack_model
     from eqat_cli.quantize import rtn_quantize_model
 

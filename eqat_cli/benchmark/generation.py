@@ -87,7 +87,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
     """
     import torch
 
-    from eqat_cli.formats.detect import detect_format
+    from eqat_cli.formats.checkpoint import detect_format
     from eqat_cli.models import attach_backend, resolve
 
     notes: list[str] = []

@@ -118,7 +118,7 @@ def resolve_shapes(spec: str) -> ShapeSet:
             f"{', '.join(sorted(ALIASES))})"
         ) from None
     path = local_path(source)
-    from eqat_cli.readers import load_config
+    from eqat_cli.model_files import load_config
 
     config = load_config(path)
     return shapes_from_config(config, spec, "model", path)

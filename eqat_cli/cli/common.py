@@ -166,15 +166,15 @@ class EqatCommand(TyperCommand):
     """
 
     def invoke(self, ctx):
-        from eqat_cli import readers
+        from eqat_cli import model_files
 
         # --trust-remote-code allows; without it EQAT_TRUST_REMOTE_CODE=1 decides (default: refuse)
-        readers.set_trust_remote_code(True if ctx.params.get("trust_remote_code") else None)
+        model_files.set_trust_remote_code(True if ctx.params.get("trust_remote_code") else None)
         try:
             check_options(numeric_options(inspect.unwrap(self.callback)), ctx.params)
             return super().invoke(ctx)
         finally:
-            readers.set_trust_remote_code(None)
+            model_files.set_trust_remote_code(None)
 
 
 # ---------------------------------------------------------------------- errors -> one line

@@ -1,6 +1,6 @@
 """Perplexity exactly as GPTQ / EfficientQAT compute it.
 
-The text (see :func:`eqat_cli.data.perplexity_text`) is tokenized once with the model's tokenizer
+The text (see :func:`eqat_cli.eval.ppl_text.perplexity_text`) is tokenized once with the model's tokenizer
 (default special tokens, as ``tokenizer(text)`` in the reference code), optionally truncated to
 ``max_windows * seqlen`` tokens (C4), and cut into ``n = len(tokens) // seqlen`` non-overlapping
 windows; the tail shorter than a window is dropped. Each window is scored on its own (no context
@@ -121,7 +121,7 @@ def perplexity(
     batch_size: int = 1,
     progress: Optional[Progress] = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a :class:`eqat_cli.data.PplCorpus`."""
+    """Perplexity of ``model`` on a :class:`eqat_cli.eval.ppl_text.PplCorpus`."""
     t0 = time.perf_counter()
     maxpos = max_positions(model)
     if maxpos is not None and seqlen > maxpos:

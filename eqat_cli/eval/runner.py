@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.eval.ppl_text import check_ppl_set, perplexity_text
+from eqat_cli.eval.zeroshot import plan_tasks, zeroshot
+from eqat_cli.fsutil import dir_size
+from eqat_cli.models import resolve
 from eqat_cli.progress import Progress, count
+from eqat_cli.readers import open_safetensors
 
 
 
@@ -44,9 +49,6 @@ def split_list(value: Optional[str]) -> tuple[str, ...]:
 
 def validate(cfg: EvalConfig) -> list:
     """Check everything that can be checked before loading the model; return the task plans."""
-    from eqat_cli.data import check_ppl_set
-    from eqat_cli.eval.zeroshot import plan_tasks
-
     if not cfg.ppl and not cfg.tasks:
         raise BadInputError("nothing to evaluate: pass --ppl (e.g. wikitext2) and/or --tasks (e.g. piqa)")
     if cfg.seqlen < 2:
@@ -81,8 +83,6 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5
 
 def _disk_weight_bits(path: Path, names: list[str]) -> Optional[int]:
     """Bit width of these ``*.weight`` tensors in the safetensors files (None if unknown/mixed)."""
-    from eqat_cli.readers import open_safetensors
-
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     wanted, found = {f"{n}.weight" for n in names}, set()
     for f in files:
@@ -148,7 +148,7 @@ def bits_per_weight(model: Any, arch: Any, path: Optional[Path]) -> dict:
 def eval_from_spec(cfg: EvalConfig, progress: Optional[Progress] = None) -> dict:
     """``eqat eval``'s library side: check the sets and tasks (:func:`validate`) and the model spec
     before anything is loaded, report ``progress("start", {"model"})``, then :func:`run_eval`."""
-    from eqat_cli.readers import preflight_model
+    from eqat_cli.models import preflight_model
 
     plans = validate(cfg)  # fail fast, before loading the model
     preflight_model(cfg.model)
@@ -166,10 +166,7 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[P
     import torch
 
     import eqat_cli
-    from eqat_cli.data import perplexity_text
     from eqat_cli.eval.perplexity import perplexity
-    from eqat_cli.fsutil import dir_size
-    from eqat_cli.models import resolve
 
     t_start = time.perf_counter()
     if plans is None:
@@ -206,8 +203,6 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[P
     t_ppl = time.perf_counter() - t0
     t0 = time.perf_counter()
     if plans:
-        from eqat_cli.eval.zeroshot import zeroshot
-
         with torch.no_grad():
             for r in zeroshot(model, tok, plans, cfg.data_dir, cfg.limit, cfg.batch_size, progress):
                 out["zeroshot"][r.key] = r.to_dict()

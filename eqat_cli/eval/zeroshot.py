@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from eqat_cli.errors import BadInputError, EqatError, MissingDependencyError
+from eqat_cli.hub import hub_access
 from eqat_cli.progress import Progress, count
-from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.registry import get_registry
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DATA_DIR_KEY = "eqat_data_dir"  # metadata key read by tasks/local_data.py
@@ -93,8 +95,6 @@ def lm_eval_tasks_dir() -> Path:
 
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or spec.origin is None:
-        from eqat_cli.errors import MissingDependencyError
-
         raise MissingDependencyError("lm-eval", "zero-shot evaluation", "pip install lm-eval")
     return Path(spec.origin).parent / "tasks"
 
@@ -111,8 +111,6 @@ def _task_manager(include: tuple[str, ...], include_defaults: bool, data_dir: Op
 
 
 def _local_files(name: str, data_dir: Path) -> list[Path]:
-    from eqat_cli.registry import get_registry
-
     spec = get_registry().dataset(name)
     return [Path(data_dir) / rel for _, rel in sorted(spec.local_files.items())]
 
@@ -257,7 +255,6 @@ def run_task(
     t0 = time.perf_counter()
     include = (str(plan.include_path),) if plan.include_path else ()
     tm = _task_manager(include, plan.include_path is None, str(data_dir) if plan.local else None)
-    from eqat_cli.data import hub_access
 
     with quiet_lm_eval():
         try:

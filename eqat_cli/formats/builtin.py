@@ -1,4 +1,4 @@
-"""The formats eqat writes out of the box, one :class:`~eqat_cli.formats.registry.Format` each.
+"""The formats eqat writes out of the box, one :class:`~eqat_cli.format_spec.Format` each.
 
 Registered by the built-in ``formats`` plugin (:mod:`eqat_cli.plugins.formats`) exactly as a
 third-party format would be. Nothing here imports torch: each writer imports its module from
@@ -7,7 +7,7 @@ third-party format would be. Nothing here imports torch: each writer imports its
 
 from __future__ import annotations
 
-from eqat_cli.formats.registry import Format, WriteJob
+from eqat_cli.format_spec import Format, WriteJob
 
 # -- eqat native (EfficientQAT layout) ----------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Reading a checkpoint's description once: :class:`Checkpoint` (a safetensors model directory) and
 :class:`GGUFFile` (a ``.gguf`` file), both without torch.
 
-``Checkpoint.open(path)`` reads ``config.json`` (checked by :func:`eqat_cli.readers.read_model_config`),
+``Checkpoint.open(path)`` reads ``config.json`` (checked by :func:`eqat_cli.model_files.read_model_config`),
 the shard index if any, and every shard's safetensors header exactly once (each validated by
 :func:`eqat_cli.readers.safetensors_header`); detection (:mod:`eqat_cli.formats.detect`), loading
 (:mod:`eqat_cli.models`, :mod:`eqat_cli.formats.native`) and shard reading
@@ -24,37 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.formats.detect import TensorMeta, layout_of, quantized_layer_names, read_safetensors_header  # noqa: F401
 from eqat_cli.formats.meta import CheckpointMeta
 from eqat_cli.scheme import QuantScheme
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
-@dataclass
-class TensorMeta:
-    """One tensor as a safetensors header describes it."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offsets: tuple[int, int]  # relative to the data section
-    data_start: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.offsets[1] - self.offsets[0]
-
-
-def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
-    """Tensor name -> dtype/shape/offsets, from the validated JSON header only."""
-    from eqat_cli.readers import safetensors_header
-
-    header, data_start = safetensors_header(file, "safetensors weight shard")
-    header.pop("__metadata__", None)
-    return {
-        k: TensorMeta(v["dtype"], tuple(v["shape"]), Path(file), tuple(v["data_offsets"]), data_start)
-        for k, v in header.items()
-    }
 
 
 def shard_files(path: Path, index: dict | None = None) -> list[Path]:
@@ -95,7 +69,8 @@ class Checkpoint:
         """Read ``path``'s description. A directory without safetensors files (e.g.
         ``pytorch_model.bin`` only) opens with no tensors unless ``require_weights``;
         ``config=False`` reads the weights' description only (no ``config.json`` needed)."""
-        from eqat_cli.readers import read_json, read_model_config
+        from eqat_cli.model_files import read_model_config
+        from eqat_cli.readers import read_json
 
         p = Path(path)
         if config and not (p / "config.json").exists():
@@ -115,8 +90,6 @@ class Checkpoint:
     def layout(self):
         """The :class:`~eqat_cli.formats.detect.Layout` of the checkpoint."""
         if self._layout is None:
-            from eqat_cli.formats.detect import layout_of
-
             self._layout = layout_of(self.config, self.tensors)
         return self._layout
 
@@ -153,9 +126,19 @@ class Checkpoint:
         return {k: t.file.name for k, t in self.tensors.items()}
 
     def quantized_layers(self) -> list[str]:
-        from eqat_cli.formats.detect import quantized_layer_names
-
         return quantized_layer_names(self.tensors)
+
+
+def detect_layout(path: str | os.PathLike):
+    """The :class:`~eqat_cli.formats.detect.Layout` of a model directory, from ``config.json`` and the
+    safetensors headers (a directory without safetensors files, e.g. ``pytorch_model.bin`` only, is
+    left to transformers)."""
+    return Checkpoint.open(path).layout
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``fp``, ``eqat``, ``gptq``, ``gptq_v2`` or ``other (METHOD)``."""
+    return detect_layout(path).format
 
 
 # ---------------------------------------------------------------------- GGUF
@@ -198,6 +181,9 @@ class GGUFFile:
                 f"{p}: damaged GGUF header: it claims {n_tensors} tensors and {n_kv} metadata entries, "
                 f"more than a file of {size} bytes can hold"
             )
+        from eqat_cli.readers import check_gguf
+
+        check_gguf(p)  # every length and count of the metadata and tensor table bounded (fuzzed)
         return version, n_tensors, n_kv
 
     @classmethod

@@ -6,7 +6,7 @@ of each packed layer), ``formats.gptq`` and ``eqat pull`` all ask this module. I
 
 * :func:`detect_layout`: ``fp``, ``eqat`` (native / EfficientQAT release), ``gptq``, ``gptq_v2`` or
   ``other (METHOD)``, and how packed tensors are read (GPTQ v1's zero offset, GPTQ 3-bit packing).
-  These names are the output formats' names (:mod:`eqat_cli.formats.registry`; ``fp`` is an alias
+  These names are the output formats' names (:mod:`eqat_cli.format_spec`; ``fp`` is an alias
   of the dense ``fp16`` format), so ``eqat pack --format X`` and detection speak one vocabulary;
 * :func:`gptq_version`: v1 or v2 from ``checkpoint_format`` or the legacy ``format`` key;
 * :func:`layer_quant`: bits and group of one packed layer: the scheme eqat recorded in
@@ -19,20 +19,42 @@ Describing a checkpoint for ``eqat pull`` is :mod:`eqat_cli.formats.describe`.
 from __future__ import annotations
 
 import math
-import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.formats.checkpoint import (  # noqa: F401 - read_safetensors_header re-exported
-    Checkpoint,
-    TensorMeta,
-    read_safetensors_header,
-)
 from eqat_cli.scheme import SUPPORTED_BITS, QuantScheme
 
 FULL_PRECISION = "fp"  # the layout of an unquantized checkpoint (an alias of the dense format)
+
+
+@dataclass
+class TensorMeta:
+    """One tensor as a safetensors header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offsets: tuple[int, int]  # relative to the data section
+    data_start: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
+    """Tensor name -> dtype/shape/offsets, from the validated JSON header only."""
+    from eqat_cli.readers import safetensors_header
+
+    header, data_start = safetensors_header(file, "safetensors weight shard")
+    header.pop("__metadata__", None)
+    return {
+        k: TensorMeta(v["dtype"], tuple(v["shape"]), Path(file), tuple(v["data_offsets"]), data_start)
+        for k, v in header.items()
+    }
 PACKED_FORMATS = ("eqat", "gptq", "gptq_v2")
 
 _COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -102,17 +124,6 @@ def layout_of(cfg: dict, tensor_names: Iterable[str]) -> Layout:
     if method:
         return Layout(f"other ({method})")
     return Layout("eqat" if quantized_layer_names(tensor_names) else FULL_PRECISION)
-
-
-def detect_layout(path: str | os.PathLike) -> Layout:
-    """The layout of a model directory, from ``config.json`` and the safetensors headers (a
-    directory without safetensors files, e.g. ``pytorch_model.bin`` only, is left to transformers)."""
-    return Checkpoint.open(path).layout
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """``fp``, ``eqat``, ``gptq``, ``gptq_v2`` or ``other (METHOD)``."""
-    return detect_layout(path).format
 
 
 def _pf(bits: int) -> int:
@@ -221,15 +232,3 @@ def detect_layer(name: str, t: dict[str, TensorMeta], gptq3: bool = False,
         hint = sum(1 for v in read_small_tensor(gi) if v == 0)
     return layer_quant(name, qw.shape, qz.shape, sc.shape, in_features=gi.shape[0] if gi is not None else None,
                        group_hint=hint, gptq3=gptq3, declared=declared)
-
-
-_MOVED_TO_DESCRIBE = ("ModelInfo", "inspect_path", "inspect_gguf", "human_bytes", "size_on_disk")
-
-
-def __getattr__(name: str):
-    """``inspect_path`` and friends moved to :mod:`eqat_cli.formats.describe`; old imports work."""
-    if name in _MOVED_TO_DESCRIBE:
-        from eqat_cli.formats import describe
-
-        return getattr(describe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -411,7 +411,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eqat_cli.formats.checkpoint import GGUFFile
-    from eqat_cli.readers import hf_load
+    from eqat_cli.model_files import hf_load
 
     p = Path(path)
     GGUFFile.check_header(p)

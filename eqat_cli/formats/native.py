@@ -308,7 +308,7 @@ def load_packed_model(
     when eqat wrote one, else from the tensor shapes."""
     from transformers import AutoConfig
 
-    from eqat_cli.readers import hf_load
+    from eqat_cli.model_files import hf_load
 
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     path = ckpt.path

@@ -18,6 +18,7 @@ import math
 import torch
 
 from eqat_cli.scheme import SUPPORTED_BITS, check_bits  # noqa: F401  (one home: eqat_cli.scheme)
+from eqat_cli.scheme import check_group
 
 SCALE_MIN = 1e-5
 SCALE_MAX = 1e4
@@ -25,8 +26,6 @@ SCALE_MAX = 1e4
 
 def effective_group(group_size: int, in_features: int) -> int:
     """The group length actually used: per-channel (-1) becomes the whole input width."""
-    from eqat_cli.scheme import check_group
-
     return in_features if check_group(group_size) == -1 else group_size
 
 

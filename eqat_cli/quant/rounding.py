@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, clamp_ste, expand_groups, qmax, round_ste
 
 OFFSET_MAX = 0.5
@@ -122,8 +123,6 @@ class RoundQuantLinear(nn.Module):
 
     @torch.no_grad()
     def to_packed(self):
-        from eqat_cli.quant.linear import PackedLinear
-
         q, _, _ = self._codes_and_grid()
         s, z = self.grid()
         return PackedLinear.from_codes(

@@ -187,7 +187,7 @@ def calibrate_to_file(
     (:func:`calibrate`, reported as ``progress("calibration", {"dataset", "done"})``), save them
     atomically. Returns the windows."""
     from eqat_cli.fsutil import check_output, output_lock
-    from eqat_cli.readers import preflight_model
+    from eqat_cli.models import preflight_model
 
     note = progress or (lambda event, info: None)
     check_output(output, overwrite, kind="file")

@@ -146,6 +146,9 @@ def tokenize_record(rec: dict, tokenizer: Any, where: str) -> tuple[list[int], l
             return _chat_with_template(msgs, tokenizer, where)
         return _chat_plain(msgs, tokenizer)
     if "instruction" in rec and "output" in rec:
+        for key in ("instruction", "input", "output"):
+            if key in rec and not isinstance(rec[key], str) and not (key == "input" and rec[key] is None):
+                raise BadInputError(f"{where}: {key!r} must be a string, found {type(rec[key]).__name__}")
         tpl = ALPACA_WITH_INPUT if rec.get("input") else ALPACA_NO_INPUT
         prompt = tokenizer(tpl.format(instruction=rec["instruction"], input=rec.get("input", "")),
                            add_special_tokens=True)["input_ids"]

@@ -22,6 +22,10 @@ import gzip
 import re
 from pathlib import Path
 
+from eqat_cli.errors import EqatError
+from eqat_cli.readers import read_jsonl, reading
+from eqat_cli.registry import get_registry
+
 DATA_DIR_KEY = "eqat_data_dir"
 
 
@@ -34,15 +38,10 @@ def _open_text(path: Path):
 
 
 def _jsonl(path: Path) -> list[dict]:
-    from eqat_cli.readers import read_jsonl
-
     return [obj for _, obj in read_jsonl(path, "task data file", opener=_open_text)]
 
 
 def local_file(dataset: str, split: str, data_dir) -> Path:
-    from eqat_cli.errors import EqatError
-    from eqat_cli.registry import get_registry
-
     if not data_dir:
         raise EqatError(f"the local {dataset} task needs a data dir ({DATA_DIR_KEY} metadata)")
     spec = get_registry().dataset(dataset)
@@ -56,8 +55,6 @@ def local_file(dataset: str, split: str, data_dir) -> Path:
 
 
 def read_piqa(path: Path) -> list[dict]:
-    from eqat_cli.readers import reading
-
     rows = []
     with reading(path, "PIQA data file"):
         for d in _jsonl(path):
@@ -80,8 +77,6 @@ def arc_to_hf(d: dict) -> dict:
 
 
 def read_arc(path: Path) -> list[dict]:
-    from eqat_cli.readers import reading
-
     with reading(path, "ARC data file"):
         return [arc_to_hf(d) for d in _jsonl(path)]
 
@@ -96,8 +91,6 @@ def hellaswag_clean(text: str) -> str:
 
 def read_hellaswag(path: Path) -> list[dict]:
     """llama.cpp form: per item, context line, gold label line, then the 4 ending lines."""
-    from eqat_cli.readers import reading
-
     with reading(path, "HellaSwag data file"), _open_text(path) as fh:
         lines = fh.read().split("\n")
     if lines and lines[-1] == "":

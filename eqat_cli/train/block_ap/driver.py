@@ -167,7 +167,7 @@ class _Source:
 def _open_source(model_path: Path, cfg: BlockAPConfig, device: torch.device) -> _Source:
     """Read the config (refusing a quantized model), find the architecture, build the skeleton."""
     from eqat_cli.formats.native import build_skeleton
-    from eqat_cli.readers import load_config
+    from eqat_cli.model_files import load_config
     from eqat_cli.registry import get_registry
 
     config = load_config(model_path)

@@ -48,7 +48,8 @@ def block_ap_from_spec(
     from eqat_cli.device import pick_device
     from eqat_cli.errors import BadInputError
     from eqat_cli.fsutil import check_output, output_lock
-    from eqat_cli.readers import check_full_precision_model, preflight_model
+    from eqat_cli.model_files import check_full_precision_model
+    from eqat_cli.models import preflight_model
     from eqat_cli.train.block_ap.driver import run_block_ap
     from eqat_cli.train.calib import calibration_for
 

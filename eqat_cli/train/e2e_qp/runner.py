@@ -88,7 +88,8 @@ def _prepare_and_train(model, dataset, output, cfg, data_format, teacher, sample
     from eqat_cli.formats.checkpoint import Checkpoint
     from eqat_cli.formats.meta import CheckpointMeta
     from eqat_cli.models import resolve
-    from eqat_cli.readers import preflight_model, read_jsonl
+    from eqat_cli.models import preflight_model
+    from eqat_cli.readers import read_jsonl
     from eqat_cli.train.e2e_qp.driver import run_e2e_qp
     from eqat_cli.train.sft_data import training_examples
 

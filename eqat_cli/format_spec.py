@@ -6,7 +6,7 @@ table of format names. Built-in formats live in :mod:`eqat_cli.formats.builtin` 
 by the ``formats`` plugin; a third-party package adds one the same way, from a pluggy hook::
 
     from eqat_cli.hookspecs import hookimpl
-    from eqat_cli.formats.registry import Format
+    from eqat_cli.format_spec import Format
 
     def _check(model, tokenizer=None):  # raise an EqatError saying why the model cannot be written
         ...
