@@ -1,7 +1,7 @@
 """``eqat pack`` as one function: convert a quantized model between checkpoint formats.
 
 :func:`pack_model` loads any model the resolver accepts and writes it as eqat native, GPTQ v1/v2,
-dense fp16 or GGUF through the writers in :mod:`eqat_cli.formats`. No Rich, no typer here; torch
+dense fp16, GGUF or MLX through the writers in :mod:`eqat_cli.formats`. No Rich, no typer here; torch
 is imported only when a model is loaded.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Optional
 from eqat_cli.errors import BadInputError
 from eqat_cli.progress import Progress, count
 
-FORMATS = ("eqat", "gptq", "gptq_v2", "fp16", "gguf")
+FORMATS = ("eqat", "gptq", "gptq_v2", "fp16", "gguf", "mlx")
 
 HOW_TO_LOAD = {
     "eqat": "eqat eval {out} --ppl wikitext2",
@@ -22,6 +22,7 @@ HOW_TO_LOAD = {
                " (needs optimum + gptqmodel)",
     "fp16": "AutoModelForCausalLM.from_pretrained('{out}')  |  eqat eval {out}",
     "gguf": "llama-cli -m {out}  |  AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)",
+    "mlx": "mlx_lm.generate --model {out} --prompt 'Hello'  |  mlx_lm.load('{out}')",
 }
 
 
@@ -110,6 +111,12 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
 
         with atomic_dir(output, overwrite=overwrite) as tmp:
             result = save_dense(lm.model, lm.tokenizer, tmp, provenance={"dequantized_from": source})
+    elif fmt == "mlx":
+        from eqat_cli.formats import mlx
+
+        mlx.check(lm.model)  # before any file is created
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            result = mlx.write(lm.model, lm.tokenizer, tmp, provenance=source)
     else:
         from eqat_cli.formats.gguf_export import check_gguf_exportable, save_gguf, tokenizer_metadata
 
