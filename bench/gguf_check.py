@@ -16,10 +16,12 @@ own file), three perplexities on WikiText-2 test (``$EQAT_DATA_DIR/wikitext-2-ra
 * ``eqat_eval``: ``eqat eval DIR --ppl wikitext2 --seqlen CTX --limit N`` (eqat's GPTQ protocol: every
   token of each window scored), for reference.
 
-Then tiny random models of each architecture llama.cpp runs (Llama, Qwen2, Qwen3, Gemma-3), RTN
+Then tiny random models of each architecture llama.cpp runs (Llama, Llama-3 rope scaling, Qwen2,
+Qwen3, Gemma-3), RTN
 w2g32, exported and run through llama-perplexity on a synthetic text, against the same-protocol
 perplexity of eqat's model: it proves the file loads and computes what eqat computes (Gemma-3's
-sliding window, its norms and embedding scale, Qwen3's q/k norms, Qwen2's biases).
+sliding window, its norms and embedding scale, Qwen3's q/k norms, Qwen2's biases, Llama-3's
+rope_freqs).
 """
 
 from __future__ import annotations
@@ -153,11 +155,29 @@ TINY_TEXT = " ".join(
 )
 
 
+def _controls():
+    """Deliberately wrong exports: if llama.cpp's perplexity moves clearly away from eqat's for these
+    but not for the real export, the comparison can see the detail each one breaks."""
+    import numpy as np
+
+    import eqat_cli.formats.gguf_export as ge
+
+    return {
+        "llama": ("q/k rows not permuted", {"permute_rows": lambda t, *a, **k: t}),
+        "llama3": ("rope_freqs all 1 (Llama-3 rope scaling dropped)",
+                   {"llama3_rope_factors": lambda c: np.ones((getattr(c, "head_dim", None)
+                                                             or c.hidden_size // c.num_attention_heads) // 2,
+                                                            np.float32)}),
+        "gemma3": ("no sliding window written (every layer global)", {"_layer_types": lambda c: None}),
+    }, ge
+
+
 def check_tiny(args, work: Path) -> list[dict]:
     import torch
 
     from conftest import TINY_CONFIGS, build
     from eqat_cli.formats.native import save_native
+    from eqat_cli.models import resolve
     from eqat_cli.quantize import rtn_quantize_model
     from eqat_cli.registry import get_registry
     from test_pack import byte_level_tokenizer
@@ -166,33 +186,50 @@ def check_tiny(args, work: Path) -> list[dict]:
     text = work / "tiny.txt"
     text.write_text(TINY_TEXT)
     ids = tok(TINY_TEXT)["input_ids"]
+    controls, ge = _controls()
+    torch.set_num_threads(args.threads)
     rows = []
-    for key in ("llama", "qwen2", "qwen3", "gemma3"):
+    for key in args.tiny_archs:
         for bits in (2, 4):
-            kw = {"vocab_size": 320}
+            # initializer_range 0.1 (not 0.02): a random model with small weights predicts nearly
+            # uniformly (ppl ~ vocab size), which hides architecture mistakes; larger weights do not
+            kw = {"vocab_size": 320, "initializer_range": args.tiny_init}
             if key in ("qwen2", "qwen3"):
                 kw["use_sliding_window"] = False  # llama.cpp's qwen2/qwen3 have no sliding window
             config = TINY_CONFIGS[key](**kw)
             model = rtn_quantize_model(build(config, seed=3), get_registry().architecture_for(config.model_type),
                                        bits, 32)
             src = work / f"tiny-{key}-w{bits}"
-            if not src.exists():
-                src.mkdir()
-                save_native(model, tok, src, {"bits": bits, "group_size": 32, "architecture": key})
+            import shutil
+
+            shutil.rmtree(src, ignore_errors=True)
+            src.mkdir()
+            save_native(model, tok, src, {"bits": bits, "group_size": 32, "architecture": key})
             gguf = work / f"tiny-{key}-w{bits}.gguf"
             eqat("pack", str(src), "--format", "gguf", "-o", str(gguf), "--overwrite")
             ctx, chunks = 64, 8
             lc = llama_perplexity(Path(args.bin), gguf, text, ctx, chunks, args.threads)
             # the same-protocol number on eqat's *reloaded* model, as `eqat pack` saw it
-            from eqat_cli.models import resolve
-
             lm = resolve(str(src), device="cpu", dtype="fp32")
-            torch.set_num_threads(args.threads)
             ref = same_protocol_ppl(lm.model, ids, ctx, chunks, bos_if_added(gguf))
             row = {"arch": key, "bits": bits, "llama_cpp": lc, "eqat_same_protocol": ref}
             if lc.get("ok"):
                 row["rel_diff"] = lc["ppl"] / ref - 1
-            print(json.dumps(row), flush=True)
+            if key in controls:
+                what, patch = controls[key]
+                saved = {k: getattr(ge, k) for k in patch}
+                try:
+                    for k, v in patch.items():
+                        setattr(ge, k, v)
+                    bad = work / f"tiny-{key}-w{bits}-control.gguf"
+                    ge.save_gguf(lm.model, lm.tokenizer, bad)
+                finally:
+                    for k, v in saved.items():
+                        setattr(ge, k, v)
+                cl = llama_perplexity(Path(args.bin), bad, text, ctx, chunks, args.threads)
+                row["control"] = {"what": what, "llama_cpp": cl,
+                                  "rel_diff": cl["ppl"] / ref - 1 if cl.get("ok") else None}
+            print(json.dumps({k: row[k] for k in row if k not in ("llama_cpp",)}), flush=True)
             rows.append(row)
     return rows
 
@@ -207,6 +244,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/eqat-gguf-check")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--tiny-archs", nargs="*", default=["llama", "llama3", "qwen2", "qwen3", "gemma3"])
+    ap.add_argument("--tiny-init", type=float, default=0.1)
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()

@@ -238,6 +238,28 @@ def test_refuses_fp32_step_sizes_and_foreign_architectures(tmp_path):
     gem.config.query_pre_attn_scalar = 32
     with pytest.raises(UnsupportedError, match="query_pre_attn_scalar"):
         check(gem)
-    llama3 = quantized_arch("llama3", 4)
-    with pytest.raises(UnsupportedError, match="rope scaling 'llama3'"):
-        check(llama3)
+    linear = quantized_tiny(4, 32, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
+    with pytest.raises(UnsupportedError, match="rope scaling 'linear'"):
+        check(linear)
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
+    """Llama-3.x: llama.cpp divides each RoPE frequency by rope_freqs[i]; base^(-2i/d) / rope_freqs
+    must be transformers' own llama3 inverse frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from eqat_cli.formats.gguf_export import save_gguf
+
+    model = quantized_arch("llama3", 2)
+    info = save_gguf(model, byte_level_tokenizer(), tmp_path / "l3.gguf")
+    assert any("rope_freqs" in n for n in info["notes"])
+    ttype, factors = gguf_reader_tensors(tmp_path / "l3.gguf")["rope_freqs.weight"]
+    cfg = model.config
+    inv_llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    d = cfg.head_dim
+    base = torch.tensor(cfg.rope_parameters["rope_theta"], dtype=torch.float64)
+    inv_default = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    assert ttype == "F32" and factors.shape == (d // 2,)
+    assert len(set(np.round(factors, 4))) > 2  # short, long and blended wavelengths all occur
+    torch.testing.assert_close(inv_default / torch.from_numpy(factors).double(), inv_llama3.double(),
+                               rtol=1e-6, atol=0)

@@ -108,10 +108,12 @@ def _check_arch(config: Any) -> str:
         )
     arch = ARCHES[mt]
     rope_types = {_rope(config)[0]} | ({_swa_rope(config)[0]} if _swa_rope(config) else set())
+    if arch == "llama" and rope_types == {"llama3"}:
+        rope_types = {"default"}  # written as llama.cpp's rope_freqs tensor (see llama3_rope_factors)
     if rope_types != {"default"}:
         raise UnsupportedError(
             f"GGUF export of rope scaling {sorted(rope_types - {'default'})[0]!r} is not implemented "
-            "(llama.cpp needs a rope_freqs tensor or scaling keys that could not be verified here)",
+            "(only default RoPE and Llama-3's llama3 scaling are written and verified here)",
             hint="use --format gptq_v2 or fp16 for this model",
         )
     if arch == "gemma3":
@@ -132,6 +134,32 @@ def _check_arch(config: Any) -> str:
                 f"GGUF export: llama.cpp's gemma3 uses tanh-approximated GELU; this model uses {act!r}"
             )
     return arch
+
+
+def llama3_rope_factors(config: Any) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for Llama-3 rope scaling: one divisor per frequency pair, so that
+    ``base^(-2i/d) / factor_i`` equals transformers' llama3 inverse frequency (1 for short
+    wavelengths, ``factor`` for long ones, a smooth blend between)."""
+    import math
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / float(f)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def _scales_fp16_exact(layer: PackedLinear) -> bool:
@@ -494,6 +522,11 @@ def save_gguf(
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     prefixes = tuple(n + "." for n in packed)
     counts = {plan.qtype: 0, "F16": 0, "F32": 0}
+    if plan.arch == "llama" and _rope(config)[0] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
+        counts["F32"] += 1
+        notes.append("Llama-3 rope scaling is stored as llama.cpp's rope_freqs tensor; transformers' "
+                     "GGUF loader ignores it (use llama.cpp for this file)")
     for key, t in model.state_dict().items():
         if prefixes and key.startswith(prefixes):
             continue
