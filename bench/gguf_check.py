@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--bin", default="/work/bench-rt/llama.cpp/build/bin")
     ap.add_argument("--data-dir", default=os.environ.get("EQAT_DATA_DIR", "/work/shared/data"))
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/eqat-gguf-check")
     ap.add_argument("--skip-real", action="store_true")

@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--mlx-python", default="/work/bench-rt/mlx-venv/bin/python")
     ap.add_argument("--data-dir", default=os.environ.get("EQAT_DATA_DIR", "/work/shared/data"))
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/eqat-mlx-check")
