@@ -13,7 +13,8 @@ Both need the group size and ``in_features`` to be multiples of 32 (a ragged las
 that do not split into 32-blocks, step sizes that are not fp16 values, architectures or rope
 variants llama.cpp's graph would compute differently); :func:`save_gguf` (= :func:`write`) writes.
 
-Architectures, following llama.cpp's ``convert_hf_to_gguf.py``: Llama and Mistral as ``llama``
+Architectures, following llama.cpp's ``convert_hf_to_gguf.py``: Llama (Llama-3 rope scaling as the
+``rope_freqs`` tensor) and Mistral as ``llama``
 (rows of ``q_proj``/``k_proj`` permuted to llama.cpp's rotary layout; transformers undoes it on
 load), Qwen2 (q/k/v biases) as ``qwen2``, Qwen3 (q/k norms) as ``qwen3``, Gemma-3 text models as
 ``gemma3`` (norm gains stored as ``1 + w``, sliding window, per-layer sliding pattern and the
