@@ -171,9 +171,10 @@ def _scales_fp16_exact(layer: PackedLinear) -> bool:
     return bool(torch.equal(s32.half().float(), s32))
 
 
-def check(model: nn.Module) -> GGUFPlan:
+def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
     """Raise a one-line error unless every quantized layer maps exactly onto its GGML type
-    (``Q4_0`` for 2/3-bit, ``Q4_1`` for 4-bit) and llama.cpp runs the architecture; the plan."""
+    (``Q4_0`` for 2/3-bit, ``Q4_1`` for 4-bit) and llama.cpp runs the architecture; the plan.
+    With ``tokenizer``, its vocabulary is checked too (a GGUF file carries it)."""
     config = model.config
     arch = _check_arch(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
@@ -219,6 +220,8 @@ def check(model: nn.Module) -> GGUFPlan:
         _, group = uniform_bits_group(layers, "GGUF")
     except UnsupportedError:  # mixed (compatible) group sizes are fine: every 32-block has its own d
         group = None
+    if tokenizer is not None:
+        tokenizer_metadata(tokenizer, config.vocab_size)
     return GGUFPlan(arch=arch, bits=bits[0], group_size=group, qtype=QTYPE_FOR_BITS[bits[0]])
 
 
@@ -574,6 +577,12 @@ def save_gguf(
 
 # The two entry points a format registry needs: a refusal check and a writer.
 write = save_gguf
+
+
+def write_job(job: Any) -> dict:
+    """``write`` for a format registry's job object (``model``, ``tokenizer``, ``target`` file,
+    ``output``, ``provenance``)."""
+    return save_gguf(job.model, job.tokenizer, job.target, provenance=job.provenance, name=Path(job.output).stem)
 
 
 # ---------------------------------------------------------------------- read

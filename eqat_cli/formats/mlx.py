@@ -82,8 +82,9 @@ def _swa_pattern(types: list[str]) -> int | None:
     return None
 
 
-def check(model: nn.Module) -> MLXPlan:
-    """Raise a one-line error unless mlx-lm can load and run the model as eqat does; the plan."""
+def check(model: nn.Module, tokenizer: Any = None) -> MLXPlan:
+    """Raise a one-line error unless mlx-lm can load and run the model as eqat does; the plan.
+    (``tokenizer`` is accepted for a format registry's ``check(model, tokenizer)``; unused.)"""
     config = model.config
     mt = config.model_type
     if mt not in MLX_MODULES:
@@ -288,3 +289,9 @@ def write(
 
 
 save_mlx = write
+
+
+def write_job(job: Any) -> dict:
+    """``write`` for a format registry's job object (``model``, ``tokenizer``, ``target`` directory,
+    ``provenance``)."""
+    return write(job.model, job.tokenizer, job.target, provenance=job.provenance)
