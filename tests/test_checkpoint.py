@@ -37,7 +37,7 @@ def test_builtin_formats_and_old_spellings():
     from eqat_cli.pack import normalize_format
 
     reg = get_registry()
-    assert reg.format_names() == ("eqat", "gptq", "gptq_v2", "fp16", "gguf")
+    assert reg.format_names() == ("eqat", "gptq", "gptq_v2", "fp16", "gguf", "mlx")
     for spelling, name in [("native", "eqat"), ("EfficientQAT", "eqat"), ("GPTQ-v2", "gptq_v2"), ("gptqv2", "gptq_v2"),
                            ("gptq_v1", "gptq"), ("fp", "fp16"), ("dense", "fp16"), ("FP16", "fp16"), ("gguf", "gguf")]:
         assert normalize_format(spelling) == name
@@ -62,10 +62,11 @@ def test_detect_and_pack_speak_one_vocabulary(tmp_path):
 def test_format_check_says_why_before_anything_is_written(tmp_path):
     from eqat_cli.errors import UnsupportedError
 
-    model = _quantized(bits=2)
-    with pytest.raises(UnsupportedError, match="GGUF export is exact only for 4-bit"):
+    model = _quantized(bits=8)
+    with pytest.raises(UnsupportedError, match="GGUF export is exact for 2/3-bit"):
         get_registry().format("gguf").check(model, tiny_tokenizer())
-    get_registry().format("gptq_v2").check(model)  # 2-bit GPTQ v2 is fine
+    get_registry().format("gptq_v2").check(model)  # 8-bit GPTQ v2 is fine
+    get_registry().format("gguf").check(_quantized(bits=2), tiny_tokenizer())  # 2-bit: exact Q4_0
 
 
 # ---------------------------------------------------------------------- metadata

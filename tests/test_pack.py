@@ -270,9 +270,9 @@ def test_gptq_rejects_ragged_groups_naming_layer_and_fitting_groups(tmp_path):
 
 def test_gguf_refuses_what_q4_1_cannot_hold(tmp_path):
     tok = byte_level_tokenizer()
-    w2 = save_native_dir(quantized_tiny(2, 32), tok, tmp_path / "w2")
-    res = invoke("pack", w2, "--format", "gguf", "-o", tmp_path / "w2.gguf")
-    assert res.exit_code == 2 and "exact only for 4-bit" in res.output and "w2g32" in res.output
+    w8 = save_native_dir(quantized_tiny(8, 32), tok, tmp_path / "w8")
+    res = invoke("pack", w8, "--format", "gguf", "-o", tmp_path / "w8.gguf")
+    assert res.exit_code == 2 and "2/3-bit (Q4_0) and 4-bit (Q4_1)" in res.output and "w8g32" in res.output
     w4g16 = save_native_dir(quantized_tiny(4, 16), tok, tmp_path / "g16")
     res = invoke("pack", w4g16, "--format", "gguf", "-o", tmp_path / "g16.gguf")
     assert res.exit_code == 2 and "blocks of 32" in res.output

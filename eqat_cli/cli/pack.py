@@ -37,8 +37,9 @@ def pack_cmd(
     json_out: JsonOpt = None,
 ):
     """GPTQ needs in_features to be a multiple of the group size; v1 cannot hold a zero point of
-    0 (use gptq_v2, which is lossless). GGUF is exact for 4-bit models with groups that are
-    multiples of 32 (Q4_1). Output is written atomically.
+    0 (use gptq_v2, which is lossless). GGUF: 2/3-bit models as Q4_0 (exact), 4-bit as Q4_1,
+    groups multiples of 32. MLX (mlx-lm): 2/3/4/8 bits, groups 32/64/128. Output is written
+    atomically.
 
     Example: [bold]eqat pack out/w4g64 --format gguf -o out/w4g64.gguf[/]
     """

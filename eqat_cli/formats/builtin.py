@@ -97,27 +97,25 @@ DENSE = Format(
     quantized_only=False,
 )
 
-# -- GGUF Q4_1 ---------------------------------------------------------------------------------
+# -- GGUF: Q4_0 for 2/3-bit, Q4_1 for 4-bit ------------------------------------------------------
 
 
 def _check_gguf(model, tokenizer=None) -> None:
-    from eqat_cli.formats.gguf_export import check_gguf_exportable, tokenizer_metadata
+    from eqat_cli.formats.gguf_export import check
 
-    check_gguf_exportable(model)
-    if tokenizer is not None:
-        tokenizer_metadata(tokenizer, model.config.vocab_size)  # fail early on the vocabulary
+    check(model, tokenizer)
 
 
 def _write_gguf(job: WriteJob) -> dict:
-    from eqat_cli.formats.gguf_export import save_gguf
+    from eqat_cli.formats.gguf_export import write_job
 
-    return save_gguf(job.model, job.tokenizer, job.target, provenance=job.provenance, name=job.output.stem)
+    return write_job(job)
 
 
-GGUF_Q4_1 = Format(
+GGUF = Format(
     name="gguf",
-    aliases=("gguf_q4_1", "q4_1"),
-    description="GGUF (llama.cpp), Q4_1",
+    aliases=("gguf_q4_1", "q4_1", "gguf_q4_0", "q4_0"),
+    description="GGUF (llama.cpp): 2/3-bit as Q4_0, 4-bit as Q4_1, exactly",
     check=_check_gguf,
     write=_write_gguf,
     load_hint="llama-cli -m {out}  |  AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)",
@@ -125,4 +123,28 @@ GGUF_Q4_1 = Format(
     suffix=".gguf",
 )
 
-BUILTIN_FORMATS: tuple[Format, ...] = (NATIVE, GPTQ_V1, GPTQ_V2, DENSE, GGUF_Q4_1)
+# -- MLX (mlx-lm affine layout) ------------------------------------------------------------------
+
+
+def _check_mlx(model, tokenizer=None) -> None:
+    from eqat_cli.formats.mlx import check
+
+    check(model, tokenizer)
+
+
+def _write_mlx(job: WriteJob) -> dict:
+    from eqat_cli.formats.mlx import write_job
+
+    return write_job(job)
+
+
+MLX = Format(
+    name="mlx",
+    aliases=("mlx_lm",),
+    description="MLX (mlx-lm affine quantization): 2/3/4/8 bits, groups 32/64/128",
+    check=_check_mlx,
+    write=_write_mlx,
+    load_hint="mlx_lm.generate --model {out} --prompt 'Hello'  |  mlx_lm.load('{out}')",
+)
+
+BUILTIN_FORMATS: tuple[Format, ...] = (NATIVE, GPTQ_V1, GPTQ_V2, DENSE, GGUF, MLX)

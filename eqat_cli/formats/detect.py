@@ -123,7 +123,10 @@ def layout_of(cfg: dict, tensor_names: Iterable[str]) -> Layout:
         return Layout(version, 1 if version == "gptq" else 0, qc.get("bits") == 3)
     if method:
         return Layout(f"other ({method})")
-    return Layout("eqat" if quantized_layer_names(tensor_names) else FULL_PRECISION)
+    names = list(tensor_names)
+    if isinstance(cfg.get("quantization"), dict) and any(n.endswith(".biases") for n in names):
+        return Layout("other (mlx)")  # mlx-lm affine layout (eqat writes it, does not read it)
+    return Layout("eqat" if quantized_layer_names(names) else FULL_PRECISION)
 
 
 def _pf(bits: int) -> int:

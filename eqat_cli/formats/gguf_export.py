@@ -1,17 +1,25 @@
-"""GGUF (llama.cpp) export of 4-bit models as Q4_1, exact up to fp16 rounding; and a reader.
+"""GGUF (llama.cpp) export of 2/3-bit models as Q4_0 (exact) and 4-bit models as Q4_1; and a reader.
 
-``Q4_1`` stores blocks of 32 weights along the input dimension as an fp16 scale ``d``, an fp16
-minimum ``m`` and 32 unsigned 4-bit codes, ``w = d * q + m``. An asymmetric 4-bit group with step
-``s`` and zero point ``z`` is ``w = (q - z) * s = s * q - z * s``, so every 32-block of a group
-gets ``d = s`` (already fp16, exact) and ``m = -z * s`` (rounded once to fp16) and the *same
-codes*. That needs the group size to be a multiple of 32 (a ragged last group is fine as long as
-``in_features`` is a multiple of 32). Other bit widths have no exact GGUF type and are refused.
+An asymmetric b-bit group with step ``s`` and integer zero point ``z`` is ``w = s * (q - z)``.
 
-Like llama.cpp's ``convert_hf_to_gguf.py`` for the ``llama`` architecture we permute the rows of
-``q_proj``/``k_proj`` (llama.cpp's rotary layout; transformers undoes it on load), keep the
-embeddings and output head in F16 and the norms in F32, and write the ``llama.*`` hyperparameters
-and the ``tokenizer.ggml.*`` vocabulary so transformers (``gguf_file=``) and llama.cpp can load the
-file on their own.
+* ``Q4_0`` stores blocks of 32 weights as an fp16 scale ``d`` and 32 4-bit codes, ``w = d * (q' - 8)``.
+  For b <= 3, ``q - z`` lies in [-7, 7], so ``q' = q - z + 8`` is in [1, 15] and ``d = s`` holds the
+  group *exactly* (``s`` is an fp16 value). 2- and 3-bit models cost 4.5 bits per weight this way.
+* ``Q4_1`` stores ``d``, an fp16 minimum ``m`` and 32 unsigned codes, ``w = d * q + m``: a 4-bit group
+  gets ``d = s``, ``m = -z * s`` (rounded once to fp16) and the *same codes*.
+
+Both need the group size and ``in_features`` to be multiples of 32 (a ragged last group is fine).
+:func:`check` refuses, in one line, what cannot be written this way (8-bit, mixed widths, groups
+that do not split into 32-blocks, step sizes that are not fp16 values, architectures or rope
+variants llama.cpp's graph would compute differently); :func:`save_gguf` (= :func:`write`) writes.
+
+Architectures, following llama.cpp's ``convert_hf_to_gguf.py``: Llama (Llama-3 rope scaling as the
+``rope_freqs`` tensor) and Mistral as ``llama``
+(rows of ``q_proj``/``k_proj`` permuted to llama.cpp's rotary layout; transformers undoes it on
+load), Qwen2 (q/k/v biases) as ``qwen2``, Qwen3 (q/k norms) as ``qwen3``, Gemma-3 text models as
+``gemma3`` (norm gains stored as ``1 + w``, sliding window, per-layer sliding pattern and the
+sliding layers' RoPE base; llama.cpp scales the embeddings by sqrt(hidden) itself). Embeddings
+and a separate output head are F16, norms and biases F32, plus the ``tokenizer.ggml.*`` vocabulary.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,6 @@ from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.quant.linear import PackedLinear
 
 QK = 32  # Q4_1 block length
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 # llama.cpp's tokenizer.ggml.pre is chosen by hashing how the tokenizer splits this text
 # (convert_hf_to_gguf.py, get_vocab_base_pre). A few common ones; unknown hashes get "default".
@@ -57,65 +65,170 @@ _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # ---------------------------------------------------------------------- checks
 
+# model_type -> llama.cpp architecture (convert_hf_to_gguf.py: LlamaModel also takes Mistral).
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHES)
+# bits -> GGML type: b <= 3 -> Q4_0 with q' = q - z + 8 in [1, 15] (exact); 4 -> Q4_1 (m rounded once).
+QTYPE_FOR_BITS = {2: "Q4_0", 3: "Q4_0", 4: "Q4_1"}
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    """What :func:`check` decided: the llama.cpp architecture, the model's bits and group size
+    (None when layers use different compatible groups), the GGML type of the quantized layers."""
+
+    arch: str
+    bits: int
+    group_size: int | None
+    qtype: str
+
 
 def _rope(config: Any) -> tuple[str, float]:
     params = getattr(config, "rope_parameters", None) or {}
+    params = params.get("full_attention", params)  # Gemma-3: one entry per layer type
     scaling = getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     return rope_type, float(theta)
 
 
-def check_gguf_exportable(model: nn.Module) -> tuple[int, int | None]:
-    """Raise a one-line error unless the model maps exactly onto Q4_1.
+def _swa_rope(config: Any) -> tuple[str, float] | None:
+    params = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
+    if not params:
+        return None
+    return params.get("rope_type") or "default", float(params.get("rope_theta", 10000.0))
 
-    Returns ``(4, group)``; ``group`` is None when layers use different (compatible) group sizes.
-    """
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+
+def _check_arch(config: Any) -> str:
+    mt = config.model_type
+    if mt not in ARCHES:
         raise UnsupportedError(
-            f"GGUF export supports {', '.join(SUPPORTED_MODEL_TYPES)} models (llama.cpp arch 'llama'); "
-            f"this one is {config.model_type!r}",
+            f"GGUF export supports {', '.join(SUPPORTED_MODEL_TYPES)} models (llama.cpp archs "
+            f"{', '.join(sorted(set(ARCHES.values())))}); this one is {mt!r}",
             hint="use --format gptq_v2, eqat or fp16",
         )
-    rope_type, _ = _rope(config)
-    if rope_type != "default":
+    arch = ARCHES[mt]
+    rope_types = {_rope(config)[0]} | ({_swa_rope(config)[0]} if _swa_rope(config) else set())
+    if arch == "llama" and rope_types == {"llama3"}:
+        rope_types = {"default"}  # written as llama.cpp's rope_freqs tensor (see llama3_rope_factors)
+    if rope_types != {"default"}:
         raise UnsupportedError(
-            f"GGUF export of rope scaling {rope_type!r} is not implemented: llama.cpp needs a "
-            "rope_freqs tensor and transformers' GGUF loader ignores it, so the export could not be "
-            "verified",
+            f"GGUF export of rope scaling {sorted(rope_types - {'default'})[0]!r} is not implemented "
+            "(only default RoPE and Llama-3's llama3 scaling are written and verified here)",
             hint="use --format gptq_v2 or fp16 for this model",
         )
+    if arch == "gemma3":
+        head_dim = config.head_dim
+        qpas = getattr(config, "query_pre_attn_scalar", head_dim)
+        if qpas != head_dim:
+            # llama.cpp's gemma3 scales attention by 1/sqrt(head_dim) (27B excepted): no key holds it
+            raise UnsupportedError(
+                f"GGUF export: this Gemma-3 has query_pre_attn_scalar {qpas} != head_dim {head_dim}; "
+                "llama.cpp's gemma3 graph always scales attention by 1/sqrt(head_dim)",
+                hint="use --format gptq_v2 or fp16",
+            )
+        if getattr(config, "attn_logit_softcapping", None):
+            raise UnsupportedError("GGUF export: llama.cpp's gemma3 has no attention logit soft-capping")
+        act = getattr(config, "hidden_activation", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise UnsupportedError(
+                f"GGUF export: llama.cpp's gemma3 uses tanh-approximated GELU; this model uses {act!r}"
+            )
+    return arch
+
+
+def llama3_rope_factors(config: Any) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for Llama-3 rope scaling: one divisor per frequency pair, so that
+    ``base^(-2i/d) / factor_i`` equals transformers' llama3 inverse frequency (1 for short
+    wavelengths, ``factor`` for long ones, a smooth blend between)."""
+    import math
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / float(f)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _scales_fp16_exact(layer: PackedLinear) -> bool:
+    s = layer.scales.detach()
+    if s.dtype == torch.float16:
+        return True
+    s32 = s.float()
+    return bool(torch.equal(s32.half().float(), s32))
+
+
+def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
+    """Raise a one-line error unless every quantized layer maps exactly onto its GGML type
+    (``Q4_0`` for 2/3-bit, ``Q4_1`` for 4-bit) and llama.cpp runs the architecture; the plan.
+    With ``tokenizer``, its vocabulary is checked too (a GGUF file carries it)."""
+    config = model.config
+    arch = _check_arch(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     if not layers:
         raise BadInputError(
-            "the model has no quantized (packed) layers; GGUF export maps quantized 4-bit layers to Q4_1",
+            "the model has no quantized (packed) layers; GGUF export maps quantized 2/3/4-bit layers "
+            "to Q4_0/Q4_1",
             hint="quantize it first (eqat block-ap ... --bits 4 --group 128)",
         )
     combos = sorted({(m.bits, m.group_size) for m in layers.values()})
-    bad_bits = sorted({b for b, _ in combos if b != 4})
+    bits = sorted({b for b, _ in combos})
+    described = ", ".join(f"w{b}g{g}" for b, g in combos)
+    bad_bits = [b for b in bits if b not in QTYPE_FOR_BITS]
     if bad_bits:
         raise UnsupportedError(
-            f"GGUF export is exact only for 4-bit models (Q4_1: d = s, m = -z*s per 32-block); this "
-            f"model has {', '.join(f'w{b}g{g}' for b, g in combos)}. {bad_bits[0]}-bit codes have no "
-            "exact GGUF type (Q2_K/Q3_K use 256-wide super-blocks with 4/6-bit sub-scales that cannot "
-            "hold learned step sizes and zero points)",
-            hint="use --format gptq_v2 (2/3/4/8-bit) or fp16",
+            f"GGUF export is exact for 2/3-bit (Q4_0) and 4-bit (Q4_1) models; this model has "
+            f"{described}: {bad_bits[0]}-bit asymmetric codes (q - z in [-{2**bad_bits[0] - 1}, "
+            f"{2**bad_bits[0] - 1}]) fit no GGML type exactly (Q8_0 is symmetric int8)",
+            hint="use --format gptq_v2 or fp16",
+        )
+    if len(bits) > 1:
+        raise UnsupportedError(
+            f"GGUF export writes one bit width per model (one GGML type and general.file_type); "
+            f"this model mixes {described}",
+            hint="use --format eqat or fp16",
         )
     for name, m in layers.items():
         g = m.in_features if m.group_size == -1 else m.group_size
         if g % QK or m.in_features % QK:
             raise UnsupportedError(
                 f"{name}: group size {m.group_size} with in_features {m.in_features} does not split "
-                f"into Q4_1 blocks of {QK} (the group and in_features must be multiples of {QK})",
+                f"into GGUF blocks of {QK} (the group and in_features must be multiples of {QK})",
                 hint="re-quantize with group 32, 64 or 128, or use --format gptq_v2 / fp16",
+            )
+        if not _scales_fp16_exact(m):
+            raise UnsupportedError(
+                f"{name}: step sizes are not fp16 values, so the GGUF block scale d = s would round",
+                hint="save the model with `eqat pack --format eqat` first (fp16 step sizes), then export",
             )
     from eqat_cli.formats.gptq import uniform_bits_group
 
     try:
-        return uniform_bits_group(layers, "GGUF")
-    except UnsupportedError:  # mixed (compatible) group sizes are fine for Q4_1
-        return 4, None
+        _, group = uniform_bits_group(layers, "GGUF")
+    except UnsupportedError:  # mixed (compatible) group sizes are fine: every 32-block has its own d
+        group = None
+    if tokenizer is not None:
+        tokenizer_metadata(tokenizer, config.vocab_size)
+    return GGUFPlan(arch=arch, bits=bits[0], group_size=group, qtype=QTYPE_FOR_BITS[bits[0]])
+
+
+def check_gguf_exportable(model: nn.Module) -> tuple[int, int | None]:
+    """:func:`check` as ``(bits, group)`` (kept for callers of the Q4_1-only version)."""
+    plan = check(model)
+    return plan.bits, plan.group_size
 
 
 # ---------------------------------------------------------------------- tensors
@@ -155,6 +268,26 @@ def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
         [d.reshape(out_f, nb, 1).view(np.uint8), m.reshape(out_f, nb, 1).view(np.uint8), qs], axis=2
     )
     return np.ascontiguousarray(blocks.reshape(out_f, nb * 20))
+
+
+def q4_0_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> np.ndarray:
+    """2/3-bit codes ``[out, in]``, step ``[out, n_groups]`` (fp16 values), zeros ``[out, n_groups]``
+    -> Q4_0 bytes ``[out, in / 32 * 18]``: ``d = s`` (fp16), then 16 bytes of nibbles
+    ``q' = q - z + 8`` (element ``j`` low nibble of byte ``j``, ``j + 16`` high nibble), so that
+    ``d * (q' - 8) = s * (q - z)`` exactly. ``q - z`` must lie in [-7, 7] (b <= 3 bits)."""
+    out_f, in_f = codes.shape
+    nb = in_f // QK
+    g = in_f if group == -1 else group
+    block_group = torch.arange(nb) * QK // g
+    d = scale.to(torch.float16)[:, block_group].numpy()  # [out, nb]
+    z = zero.to(torch.int32)[:, block_group]
+    q = codes.to(torch.int32).reshape(out_f, nb, QK) - z.unsqueeze(-1) + 8
+    if int(q.min()) < 1 or int(q.max()) > 15:  # cannot happen for b <= 3; never write a wrong nibble
+        raise AssertionError("Q4_0: q - z + 8 outside [1, 15]")
+    q = q.to(torch.uint8).numpy()
+    qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).astype(np.uint8)
+    blocks = np.concatenate([d.reshape(out_f, nb, 1).view(np.uint8), qs], axis=2)
+    return np.ascontiguousarray(blocks.reshape(out_f, nb * 18))
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -282,6 +415,54 @@ def _write_tokenizer(writer: Any, meta: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- write
 
 
+def _layer_types(config: Any) -> list[str] | None:
+    types = getattr(config, "layer_types", None)
+    return list(types) if types else None
+
+
+def _write_hparams(writer: Any, plan: GGUFPlan, config: Any, gguf: Any) -> list[str]:
+    """The ``{arch}.*`` keys llama.cpp's converter writes for this architecture; returns notes."""
+    notes: list[str] = []
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(n_head))
+    writer.add_head_count_kv(int(n_kv))
+    writer.add_rope_freq_base(_rope(config)[1])
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if plan.arch == "llama":
+        writer.add_vocab_size(int(config.vocab_size))
+        writer.add_rope_dimension_count(int(head_dim))
+    if plan.arch != "llama" or head_dim != config.hidden_size // n_head:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+    types = _layer_types(config)
+    window = getattr(config, "sliding_window", None)
+    if plan.arch == "gemma3":
+        if window and types and "sliding_attention" in types:
+            writer.add_sliding_window(int(window))
+            # exact per-layer pattern (llama.cpp's default is 5 sliding : 1 global)
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+            swa = _swa_rope(config)
+            if swa:
+                writer.add_rope_freq_base_swa(swa[1])
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    elif window and (
+        config.model_type == "mistral"
+        or (getattr(config, "use_sliding_window", False) and types and "sliding_attention" in types)
+    ):
+        notes.append(
+            f"{config.model_type} sliding window ({window}) is not stored: llama.cpp's {plan.arch} "
+            "arch attends to the whole context (as its converter does)"
+        )
+    return notes
+
+
 def save_gguf(
     model: nn.Module,
     tokenizer: Any,
@@ -289,63 +470,67 @@ def save_gguf(
     provenance: dict | None = None,
     name: str | None = None,
 ) -> dict:
-    """Write ``model`` (packed 4-bit) as a Q4_1 GGUF file at ``out_file`` (caller makes it atomic)."""
+    """Write ``model`` (packed 2/3/4-bit) as a GGUF file at ``out_file`` (caller makes it atomic):
+    Q4_0 for 2/3-bit layers (exact), Q4_1 for 4-bit layers (``m`` rounded once to fp16)."""
     import gguf
 
-    bits, group = check_gguf_exportable(model)
+    plan = check(model)
     config = model.config
     n_layers = config.num_hidden_layers
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     tok_meta = tokenizer_metadata(tokenizer, config.vocab_size)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == plan.arch)
+    tmap = gguf.get_tensor_name_map(model_arch, n_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    qtype = getattr(gguf.GGMLQuantizationType, plan.qtype)
+    file_type = gguf.LlamaFileType.MOSTLY_Q4_0 if plan.qtype == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q4_1
 
-    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer = gguf.GGUFWriter(str(out_file), plan.arch)
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model")
     writer.add_type("model")
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(n_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(n_head))
-    writer.add_head_count_kv(int(n_kv))
-    writer.add_rope_freq_base(_rope(config)[1])
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
-    writer.add_rope_dimension_count(int(head_dim))
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(int(head_dim))
-        writer.add_value_length(int(head_dim))
-    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_1))
+    notes = _write_hparams(writer, plan, config, gguf)
+    writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_tokenizer(writer, tok_meta)
     from eqat_cli import __version__
 
     writer.add_string("eqat.version", __version__)
-    writer.add_uint32("eqat.bits", int(bits))
-    if group is not None:
-        writer.add_int32("eqat.group_size", int(group))
+    writer.add_uint32("eqat.bits", int(plan.bits))
+    if plan.group_size is not None:
+        writer.add_int32("eqat.group_size", int(plan.group_size))
     if provenance and provenance.get("source"):
         writer.add_string("eqat.source", str(provenance["source"]))
 
     def gguf_name(hf_key: str) -> str:
         g = tmap.get_name(hf_key, try_suffixes=(".weight", ".bias"))
         if g is None:
-            raise UnsupportedError(f"GGUF export: no llama.cpp tensor name for {hf_key}")
+            raise UnsupportedError(f"GGUF export: no llama.cpp {plan.arch} tensor name for {hf_key}")
         return g
 
     def qk_permute(hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        if plan.arch != "llama":  # qwen2/qwen3/gemma3 use NeoX-style rotary: no permutation
+            return t
         if hf_name.endswith("self_attn.q_proj"):
             return permute_rows(t, n_head, n_head)
         if hf_name.endswith("self_attn.k_proj"):
             return permute_rows(t, n_head, n_kv)
         return t
 
+    def norm_shift(key: str, t: torch.Tensor) -> torch.Tensor:
+        # Gemma3RMSNorm computes x * (1 + w) in fp32; llama.cpp multiplies by the stored gain
+        if plan.arch == "gemma3" and key.endswith("norm.weight"):
+            return t + 1.0
+        return t
+
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     prefixes = tuple(n + "." for n in packed)
-    counts = {"Q4_1": 0, "F16": 0, "F32": 0}
+    counts = {plan.qtype: 0, "F16": 0, "F32": 0}
+    if plan.arch == "llama" and _rope(config)[0] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
+        counts["F32"] += 1
+        notes.append("Llama-3 rope scaling is stored as llama.cpp's rope_freqs tensor; transformers' "
+                     "GGUF loader ignores it (use llama.cpp for this file)")
     for key, t in model.state_dict().items():
         if prefixes and key.startswith(prefixes):
             continue
@@ -356,7 +541,7 @@ def save_gguf(
         mod_name = key.rsplit(".", 1)[0]
         arr = qk_permute(mod_name, t.detach().float())
         if arr.ndim == 1:
-            writer.add_tensor(gguf_name(key), arr.numpy().astype(np.float32))
+            writer.add_tensor(gguf_name(key), norm_shift(key, arr).numpy().astype(np.float32))
             counts["F32"] += 1
         else:
             writer.add_tensor(gguf_name(key), arr.to(torch.float16).numpy())
@@ -365,9 +550,12 @@ def save_gguf(
         codes = qk_permute(name_, layer.codes().t())  # [out, in]
         scale = qk_permute(name_, layer.scales.detach().t().to(torch.float16))
         zero = qk_permute(name_, layer.zero_points().t())
-        blocks = q4_1_blocks(codes, scale, zero, layer.group_size)
-        writer.add_tensor(gguf_name(name_ + ".weight"), blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-        counts["Q4_1"] += 1
+        if plan.qtype == "Q4_0":
+            blocks = q4_0_blocks(codes, scale, zero, layer.group_size)
+        else:
+            blocks = q4_1_blocks(codes, scale, zero, layer.group_size)
+        writer.add_tensor(gguf_name(name_ + ".weight"), blocks, raw_dtype=qtype)
+        counts[plan.qtype] += 1
         if layer.bias is not None:
             writer.add_tensor(gguf_name(name_ + ".bias"), qk_permute(name_, layer.bias.detach().float()).numpy())
             counts["F32"] += 1
@@ -376,16 +564,25 @@ def save_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    notes = []
     if not tok_meta.get("pre_known", True):
         notes.append(
             "tokenizer pre-tokenizer not recognised by llama.cpp's hash table: wrote 'default' "
             "(transformers is unaffected; llama.cpp may split text differently)"
         )
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
-        notes.append("Mistral sliding window is not stored in GGUF llama arch (llama.cpp ignores it too)")
-    return {"bits": bits, "group_size": group, "tensor_types": counts, "tokenizer": tok_meta["model"],
+    return {"bits": plan.bits, "group_size": plan.group_size, "gguf_arch": plan.arch,
+            "quant_type": plan.qtype, "exact": plan.qtype == "Q4_0",
+            "tensor_types": counts, "tokenizer": tok_meta["model"],
             "tokenizer_pre": tok_meta["pre"], "notes": notes}
+
+
+# The two entry points a format registry needs: a refusal check and a writer.
+write = save_gguf
+
+
+def write_job(job: Any) -> dict:
+    """``write`` for a format registry's job object (``model``, ``tokenizer``, ``target`` file,
+    ``output``, ``provenance``)."""
+    return save_gguf(job.model, job.tokenizer, job.target, provenance=job.provenance, name=Path(job.output).stem)
 
 
 # ---------------------------------------------------------------------- read

@@ -188,5 +188,11 @@ def save_gptq(
     cfg["quantization_config"] = qc
     write_sidecars(model, tokenizer, out, cfg)
     (out / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
-    return {"bits": bits, "group_size": group, "checkpoint_format": version}
+    notes = []
+    if bits == 3:
+        # T-MAC's converter derives bits from scales/qzeros widths (32 // (out / qzeros cols)),
+        # which assumes 32 % bits == 0: it cannot read GPTQ's 3-bit layout (32 codes in 3 words).
+        notes.append("T-MAC cannot read GPTQ's 3-bit layout (it assumes 32 // bits codes per word); "
+                     "vLLM's gptq kernel and GPTQModel can")
+    return {"bits": bits, "group_size": group, "checkpoint_format": version, "notes": notes}
 
