@@ -1,0 +1,277 @@
+"""The ``cpu`` kernel: packed 2/3/4/8-bit layers on the CPU through a small C++ library
+(``csrc/packed_cpu.cpp``) built with the system's ``g++`` on first use, with the torch kernel
+(:mod:`eqat_cli.quant.torch_kernel`) as its fallback.
+
+Why a C++ library: at decode (one token) a dense fp32 layer is memory-bound, and a packed layer
+reads 7x (4-bit) to 14x (2-bit) fewer bytes; the torch kernel cannot turn that into speed because
+every torch operation streams its whole operand through memory (unpack, convert, multiply are
+separate passes over scratch buffers). The C++ loop reads each packed word once, unpacks it in
+registers and multiplies it into the accumulators; ``bench/cpu_kernel_choices.py`` measures it
+against torch's own CPU weight-only kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``,
+which in torch 2.13's CPU build are several times slower than the dense layer) and the torch kernel.
+
+* **decode** (at most :data:`DECODE_ROWS` rows of ``x``): ``eqat_gemv``, one pass over the packed
+  words, OpenMP over tiles of 32 outputs; per group ``s * (sum q x - z * sum x)``; no
+  dequantized weight at all.
+* **prefill** (more rows): ``eqat_dequant_panel`` dequantizes the transposed weight of
+  :data:`PANEL` outputs at a time into a per-thread scratch panel (``K x PANEL`` fp32, about 2 MB
+  for K = 4096) and ``torch.mm`` multiplies it into the output's columns: a blocked dequantize +
+  sgemm, nothing of the size of the dense weight.
+
+The library is plain C (``ctypes``, raw pointers; no torch headers, so it builds in about two
+seconds and needs no ninja) and is cached under torch's extensions directory
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) in a directory named after a
+hash of its source, the flags, the compiler and the CPU's flags, so tests and CI build it once.
+It links OpenMP by soname and so shares the ``libgomp`` torch already loaded (one thread pool);
+it uses ``torch.get_num_threads()`` threads. When ``g++`` is missing or the build fails, or the
+layer needs gradients (E2E-QP) or is not on the CPU, the torch kernel runs instead; the reason the
+library is unavailable is :func:`library_status`.
+
+Arithmetic is fp32 whatever the dtype of ``x`` (the output is cast back), as in the torch kernel.
+Results equal the reference kernel up to fp32 summation order (``tests/test_cpu_kernel.py``).
+Memory per layer: a cache of the unpacked zero points as uint8 ``[G, N]`` (1/group byte per
+weight), recomputed when ``qzeros`` changes. The step sizes are read in place (fp16 or fp32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+
+from eqat_cli.quant import packing
+from eqat_cli.quant.primitives import effective_group
+
+DECODE_ROWS = 4  # rows handled by the GEMV path (it takes up to 4 rows per pass over the weights)
+PANEL = 256  # outputs per dequantized panel on the prefill path
+SOURCE = Path(__file__).with_name("csrc") / "packed_cpu.cpp"
+ABI_VERSION = 1
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+    ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+)
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_STATUS: str | None = None  # None: not tried yet; "" loaded; else why not
+
+
+def compiler() -> str | None:
+    """The C++ compiler the library is built with (``$CXX`` or ``g++``), or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
+def build_dir() -> Path:
+    """Where the built library is cached (torch's extensions directory)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def _build(cxx: str) -> Path:
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cxx} --version failed: {e}") from e
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            source + " ".join(flags).encode() + version.encode() + _cpu_flags().encode()
+        ).hexdigest()[:16]
+        target = build_dir() / f"eqat_packed_cpu_{key}" / "libeqat_packed_cpu.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [cxx, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+            )
+            if proc.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent builders all end with a whole file
+                return target
+            errors.append(f"{' '.join(flags)}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{' '.join(flags)}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
+
+
+def _load() -> ctypes.CDLL | None:
+    global _LIB, _STATUS
+    with _LOCK:
+        if _STATUS is not None:
+            return _LIB
+        if os.environ.get("EQAT_CPU_KERNEL", "").lower() in ("0", "off", "no"):
+            _STATUS = "disabled by EQAT_CPU_KERNEL=0"
+            return None
+        cxx = compiler()
+        if cxx is None:
+            _STATUS = "no C++ compiler (g++ or $CXX) on the PATH"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cxx)))
+            if lib.eqat_abi_version() != ABI_VERSION:
+                raise RuntimeError("stale library (ABI version mismatch)")
+        except (OSError, RuntimeError, AttributeError) as e:
+            _STATUS = f"building the C++ kernel failed: {e}"
+            return None
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.eqat_gemv.argtypes = [p, p, p, i, p, p, i, i, i, i, i, i]
+        lib.eqat_gemv.restype = i
+        lib.eqat_dequant_panel.argtypes = [p, p, p, i, p, i, i, i, i, i, i, i]
+        lib.eqat_dequant_panel.restype = i
+        _LIB, _STATUS = lib, ""
+        return lib
+
+
+def library_status() -> tuple[bool, str]:
+    """``(loaded, reason)``; builds the library on the first call."""
+    lib = _load()
+    return lib is not None, "C++ kernel built and loaded" if lib is not None else _STATUS
+
+
+def _reset_for_tests() -> None:
+    global _LIB, _STATUS
+    with _LOCK:
+        _LIB, _STATUS = None, None
+
+
+# layer -> (weak reference to the qzeros tensor, its version counter, uint8 [G, N])
+_ZEROS: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def zero_points_u8(layer) -> torch.Tensor:
+    qz = layer.qzeros
+    hit = _ZEROS.get(layer)
+    if hit is None or hit[0]() is not qz or hit[1] != qz._version:
+        with torch.inference_mode(False):
+            z = packing.unpack_cols(qz.clone(), layer.bits, layer.out_features)
+            hit = (weakref.ref(qz), qz._version, z.to(torch.uint8).contiguous())
+        _ZEROS[layer] = hit
+    return hit[2]
+
+
+class _Scratch(threading.local):
+    def __init__(self):
+        self.panel: torch.Tensor | None = None
+
+    def get(self, numel: int) -> torch.Tensor:
+        if self.panel is None or self.panel.numel() < numel:
+            with torch.inference_mode(False):
+                self.panel = torch.empty(numel, dtype=torch.float32)
+        return self.panel[:numel]
+
+
+_SCRATCH = _Scratch()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} rejected its arguments (code {rc})")
+
+
+def packed_matmul(lib, layer, x2: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K] fp32 contiguous -> [M, N] fp32`` (no bias)."""
+    m, k, n = x2.shape[0], layer.in_features, layer.out_features
+    group = effective_group(layer.group_size, k)
+    qweight = layer.qweight if layer.qweight.is_contiguous() else layer.qweight.contiguous()
+    zeros = zero_points_u8(layer)
+    half = 1 if scales.dtype == torch.float16 else 0
+    threads = torch.get_num_threads()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m <= DECODE_ROWS:
+        _check(lib.eqat_gemv(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(), half,
+                             x2.data_ptr(), y.data_ptr(), m, k, n, layer.bits, group, threads),
+               "eqat_gemv")
+        return y
+    for n0 in range(0, n, PANEL):
+        n1 = min(n, n0 + PANEL)
+        panel = _SCRATCH.get(k * (n1 - n0)).view(k, n1 - n0)
+        _check(lib.eqat_dequant_panel(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(),
+                                      half, panel.data_ptr(), k, n, layer.bits, group, n0, n1,
+                                      threads), "eqat_dequant_panel")
+        if n0 == 0 and n1 == n:
+            torch.mm(x2, panel, out=y)
+        else:
+            y[:, n0:n1] = torch.mm(x2, panel)
+    return y
+
+
+class CpuKernel:
+    """The ``cpu`` backend's kernel (module docstring); its caps are
+    :data:`eqat_cli.quant.caps.CPU_KERNEL_CAPS`. ``fallback`` runs whatever the library cannot:
+    no compiler, a failed build, gradients, another device."""
+
+    name = "cpu"
+
+    def __init__(self, fallback=None):
+        if fallback is None:
+            from eqat_cli.quant.torch_kernel import TORCH_KERNEL
+
+            fallback = TORCH_KERNEL
+        self.fallback = fallback
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != layer.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
+        if (
+            x.device.type != "cpu"
+            or layer.qweight.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or layer.scales.requires_grad))
+        ):
+            return self.fallback.forward(layer, x)
+        lib = _load()
+        if lib is None:
+            return self.fallback.forward(layer, x)
+        k, n = layer.in_features, layer.out_features
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        scales = layer.scales.detach()
+        if scales.dtype not in (torch.float16, torch.float32):
+            scales = scales.float()
+        scales = scales.contiguous()
+        if x2.shape[0] == 0 or k == 0:
+            y = x2.new_zeros(x2.shape[0], n)
+        else:
+            with torch.autocast("cpu", enabled=False):
+                y = packed_matmul(lib, layer, x2, scales)
+        if layer.bias is not None:
+            y += layer.bias.detach().float()
+        return y.to(x.dtype).reshape(*lead, n)
+
+
+_KERNEL: CpuKernel | None = None
+
+
+def cpu_kernel() -> CpuKernel:
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = CpuKernel()
+    return _KERNEL
