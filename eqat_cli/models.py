@@ -271,7 +271,7 @@ def resolve(
     model.eval()
     if quant:
         quant["backend"] = attach_backend(
-            model, backend, quant["bits"], dev.type, quant.get("group_size")
+            model, backend, quant["bits"], dev.type, quant.get("group_size"), arch=arch
         )
     return LoadedModel(model, tok, arch, source, fmt, quant, path)
 
@@ -287,12 +287,15 @@ def summarize_layers(layers: dict[str, tuple[int, int]]) -> dict:
 
 
 def attach_backend(
-    model: Any, backend: str, bits: Any, device: str, group_size: Any = None
+    model: Any, backend: str, bits: Any, device: str, group_size: Any = None, arch: Any = None
 ) -> str:
     """Point every packed layer at the selected backend's kernel; return why it was chosen.
 
     ``bits`` and ``group_size`` are one value or the list of a model's (every one must be
-    supported); ``group_size=None`` leaves group sizes out of the choice.
+    supported); ``group_size=None`` leaves group sizes out of the choice. With ``arch`` (the
+    model's ``ArchitectureSpec``) and a kernel that offers ``fuse_groups(model, arch)`` (the
+    ``cpu`` backend), the layers of each of ``arch.linear_groups`` (q/k/v, gate/up) run as one
+    call per group.
     """
     from eqat_cli.quant.linear import PackedLinear
     from eqat_cli.registry import get_registry
@@ -302,4 +305,9 @@ def attach_backend(
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
             mod.set_kernel(kernel)
+    fuse = getattr(kernel, "fuse_groups", None)
+    if arch is not None and fuse is not None:
+        groups = fuse(model, arch)
+        if groups:
+            why += f"; {groups} groups of layers sharing an input fused"
     return why

@@ -147,7 +147,7 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
                 rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
             lm.model.to(device)
             why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type,
-                                 cfg.group)
+                                 cfg.group, arch=lm.arch)
             release_memory()
         run_variant("quant", lm, peak.peak, time.perf_counter() - t0,
                     {"format": "rtn", "bits": cfg.bits, "group": cfg.group, "backend": why,

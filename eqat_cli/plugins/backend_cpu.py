@@ -1,6 +1,6 @@
 """The cpu backend: the C++ packed kernels of ``quant/cpu_kernel.py`` (built with g++ on first use).
 
-Its priority (50) puts it above the torch kernel on CPUs, so ``auto`` picks it there whenever a
+Its priority (10) puts it above the torch kernel on CPUs, so ``auto`` picks it there whenever a
 C++ compiler is present; ``available()`` only looks for the compiler (building is left to the
 first forward, which falls back to the torch kernel if the build fails). Inference only: its caps
 declare no backward, so E2E-QP keeps the torch kernel.
@@ -31,7 +31,7 @@ def _kernel():
 
 CPU_BACKEND = BackendSpec(
     name="cpu",
-    priority=50,
+    priority=10,
     caps=CPU_KERNEL_CAPS,
     available=_available,
     kernel=_kernel,

@@ -11,11 +11,12 @@ against torch's own CPU weight-only kernels (``_weight_int4pack_mm_for_cpu``, ``
 which in torch 2.13's CPU build are several times slower than the dense layer) and the torch kernel.
 
 * **decode** (at most :data:`DECODE_ROWS` rows of ``x``): ``eqat_gemv``, one pass over the packed
-  words, OpenMP over tiles of 32 outputs; per group ``s * (sum q x - z * sum x)``; no
+  words per 4 rows, OpenMP over tiles of 32 outputs (AVX-512 intrinsics where the compiler
+  targets it, plain loops the compiler vectorizes elsewhere); per group ``s * (sum q x - z * sum x)``; no
   dequantized weight at all.
 * **prefill** (more rows): ``eqat_dequant_panel`` dequantizes the transposed weight of
-  :data:`PANEL` outputs at a time into a per-thread scratch panel (``K x PANEL`` fp32, about 2 MB
-  for K = 4096) and ``torch.mm`` multiplies it into the output's columns: a blocked dequantize +
+  :data:`PANEL` outputs at a time into a per-thread scratch panel (``K x PANEL`` fp32, 8 MB
+  for K = 4096: wider panels keep the sgemm efficient) and ``torch.mm`` multiplies it into the output's columns: a blocked dequantize +
   sgemm, nothing of the size of the dense weight.
 
 The library is plain C (``ctypes``, raw pointers; no torch headers, so it builds in about two
@@ -50,10 +51,11 @@ import torch
 from eqat_cli.quant import packing
 from eqat_cli.quant.primitives import effective_group
 
-DECODE_ROWS = 4  # rows handled by the GEMV path (it takes up to 4 rows per pass over the weights)
-PANEL = 256  # outputs per dequantized panel on the prefill path
+GEMV_ROWS = 4  # rows of x per pass of the GEMV over the packed weights
+DECODE_ROWS = 32  # up to this many rows: GEMV passes of 4 rows; more: dequantized panels + sgemm
+PANEL = 512  # outputs per dequantized panel on the prefill path
 SOURCE = Path(__file__).with_name("csrc") / "packed_cpu.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
     ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
@@ -143,6 +145,8 @@ def _load() -> ctypes.CDLL | None:
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.eqat_gemv.argtypes = [p, p, p, i, p, p, i, i, i, i, i, i]
         lib.eqat_gemv.restype = i
+        lib.eqat_gemv_multi.argtypes = [i, p, p, p, i, p, p, p, i, i, i, i, i]
+        lib.eqat_gemv_multi.restype = i
         lib.eqat_dequant_panel.argtypes = [p, p, p, i, p, i, i, i, i, i, i, i]
         lib.eqat_dequant_panel.restype = i
         _LIB, _STATUS = lib, ""
@@ -205,9 +209,11 @@ def packed_matmul(lib, layer, x2: torch.Tensor, scales: torch.Tensor) -> torch.T
     threads = torch.get_num_threads()
     y = torch.empty(m, n, dtype=torch.float32)
     if m <= DECODE_ROWS:
-        _check(lib.eqat_gemv(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(), half,
-                             x2.data_ptr(), y.data_ptr(), m, k, n, layer.bits, group, threads),
-               "eqat_gemv")
+        for r0 in range(0, m, GEMV_ROWS):
+            rows = min(GEMV_ROWS, m - r0)
+            _check(lib.eqat_gemv(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(), half,
+                                 x2[r0].data_ptr(), y[r0].data_ptr(), rows, k, n, layer.bits,
+                                 group, threads), "eqat_gemv")
         return y
     for n0 in range(0, n, PANEL):
         n1 = min(n, n0 + PANEL)
@@ -236,35 +242,146 @@ class CpuKernel:
             fallback = TORCH_KERNEL
         self.fallback = fallback
 
+    @staticmethod
+    def _runs_here(layer, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and layer.qweight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.scales.requires_grad))
+        )
+
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-        if (
-            x.device.type != "cpu"
-            or layer.qweight.device.type != "cpu"
-            or (torch.is_grad_enabled() and (x.requires_grad or layer.scales.requires_grad))
-        ):
-            return self.fallback.forward(layer, x)
-        lib = _load()
+        lib = _load() if self._runs_here(layer, x) else None
         if lib is None:
             return self.fallback.forward(layer, x)
         k, n = layer.in_features, layer.out_features
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        scales = layer.scales.detach()
-        if scales.dtype not in (torch.float16, torch.float32):
-            scales = scales.float()
-        scales = scales.contiguous()
+        x2 = _rows_fp32(x, k)
         if x2.shape[0] == 0 or k == 0:
             y = x2.new_zeros(x2.shape[0], n)
         else:
             with torch.autocast("cpu", enabled=False):
-                y = packed_matmul(lib, layer, x2, scales)
-        if layer.bias is not None:
-            y += layer.bias.detach().float()
-        return y.to(x.dtype).reshape(*lead, n)
+                y = packed_matmul(lib, layer, x2, _scales(layer))
+        return _finish(layer, y, x)
+
+    def forward_group(self, layers, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The outputs of ``layers`` (one group reading ``x``) from one GEMV call, or None when
+        this input is not a decode input the fused call runs (then each layer runs alone)."""
+        first = layers[0]
+        if x.shape[-1] != first.in_features or not all(self._runs_here(l, x) for l in layers):
+            return None
+        x2 = _rows_fp32(x, first.in_features)
+        if not 0 < x2.shape[0] <= GEMV_ROWS:
+            return None
+        lib = _load()
+        if lib is None:
+            return None
+        scales = [_scales(l) for l in layers]
+        if len({s.dtype for s in scales}) != 1:
+            return None
+        k, m, count = first.in_features, x2.shape[0], len(layers)
+        ys = [torch.empty(m, l.out_features, dtype=torch.float32) for l in layers]
+        qws = [l.qweight if l.qweight.is_contiguous() else l.qweight.contiguous() for l in layers]
+        zs = [zero_points_u8(l) for l in layers]
+        ptrs = lambda ts: (ctypes.c_void_p * count)(*[t.data_ptr() for t in ts])  # noqa: E731
+        ns = (ctypes.c_int * count)(*[l.out_features for l in layers])
+        _check(lib.eqat_gemv_multi(count, ptrs(qws), ptrs(zs), ptrs(scales),
+                                   1 if scales[0].dtype == torch.float16 else 0, x2.data_ptr(),
+                                   ptrs(ys), ns, m, k, first.bits,
+                                   effective_group(first.group_size, k), torch.get_num_threads()),
+               "eqat_gemv_multi")
+        return [_finish(l, y, x) for l, y in zip(layers, ys)]
+
+    def fuse_groups(self, model, arch) -> int:
+        """Give the packed layers of each of ``arch``'s groups that read one input (q/k/v,
+        gate/up) a shared :class:`FusedMemberKernel`; returns the number of groups fused.
+        Layers of one group must agree in input width, bits and group size."""
+        from eqat_cli.quant.linear import PackedLinear
+
+        fused = 0
+        for block in arch.layers(model):
+            for names in arch.linear_groups:
+                if len(names) < 2:
+                    continue
+                try:
+                    layers = [block.get_submodule(nm) for nm in names]
+                except AttributeError:
+                    continue
+                if not all(isinstance(l, PackedLinear) for l in layers):
+                    continue
+                key = {(l.in_features, l.bits, l.group_size) for l in layers}
+                if len(key) != 1:
+                    continue
+                group = _Group(layers)
+                for i, l in enumerate(layers):
+                    l.set_kernel(FusedMemberKernel(self, group, i))
+                fused += 1
+        return fused
+
+
+def _rows_fp32(x: torch.Tensor, k: int) -> torch.Tensor:
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    return x2
+
+
+def _scales(layer) -> torch.Tensor:
+    scales = layer.scales.detach()
+    if scales.dtype not in (torch.float16, torch.float32):
+        scales = scales.float()
+    return scales.contiguous()
+
+
+def _finish(layer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if layer.bias is not None:
+        y += layer.bias.detach().float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _version(x: torch.Tensor) -> int:
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot change in place
+        return -1  # outside inference mode)
+
+
+class _Group:
+    """Packed layers that read the same input, and the outputs computed for the members that
+    have not asked for theirs yet: ``(input, its version counter, outputs)``."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.pending: tuple | None = None
+
+
+class FusedMemberKernel:
+    """The kernel of one layer of a fused group (q/k/v, gate/up), without changing the model's
+    classes: the first member called with an input runs the whole group in one GEMV call and
+    keeps the other members' outputs; a member called with that same tensor object (and
+    unchanged since: its version counter) takes its output. Any other call (a prefill, a
+    different input, gradients) runs the layer alone through the ``cpu`` kernel."""
+
+    def __init__(self, base: CpuKernel, group: _Group, index: int):
+        self.base, self.group, self.index = base, group, index
+        self.name = f"{base.name}-fused"
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        p = g.pending
+        if p is not None and p[0] is x and p[1] == _version(x) and p[2][self.index] is not None:
+            y, p[2][self.index] = p[2][self.index], None
+            if all(o is None for o in p[2]):
+                g.pending = None
+            return y
+        g.pending = None
+        outs = self.base.forward_group(g.layers, x)
+        if outs is None:
+            return self.base.forward(layer, x)
+        mine, outs[self.index] = outs[self.index], None
+        g.pending = (x, _version(x), outs)
+        return mine
 
 
 _KERNEL: CpuKernel | None = None

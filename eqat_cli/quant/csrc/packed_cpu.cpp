@@ -187,43 +187,74 @@ void gemv_tail(const Geo& g, const uint32_t* qw, const uint8_t* zeros, const voi
   }
 }
 
+struct Tile {
+  int layer, n0, width;
+};
+
+// One layer of a fused group: its packed tensors, its output and its width.
+struct Layer {
+  const uint32_t* qw;
+  const uint8_t* zeros;
+  const void* scales;
+  float* y;
+  int N;
+};
+
 template <int M>
-void gemv_rows(const Geo& g, const uint32_t* qw, const uint8_t* zeros, const void* scales,
-               int half, const float* xs, const long* xoff, const float* xsum, float* y,
-               int nthreads) {
+void gemv_rows(const Geo& base, const Layer* layers, const std::vector<Tile>& tiles, int half,
+               const float* xs, const long* xoff, const float* xsum, int nthreads) {
   constexpr int NB = 32;
-  const int tiles = g.N / NB;
+  const int count = (int)tiles.size();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int tile = 0; tile < tiles; tile++) {
+  for (int i = 0; i < count; i++) {
+    const Tile& t = tiles[i];
+    const Layer& L = layers[t.layer];
+    Geo g = base;
+    g.N = L.N;
+    if (t.width < NB) {
+      gemv_tail(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, M, t.n0, t.n0 + t.width);
+      continue;
+    }
 #if defined(__AVX512F__)
     switch (g.bits) {
-      case 2: gemv_tile_avx512<2, M>(g, qw, zeros, scales, half, xs, xoff, xsum, y, tile * NB); continue;
-      case 3: gemv_tile_avx512<3, M>(g, qw, zeros, scales, half, xs, xoff, xsum, y, tile * NB); continue;
-      case 4: gemv_tile_avx512<4, M>(g, qw, zeros, scales, half, xs, xoff, xsum, y, tile * NB); continue;
-      case 8: gemv_tile_avx512<8, M>(g, qw, zeros, scales, half, xs, xoff, xsum, y, tile * NB); continue;
+      case 2: gemv_tile_avx512<2, M>(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, t.n0); continue;
+      case 3: gemv_tile_avx512<3, M>(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, t.n0); continue;
+      case 4: gemv_tile_avx512<4, M>(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, t.n0); continue;
+      case 8: gemv_tile_avx512<8, M>(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, t.n0); continue;
     }
 #endif
-    gemv_tile<NB, M>(g, qw, zeros, scales, half, xs, xoff, xsum, y, tile * NB);
+    gemv_tile<NB, M>(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, t.n0);
   }
-  if (tiles * NB < g.N)
-    gemv_tail(g, qw, zeros, scales, half, xs, xoff, xsum, y, M, tiles * NB, g.N);
 }
 
 }  // namespace
 
 extern "C" {
 
-int eqat_abi_version() { return 1; }
+int eqat_abi_version() { return 2; }
 
-// x [M, K] fp32 -> y [M, N] fp32. M is 1..4 (larger batches: call per slice of 4 rows).
-int eqat_gemv(const int32_t* qweight, const uint8_t* zeros, const void* scales, int scales_half,
-              const float* x, float* y, int M, int K, int N, int bits, int group, int nthreads) {
-  if (M < 1 || M > 4 || K < 1 || N < 1) return 1;
+// x [M, K] fp32 -> for each of the L layers (same K, bits, group and scale dtype) y_l [M, N_l]
+// fp32, in one parallel region over all their tiles: the layers of a group that reads the same
+// input (q/k/v, gate/up) share the activation preprocessing and the thread fork. M is 1..4.
+int eqat_gemv_multi(int L, const int32_t* const* qweights, const uint8_t* const* zeros,
+                    const void* const* scales, int scales_half, const float* x,
+                    float* const* ys, const int* Ns, int M, int K, int bits, int group,
+                    int nthreads) {
+  if (L < 1 || M < 1 || M > 4 || K < 1) return 1;
   if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) return 2;
   Geo g;
-  g.K = K; g.N = N; g.bits = bits; g.pf = 32 / bits;
+  g.K = K; g.N = 0; g.bits = bits; g.pf = 32 / bits;
   g.group = (group <= 0 || group > K) ? K : group;
   g.G = (K + g.group - 1) / g.group;
+  std::vector<Layer> layers(L);
+  std::vector<Tile> tiles;
+  for (int l = 0; l < L; l++) {
+    if (Ns[l] < 1) return 1;
+    layers[l] = Layer{(const uint32_t*)qweights[l], zeros[l], scales[l], ys[l], Ns[l]};
+    int n0 = 0;
+    for (; n0 + 32 <= Ns[l]; n0 += 32) tiles.push_back(Tile{l, n0, 32});
+    if (n0 < Ns[l]) tiles.push_back(Tile{l, n0, Ns[l] - n0});
+  }
   // Per group: the words it touches, and the scaled activations of those words' fields (zero
   // for fields outside the group or past K).
   std::vector<long> xoff(g.G + 1);
@@ -257,15 +288,20 @@ int eqat_gemv(const int32_t* qweight, const uint8_t* zeros, const void* scales, 
       xsum[m * g.G + gi] = sum;
     }
   }
-  const uint32_t* qw = (const uint32_t*)qweight;
   if (nthreads < 1) nthreads = 1;
   switch (M) {
-    case 1: gemv_rows<1>(g, qw, zeros, scales, scales_half, xs.data(), xoff.data(), xsum.data(), y, nthreads); break;
-    case 2: gemv_rows<2>(g, qw, zeros, scales, scales_half, xs.data(), xoff.data(), xsum.data(), y, nthreads); break;
-    case 3: gemv_rows<3>(g, qw, zeros, scales, scales_half, xs.data(), xoff.data(), xsum.data(), y, nthreads); break;
-    default: gemv_rows<4>(g, qw, zeros, scales, scales_half, xs.data(), xoff.data(), xsum.data(), y, nthreads); break;
+    case 1: gemv_rows<1>(g, layers.data(), tiles, scales_half, xs.data(), xoff.data(), xsum.data(), nthreads); break;
+    case 2: gemv_rows<2>(g, layers.data(), tiles, scales_half, xs.data(), xoff.data(), xsum.data(), nthreads); break;
+    case 3: gemv_rows<3>(g, layers.data(), tiles, scales_half, xs.data(), xoff.data(), xsum.data(), nthreads); break;
+    default: gemv_rows<4>(g, layers.data(), tiles, scales_half, xs.data(), xoff.data(), xsum.data(), nthreads); break;
   }
   return 0;
+}
+
+int eqat_gemv(const int32_t* qweight, const uint8_t* zeros, const void* scales, int scales_half,
+              const float* x, float* y, int M, int K, int N, int bits, int group, int nthreads) {
+  return eqat_gemv_multi(1, &qweight, &zeros, &scales, scales_half, x, &y, &N, M, K, bits, group,
+                         nthreads);
 }
 
 // out [K, n1 - n0] fp32: the dequantized transposed weight of outputs [n0, n1).
