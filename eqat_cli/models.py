@@ -232,11 +232,15 @@ def resolve(
     backend: str = "auto",
     revision: str | None = None,
     require_arch: bool = True,
+    head_bits: int | None = None,
 ) -> LoadedModel:
     """Load any model spec onto ``device`` with precision following the device.
 
     ``require_arch=False`` loads models no architecture plugin describes (``arch`` is then None):
     evaluating needs only what transformers can load; quantizing and packing need the plugin.
+    ``head_bits`` (8 or 4) quantizes the token embedding and the lm_head after loading (min-max,
+    group 64; a tied pair stays one packed table: :func:`eqat_cli.quantize.quantize_head`), for
+    packed and full-precision models alike; ``quant["head"]`` then says what was quantized.
     """
     from eqat_cli.device import parse_dtype, pick_device
     from eqat_cli.registry import get_registry
@@ -267,11 +271,26 @@ def resolve(
         arch = registry.architecture_for(model.config.model_type)
     else:
         arch = registry.find_architecture(model.config.model_type)
+    if head_bits is not None:
+        from eqat_cli.errors import BadInputError
+        from eqat_cli.quantize import quantize_head
+
+        if head_bits not in (4, 8):
+            raise BadInputError(f"the embedding and lm_head quantize to 8 or 4 bits, not {head_bits}")
+        if arch is None:
+            raise BadInputError("quantizing the embedding and lm_head needs the model's architecture plugin")
+        quant["head"] = quantize_head(model, arch, head_bits)
     model.to(dev)
     model.eval()
     if quant:
+        layer_bits = quant.get("bits", head_bits)
+        groups = quant.get("group_size")
+        if head_bits is not None:  # the head's layers run on the same backend
+            layer_bits = sorted({*(layer_bits if isinstance(layer_bits, list) else [layer_bits]), head_bits})
+            if groups is not None:
+                groups = sorted({*(groups if isinstance(groups, list) else [groups]), 64})
         quant["backend"] = attach_backend(
-            model, backend, quant["bits"], dev.type, quant.get("group_size"), arch=arch
+            model, backend, layer_bits, dev.type, groups, arch=arch
         )
     return LoadedModel(model, tok, arch, source, fmt, quant, path)
 

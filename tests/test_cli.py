@@ -89,7 +89,7 @@ def test_backend_option_and_plugins_come_from_the_registry(registered):
     from eqat_cli.registry import reset_registry
     from eqat_cli.specs import BackendSpec, KernelCaps
 
-    builtins = "auto (the highest-priority one that runs here), triton, torch, reference;"
+    builtins = "auto (the highest-priority one that runs here), triton, cpu, torch, reference;"
     for command in ("bench", "eval"):
         assert builtins in _backend_help(build_app(), command)
 
@@ -103,7 +103,7 @@ def test_backend_option_and_plugins_come_from_the_registry(registered):
     plugin = Fancy()
     registered(plugin, "fancy-backend")
     app = build_app()
-    assert "triton, fancy, torch, reference;" in _backend_help(app, "bench")
+    assert "triton, fancy, cpu, torch, reference;" in _backend_help(app, "bench")
     res = runner.invoke(app, ["plugins", "--device", "cpu", "--bits", "4", "--json", "-"], prog_name="eqat")
     assert res.exit_code == 0, res.output
     import json

@@ -215,3 +215,51 @@ def test_fused_member_alone_and_with_other_inputs():
         kernels[0].forward(layers[0], x3)
         x3.add_(1)  # changed in place since: the pending output is stale
         assert rel_err(kernels[1].forward(layers[1], x3), REFERENCE_KERNEL.forward(layers[1], x3)) <= 1e-5
+
+
+# ---------------------------------------------------------------------- --quantize-head
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_head_tied(bits):
+    """A tied embedding/lm_head becomes one packed table: lookups are its dequantized rows, the
+    head is a PackedLinear on the selected kernel, and the logits stay close to full precision."""
+    from eqat_cli.models import attach_backend
+    from eqat_cli.quant.linear import PackedEmbedding
+    from eqat_cli.quantize import quantize_head
+
+    model = build(tiny_llama_config(tie_word_embeddings=True))
+    arch = get_registry().architecture_for("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp = model(ids).logits
+        done = quantize_head(model, arch, bits)
+        assert done == {"bits": bits, "group": 64, "tied": True, "lm_head": True, "embedding": True}
+        emb, head = model.model.embed_tokens, model.lm_head
+        assert isinstance(emb, PackedEmbedding) and isinstance(head, PackedLinear)
+        assert emb.packed is head and head.bits == bits
+        torch.testing.assert_close(emb(ids), head.dequantize()[ids], rtol=0, atol=0)
+        attach_backend(model, "cpu", bits, "cpu", 64, arch=arch)
+        assert head.kernel is ck.cpu_kernel()
+        q = model(ids).logits
+    assert rel_err(q, fp) < (0.02 if bits == 8 else 0.2)
+
+
+def test_quantize_head_untied_through_resolve(tmp_path):
+    """``models.resolve(head_bits=8)``: untied tables are quantized apart; bad bits are refused."""
+    from conftest import save_tiny
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.models import resolve
+    from eqat_cli.quant.linear import PackedEmbedding
+
+    model = build(tiny_llama_config())
+    save_tiny(model, tmp_path / "m")
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    lm = resolve(str(tmp_path / "m"), device="cpu", head_bits=8)
+    assert lm.quant["head"]["tied"] is False and "cpu" in lm.quant["backend"]
+    emb = lm.model.model.embed_tokens
+    assert isinstance(emb, PackedEmbedding) and emb.packed is not lm.model.lm_head
+    with torch.no_grad():
+        assert rel_err(lm.model(ids).logits, model(ids).logits) < 0.02
+    with pytest.raises(BadInputError, match="8 or 4 bits"):
+        resolve(str(tmp_path / "m"), device="cpu", head_bits=3)

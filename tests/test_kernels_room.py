@@ -120,11 +120,12 @@ def test_training_backend_is_picked_from_the_declarations():
 def test_no_training_backend_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("EQAT_BLOCK_PLUGINS", "backend_torch,backend_reference")
     reg = Registry(build_plugin_manager())
-    assert set(reg.backends) == {"triton"}
+    assert set(reg.backends) == {"triton", "cpu"}
     with pytest.raises(UnsupportedError) as e:
         reg.training_backend(2, "cpu", 64)
     assert str(e.value) == (
-        "no backend can train the scales of 2-bit layers on cpu: triton rejected: runs on cuda, not cpu"
+        "no backend can train the scales of 2-bit layers on cpu: triton rejected: runs on cuda, "
+        "not cpu; cpu rejected: has no backward (inference only)"
     )
     assert "KernelCaps" in e.value.hint
 
