@@ -24,7 +24,8 @@ seconds and needs no ninja) and is cached under torch's extensions directory
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) in a directory named after a
 hash of its source, the flags, the compiler and the CPU's flags, so tests and CI build it once.
 It links OpenMP by soname and so shares the ``libgomp`` torch already loaded (one thread pool);
-it uses ``torch.get_num_threads()`` threads. When ``g++`` is missing or the build fails, or the
+it uses ``torch.get_num_threads()`` threads (one for a GEMV over fewer than
+:data:`SINGLE_THREAD_WEIGHTS` weights). When ``g++`` is missing or the build fails, or the
 layer needs gradients (E2E-QP) or is not on the CPU, the torch kernel runs instead; the reason the
 library is unavailable is :func:`library_status`.
 
@@ -54,6 +55,13 @@ from eqat_cli.quant.primitives import effective_group
 GEMV_ROWS = 4  # rows of x per pass of the GEMV over the packed weights
 DECODE_ROWS = 32  # up to this many rows: GEMV passes of 4 rows; more: dequantized panels + sgemm
 PANEL = 512  # outputs per dequantized panel on the prefill path
+# GEMVs over fewer weights than this run on one thread: their work (tens of microseconds) is
+# of the order of a fork/join, which costs far more when the cores are shared.
+SINGLE_THREAD_WEIGHTS = 1 << 20
+
+
+def _threads(weights: int) -> int:
+    return 1 if weights < SINGLE_THREAD_WEIGHTS else torch.get_num_threads()
 SOURCE = Path(__file__).with_name("csrc") / "packed_cpu.cpp"
 ABI_VERSION = 2
 _FLAG_SETS = (
@@ -209,6 +217,7 @@ def packed_matmul(lib, layer, x2: torch.Tensor, scales: torch.Tensor) -> torch.T
     threads = torch.get_num_threads()
     y = torch.empty(m, n, dtype=torch.float32)
     if m <= DECODE_ROWS:
+        threads = _threads(k * n)
         for r0 in range(0, m, GEMV_ROWS):
             rows = min(GEMV_ROWS, m - r0)
             _check(lib.eqat_gemv(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(), half,
@@ -289,7 +298,8 @@ class CpuKernel:
         _check(lib.eqat_gemv_multi(count, ptrs(qws), ptrs(zs), ptrs(scales),
                                    1 if scales[0].dtype == torch.float16 else 0, x2.data_ptr(),
                                    ptrs(ys), ns, m, k, first.bits,
-                                   effective_group(first.group_size, k), torch.get_num_threads()),
+                                   effective_group(first.group_size, k),
+                                   _threads(k * sum(l.out_features for l in layers))),
                "eqat_gemv_multi")
         return [_finish(l, y, x) for l, y in zip(layers, ys)]
 
