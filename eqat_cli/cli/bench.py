@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    AT_LEAST_1, BITS, GROUP, BackendOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, counting_bars, emit_json,
+    AT_LEAST_1, BITS, GROUP, BackendOpt, QuantizeHeadOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, counting_bars, emit_json,
     progress_bars,
 )
 
@@ -23,7 +23,7 @@ def bench_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).", show_default=False), AT_LEAST_1] = None,
     device: DeviceOpt = "auto",
     compare_backend: Annotated[Optional[list[str]], typer.Option("--compare-backend", help="Also time this backend on the same packed layers and quantized model (repeatable), e.g. torch.", show_default=False)] = None,
-    quantize_head: Annotated[Optional[int], typer.Option("--quantize-head", help="Quantize the embedding and lm_head of the model too: 8 or 4 bits (group 64).", show_default=False), Range(ge=4, le=8)] = None,
+    quantize_head: QuantizeHeadOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
