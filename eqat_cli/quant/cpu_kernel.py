@@ -207,33 +207,68 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what} rejected its arguments (code {rc})")
 
 
-def packed_matmul(lib, layer, x2: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+class _Plan:
+    """What a layer's C calls need, prepared once: the packed tensors (step sizes as fp16 or
+    fp32, contiguous), the uint8 zero points and the ctypes arguments. Rebuilt when one of the
+    layer's tensors is replaced or modified in place (identity and version counters)."""
+
+    __slots__ = ("key", "qweight", "zeros", "scales", "half", "k", "n", "bits", "group",
+                 "threads", "ptrs")
+
+    def __init__(self, layer, key):
+        self.key = key
+        self.qweight = layer.qweight.contiguous()
+        self.zeros = zero_points_u8(layer)
+        self.scales = _scales(layer)
+        self.half = 1 if self.scales.dtype == torch.float16 else 0
+        self.k, self.n, self.bits = layer.in_features, layer.out_features, layer.bits
+        self.group = effective_group(layer.group_size, self.k)
+        self.threads = _threads(self.k * self.n)
+        vp = ctypes.c_void_p
+        self.ptrs = (vp(self.qweight.data_ptr()), vp(self.zeros.data_ptr()),
+                     vp(self.scales.data_ptr()))
+
+
+def _plan_key(layer) -> tuple:
+    qw, s, qz = layer.qweight, layer.scales, layer.qzeros
+    return (id(qw), id(s), id(qz), qw._version, s._version, qz._version, s.dtype,
+            torch.get_num_threads())
+
+
+def plan_for(layer) -> _Plan:
+    key = _plan_key(layer)
+    plan = layer.__dict__.get("_eqat_cpu_plan")
+    if plan is None or plan.key != key:
+        with torch.inference_mode(False):
+            plan = _Plan(layer, key)
+        layer.__dict__["_eqat_cpu_plan"] = plan
+    return plan
+
+
+def packed_matmul(lib, layer, x2: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K] fp32 contiguous -> [M, N] fp32`` (no bias)."""
-    m, k, n = x2.shape[0], layer.in_features, layer.out_features
-    group = effective_group(layer.group_size, k)
-    qweight = layer.qweight if layer.qweight.is_contiguous() else layer.qweight.contiguous()
-    zeros = zero_points_u8(layer)
-    half = 1 if scales.dtype == torch.float16 else 0
-    threads = torch.get_num_threads()
+    pl = plan_for(layer)
+    m, k, n = x2.shape[0], pl.k, pl.n
+    qw, zs, sc = pl.ptrs
     y = torch.empty(m, n, dtype=torch.float32)
     if m <= DECODE_ROWS:
-        threads = _threads(k * n)
         for r0 in range(0, m, GEMV_ROWS):
             rows = min(GEMV_ROWS, m - r0)
-            _check(lib.eqat_gemv(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(), half,
-                                 x2[r0].data_ptr(), y[r0].data_ptr(), rows, k, n, layer.bits,
-                                 group, threads), "eqat_gemv")
+            _check(lib.eqat_gemv(qw, zs, sc, pl.half, x2.data_ptr() + 4 * r0 * k,
+                                 y.data_ptr() + 4 * r0 * n, rows, k, n, pl.bits, pl.group,
+                                 pl.threads), "eqat_gemv")
         return y
-    for n0 in range(0, n, PANEL):
-        n1 = min(n, n0 + PANEL)
-        panel = _SCRATCH.get(k * (n1 - n0)).view(k, n1 - n0)
-        _check(lib.eqat_dequant_panel(qweight.data_ptr(), zeros.data_ptr(), scales.data_ptr(),
-                                      half, panel.data_ptr(), k, n, layer.bits, group, n0, n1,
-                                      threads), "eqat_dequant_panel")
-        if n0 == 0 and n1 == n:
-            torch.mm(x2, panel, out=y)
-        else:
-            y[:, n0:n1] = torch.mm(x2, panel)
+    threads = torch.get_num_threads()
+    with torch.autocast("cpu", enabled=False):  # the sgemm in fp32, also inside autocast regions
+        for n0 in range(0, n, PANEL):
+            n1 = min(n, n0 + PANEL)
+            panel = _SCRATCH.get(k * (n1 - n0)).view(k, n1 - n0)
+            _check(lib.eqat_dequant_panel(qw, zs, sc, pl.half, panel.data_ptr(), k, n, pl.bits,
+                                          pl.group, n0, n1, threads), "eqat_dequant_panel")
+            if n0 == 0 and n1 == n:
+                torch.mm(x2, panel, out=y)
+            else:
+                y[:, n0:n1] = torch.mm(x2, panel)
     return y
 
 
@@ -254,15 +289,15 @@ class CpuKernel:
     @staticmethod
     def _runs_here(layer, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
+            not (torch.is_grad_enabled() and (x.requires_grad or layer.scales.requires_grad))
+            and x.device.type == "cpu"
             and layer.qweight.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.scales.requires_grad))
         )
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-        lib = _load() if self._runs_here(layer, x) else None
+        lib = (_LIB if _STATUS == "" else _load()) if self._runs_here(layer, x) else None
         if lib is None:
             return self.fallback.forward(layer, x)
         k, n = layer.in_features, layer.out_features
@@ -270,8 +305,7 @@ class CpuKernel:
         if x2.shape[0] == 0 or k == 0:
             y = x2.new_zeros(x2.shape[0], n)
         else:
-            with torch.autocast("cpu", enabled=False):
-                y = packed_matmul(lib, layer, x2, _scales(layer))
+            y = packed_matmul(lib, layer, x2)
         return _finish(layer, y, x)
 
     def forward_group(self, layers, x: torch.Tensor) -> list[torch.Tensor] | None:
@@ -286,20 +320,17 @@ class CpuKernel:
         lib = _load()
         if lib is None:
             return None
-        scales = [_scales(l) for l in layers]
-        if len({s.dtype for s in scales}) != 1:
+        plans = [plan_for(l) for l in layers]
+        if len({p.half for p in plans}) != 1:
             return None
         k, m, count = first.in_features, x2.shape[0], len(layers)
-        ys = [torch.empty(m, l.out_features, dtype=torch.float32) for l in layers]
-        qws = [l.qweight if l.qweight.is_contiguous() else l.qweight.contiguous() for l in layers]
-        zs = [zero_points_u8(l) for l in layers]
-        ptrs = lambda ts: (ctypes.c_void_p * count)(*[t.data_ptr() for t in ts])  # noqa: E731
-        ns = (ctypes.c_int * count)(*[l.out_features for l in layers])
-        _check(lib.eqat_gemv_multi(count, ptrs(qws), ptrs(zs), ptrs(scales),
-                                   1 if scales[0].dtype == torch.float16 else 0, x2.data_ptr(),
-                                   ptrs(ys), ns, m, k, first.bits,
-                                   effective_group(first.group_size, k),
-                                   _threads(k * sum(l.out_features for l in layers))),
+        ys = [torch.empty(m, p.n, dtype=torch.float32) for p in plans]
+        arr = ctypes.c_void_p * count
+        _check(lib.eqat_gemv_multi(count, arr(*[p.ptrs[0] for p in plans]),
+                                   arr(*[p.ptrs[1] for p in plans]), arr(*[p.ptrs[2] for p in plans]),
+                                   plans[0].half, x2.data_ptr(), arr(*[y.data_ptr() for y in ys]),
+                                   (ctypes.c_int * count)(*[p.n for p in plans]), m, k, first.bits,
+                                   plans[0].group, _threads(k * sum(p.n for p in plans))),
                "eqat_gemv_multi")
         return [_finish(l, y, x) for l, y in zip(layers, ys)]
 
@@ -347,7 +378,9 @@ def _scales(layer) -> torch.Tensor:
 def _finish(layer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y += layer.bias.detach().float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _version(x: torch.Tensor) -> int:
