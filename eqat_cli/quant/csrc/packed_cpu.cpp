@@ -1,6 +1,8 @@
 // eqat's packed CPU kernels (see eqat_cli/quant/cpu_kernel.py): a plain C ABI over raw pointers,
 // built with g++ on first use and called through ctypes; OpenMP over output tiles (the same
-// libgomp torch loaded, so the same thread pool).
+// libgomp torch loaded, so the same thread pool), scheduled dynamically in small chunks: on
+// shared cores a descheduled thread's share is taken over by the others instead of holding
+// up the whole call at the closing barrier.
 //
 // Layout (EfficientQAT native, docs/FORMATS.md): qweight [ceil(K/pf), N] int32, code j of a word
 // at bit bits*j; zero points unpacked to uint8 [G, N]; step sizes [G, N] fp16 or fp32.
@@ -205,7 +207,7 @@ void gemv_rows(const Geo& base, const Layer* layers, const std::vector<Tile>& ti
                const float* xs, const long* xoff, const float* xsum, int nthreads) {
   constexpr int NB = 32;
   const int count = (int)tiles.size();
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 2) num_threads(nthreads)
   for (int i = 0; i < count; i++) {
     const Tile& t = tiles[i];
     const Layer& L = layers[t.layer];
@@ -315,7 +317,7 @@ int eqat_dequant_panel(const int32_t* qweight, const uint8_t* zeros, const void*
   const uint32_t mask = (1u << bits) - 1u;
   const int words = (K + pf - 1) / pf;
   if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 2) num_threads(nthreads)
   for (int w = 0; w < words; w++) {
     const uint32_t* row = (const uint32_t*)qweight + (long)w * N + n0;
     for (int j = 0; j < pf; j++) {
