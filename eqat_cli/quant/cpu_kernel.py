@@ -11,7 +11,7 @@ against torch's own CPU weight-only kernels (``_weight_int4pack_mm_for_cpu``, ``
 which in torch 2.13's CPU build are several times slower than the dense layer) and the torch kernel.
 
 * **decode** (at most :data:`DECODE_ROWS` rows of ``x``): ``eqat_gemv``, one pass over the packed
-  words per 4 rows, OpenMP over tiles of 32 outputs (AVX-512 intrinsics where the compiler
+  words per 4 rows, chunks of 32-output tiles spread over threads (AVX-512 intrinsics where the compiler
   targets it, plain loops the compiler vectorizes elsewhere); per group ``s * (sum q x - z * sum x)``; no
   dequantized weight at all.
 * **prefill** (more rows): ``eqat_dequant_panel`` dequantizes the transposed weight of
@@ -23,8 +23,11 @@ The library is plain C (``ctypes``, raw pointers; no torch headers, so it builds
 seconds and needs no ninja) and is cached under torch's extensions directory
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) in a directory named after a
 hash of its source, the flags, the compiler and the CPU's flags, so tests and CI build it once.
-It links OpenMP by soname and so shares the ``libgomp`` torch already loaded (one thread pool);
-it uses ``torch.get_num_threads()`` threads (one for a GEMV over fewer than
+Threads: the library keeps a small pool of its own in which the calling thread starts on the
+work at once and helper threads claim chunks as they wake; a call waits only for chunks a helper
+has claimed, never for a helper that has not woken (an OpenMP barrier waits for the slowest
+thread's whole time slice when several jobs share the cores, which made medians 10x worse
+here). It uses ``torch.get_num_threads()`` threads (one for a GEMV over fewer than
 :data:`SINGLE_THREAD_WEIGHTS` weights). When ``g++`` is missing or the build fails, or the
 layer needs gradients (E2E-QP) or is not on the CPU, the torch kernel runs instead; the reason the
 library is unavailable is :func:`library_status`.
@@ -63,10 +66,10 @@ SINGLE_THREAD_WEIGHTS = 1 << 20
 def _threads(weights: int) -> int:
     return 1 if weights < SINGLE_THREAD_WEIGHTS else torch.get_num_threads()
 SOURCE = Path(__file__).with_name("csrc") / "packed_cpu.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
-    ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+    ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"],
+    ["-O3", "-pthread", "-shared", "-fPIC", "-std=c++17"],
 )
 
 _LOCK = threading.Lock()

@@ -1,8 +1,9 @@
 // eqat's packed CPU kernels (see eqat_cli/quant/cpu_kernel.py): a plain C ABI over raw pointers,
-// built with g++ on first use and called through ctypes; OpenMP over output tiles (the same
-// libgomp torch loaded, so the same thread pool), scheduled dynamically in small chunks: on
-// shared cores a descheduled thread's share is taken over by the others instead of holding
-// up the whole call at the closing barrier.
+// built with g++ on first use and called through ctypes. Threads: a small pool of its own
+// (below) in which the calling thread starts on the chunks of work at once and helper threads
+// claim chunks as they wake; the call waits only for chunks a helper has claimed, never for a
+// helper that has not woken up. On shared cores (several jobs per core) an OpenMP barrier waits
+// for the slowest thread's whole time slice; this does not.
 //
 // Layout (EfficientQAT native, docs/FORMATS.md): qweight [ceil(K/pf), N] int32, code j of a word
 // at bit bits*j; zero points unpacked to uint8 [G, N]; step sizes [G, N] fp16 or fp32.
@@ -16,10 +17,15 @@
 //       set to zero.
 // dequant: out[k, t] = (q[k, n0+t] - z[g(k), n0+t]) * s[g(k), n0+t], a [K, n1-n0] panel of the
 //       transposed weight (prefill multiplies it with an sgemm, panel after panel).
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
+#include <functional>
 #include <vector>
-#include <omp.h>
+#include <sched.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -189,6 +195,81 @@ void gemv_tail(const Geo& g, const uint32_t* qw, const uint8_t* zeros, const voi
   }
 }
 
+
+// ---------------------------------------------------------------- the pool
+// state = generation (20 bits) | chunk count (22 bits) | next chunk (22 bits). A claim is a
+// compare-and-swap on the whole word, so a helper can never claim a chunk of a job other than the
+// one whose body it read (bodies live in a ring of 4 slots; the caller finishes a job, every
+// claimed chunk done, before it publishes the next).
+class Pool {
+ public:
+  template <class F>
+  void run(int chunks, int nthreads, F&& body) {
+    if (nthreads <= 1 || chunks <= 1) {
+      for (int i = 0; i < chunks; i++) body(i);
+      return;
+    }
+    std::lock_guard<std::mutex> one_caller(call_mu_);
+    ensure_workers(nthreads - 1);
+    Body b = [&body](int i) { body(i); };
+    const uint64_t gen = (((state_.load() >> 44) + 1) & 0xFFFFF);
+    slots_[gen & 3] = &b;
+    done_.store(0, std::memory_order_relaxed);
+    state_.store((gen << 44) | ((uint64_t)chunks << 22), std::memory_order_release);
+    { std::lock_guard<std::mutex> lk(mu_); }
+    cv_.notify_all();
+    int mine = 0;
+    work(gen, &mine);
+    while (done_.load(std::memory_order_acquire) < chunks - mine) sched_yield();
+  }
+
+ private:
+  using Body = std::function<void(int)>;
+
+  // Claim and run chunks of job ``gen`` until none are left; returns through ``count`` how many.
+  void work(uint64_t gen, int* count) {
+    for (;;) {
+      uint64_t st = state_.load(std::memory_order_acquire);
+      if ((st >> 44) != gen) return;
+      const uint64_t total = (st >> 22) & 0x3FFFFF, next = st & 0x3FFFFF;
+      if (next >= total) return;
+      if (!state_.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) continue;
+      (*slots_[gen & 3])((int)next);
+      (*count)++;
+    }
+  }
+
+  void ensure_workers(int n) {
+    while ((int)workers_.size() < n) workers_.emplace_back([this] { loop(); });
+  }
+
+  void loop() {
+    uint64_t seen = state_.load() >> 44;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return (state_.load() >> 44) != seen; });
+      }
+      seen = state_.load(std::memory_order_acquire) >> 44;
+      int n = 0;
+      work(seen, &n);
+      if (n) done_.fetch_add(n, std::memory_order_acq_rel);
+    }
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> done_{0};
+  Body* slots_[4] = {nullptr, nullptr, nullptr, nullptr};
+  std::vector<std::thread> workers_;  // detached at exit: never joined (process teardown)
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: helper threads may outlive static teardown
+  return *p;
+}
+
 struct Tile {
   int layer, n0, width;
 };
@@ -206,9 +287,10 @@ template <int M>
 void gemv_rows(const Geo& base, const Layer* layers, const std::vector<Tile>& tiles, int half,
                const float* xs, const long* xoff, const float* xsum, int nthreads) {
   constexpr int NB = 32;
+  constexpr int PER_CHUNK = 2;  // tiles per claimed chunk
   const int count = (int)tiles.size();
-#pragma omp parallel for schedule(dynamic, 2) num_threads(nthreads)
-  for (int i = 0; i < count; i++) {
+  pool().run((count + PER_CHUNK - 1) / PER_CHUNK, nthreads, [&](int c) {
+   for (int i = c * PER_CHUNK; i < count && i < (c + 1) * PER_CHUNK; i++) {
     const Tile& t = tiles[i];
     const Layer& L = layers[t.layer];
     Geo g = base;
@@ -226,14 +308,15 @@ void gemv_rows(const Geo& base, const Layer* layers, const std::vector<Tile>& ti
     }
 #endif
     gemv_tile<NB, M>(g, L.qw, L.zeros, L.scales, half, xs, xoff, xsum, L.y, t.n0);
-  }
+   }
+  });
 }
 
 }  // namespace
 
 extern "C" {
 
-int eqat_abi_version() { return 2; }
+int eqat_abi_version() { return 3; }
 
 // x [M, K] fp32 -> for each of the L layers (same K, bits, group and scale dtype) y_l [M, N_l]
 // fp32, in one parallel region over all their tiles: the layers of a group that reads the same
@@ -317,8 +400,7 @@ int eqat_dequant_panel(const int32_t* qweight, const uint8_t* zeros, const void*
   const uint32_t mask = (1u << bits) - 1u;
   const int words = (K + pf - 1) / pf;
   if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(dynamic, 2) num_threads(nthreads)
-  for (int w = 0; w < words; w++) {
+  pool().run(words, nthreads, [&](int w) {
     const uint32_t* row = (const uint32_t*)qweight + (long)w * N + n0;
     for (int j = 0; j < pf; j++) {
       const int k = w * pf + j;
@@ -337,7 +419,7 @@ int eqat_dequant_panel(const int32_t* qweight, const uint8_t* zeros, const void*
           dst[t] = ((float)((row[t] >> shift) & mask) - (float)zr[t]) * sr[t];
       }
     }
-  }
+  });
   return 0;
 }
 
