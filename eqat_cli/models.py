@@ -269,11 +269,15 @@ def resolve(
     backend: str = "auto",
     revision: str | None = None,
     require_arch: bool = True,
+    head_bits: int | None = None,
 ) -> LoadedModel:
     """Load any model spec onto ``device`` with precision following the device.
 
     ``require_arch=False`` loads models no architecture plugin describes (``arch`` is then None):
     evaluating needs only what transformers can load; quantizing and packing need the plugin.
+    ``head_bits`` (8 or 4) quantizes the token embedding and the lm_head after loading (min-max,
+    group 64; a tied pair stays one packed table: :func:`eqat_cli.quantize.quantize_head`), for
+    packed and full-precision models alike; ``quant["head"]`` then says what was quantized.
     """
     from eqat_cli.device import parse_dtype, pick_device
 
@@ -304,11 +308,26 @@ def resolve(
         arch = registry.architecture_for(model.config.model_type)
     else:
         arch = registry.find_architecture(model.config.model_type)
+    if head_bits is not None:
+        from eqat_cli.errors import BadInputError
+        from eqat_cli.quantize import quantize_head
+
+        if head_bits not in (4, 8):
+            raise BadInputError(f"the embedding and lm_head quantize to 8 or 4 bits, not {head_bits}")
+        if arch is None:
+            raise BadInputError("quantizing the embedding and lm_head needs the model's architecture plugin")
+        quant["head"] = quantize_head(model, arch, head_bits)
     model.to(dev)
     model.eval()
     if quant:
+        layer_bits = quant.get("bits", head_bits)
+        groups = quant.get("group_size")
+        if head_bits is not None:  # the head's layers run on the same backend
+            layer_bits = sorted({*(layer_bits if isinstance(layer_bits, list) else [layer_bits]), head_bits})
+            if groups is not None:
+                groups = sorted({*(groups if isinstance(groups, list) else [groups]), 64})
         quant["backend"] = attach_backend(
-            model, backend, quant["bits"], dev.type, quant.get("group_size")
+            model, backend, layer_bits, dev.type, groups, arch=arch
         )
     return LoadedModel(model, tok, arch, source, fmt, quant, path)
 
@@ -324,12 +343,15 @@ def summarize_layers(layers: dict[str, tuple[int, int]]) -> dict:
 
 
 def attach_backend(
-    model: Any, backend: str, bits: Any, device: str, group_size: Any = None
+    model: Any, backend: str, bits: Any, device: str, group_size: Any = None, arch: Any = None
 ) -> str:
     """Point every packed layer at the selected backend's kernel; return why it was chosen.
 
     ``bits`` and ``group_size`` are one value or the list of a model's (every one must be
-    supported); ``group_size=None`` leaves group sizes out of the choice.
+    supported); ``group_size=None`` leaves group sizes out of the choice. With ``arch`` (the
+    model's ``ArchitectureSpec``) and a kernel that offers ``fuse_groups(model, arch)`` (the
+    ``cpu`` backend), the layers of each of ``arch.linear_groups`` (q/k/v, gate/up) run as one
+    call per group.
     """
     from eqat_cli.quant.linear import PackedLinear
 
@@ -338,4 +360,9 @@ def attach_backend(
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
             mod.set_kernel(kernel)
+    fuse = getattr(kernel, "fuse_groups", None)
+    if arch is not None and fuse is not None:
+        groups = fuse(model, arch)
+        if groups:
+            why += f"; {groups} groups of layers sharing an input fused"
     return why

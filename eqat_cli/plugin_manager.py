@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("qwen3", "eqat_cli.plugins.qwen3"),
     ("gemma3", "eqat_cli.plugins.gemma3"),
     ("backend_torch", "eqat_cli.plugins.backend_torch"),
+    ("backend_cpu", "eqat_cli.plugins.backend_cpu"),
     ("backend_triton", "eqat_cli.plugins.backend_triton"),
     ("backend_reference", "eqat_cli.plugins.backend_reference"),
     ("datasets", "eqat_cli.plugins.datasets"),

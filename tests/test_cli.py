@@ -1,5 +1,6 @@
 """The eqat command: help, version, plugins, error mapping, and shell completions."""
 
+import shutil
 import os
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_plugins_shows_three_architectures_and_two_backends(tmp_path):
     backends = {b["name"]: b for b in data["backends"]}
     assert backends["torch"]["usable"] is True
     assert backends["triton"]["usable"] is False and backends["triton"]["reason"]
-    assert data["auto"]["backend"] == "torch" and "triton rejected" in data["auto"]["why"]
+    assert data["auto"]["backend"] == ("cpu" if shutil.which("g++") else "torch")
+    assert "triton rejected" in data["auto"]["why"]
     assert all(a["source"] for a in data["architectures"])
     # Each backend's group sizes and backward, from its KernelCaps (None: every group size).
     from eqat_cli.registry import get_registry
@@ -87,7 +89,7 @@ def test_backend_option_and_plugins_come_from_the_registry(registered):
     from eqat_cli.registry import reset_registry
     from eqat_cli.specs import BackendSpec, KernelCaps
 
-    builtins = "auto (the highest-priority one that runs here), triton, torch, reference;"
+    builtins = "auto (the highest-priority one that runs here), triton, cpu, torch, reference;"
     for command in ("bench", "eval"):
         assert builtins in _backend_help(build_app(), command)
 
@@ -101,7 +103,7 @@ def test_backend_option_and_plugins_come_from_the_registry(registered):
     plugin = Fancy()
     registered(plugin, "fancy-backend")
     app = build_app()
-    assert "triton, fancy, torch, reference;" in _backend_help(app, "bench")
+    assert "triton, fancy, cpu, torch, reference;" in _backend_help(app, "bench")
     res = runner.invoke(app, ["plugins", "--device", "cpu", "--bits", "4", "--json", "-"], prog_name="eqat")
     assert res.exit_code == 0, res.output
     import json

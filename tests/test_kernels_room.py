@@ -5,6 +5,7 @@ and the declarations are true. ``eqat_kernels`` imports nothing of ``eqat_cli``.
 from __future__ import annotations
 
 import ast
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from eqat_cli.quant.caps import REFERENCE_KERNEL_CAPS, TORCH_KERNEL_CAPS
 from eqat_cli.quant.linear import REFERENCE_KERNEL
 from eqat_cli.registry import Registry, get_registry, reset_registry
 from eqat_cli.specs import TRAINABLE, BackendSpec, KernelCaps
+
+# What ``auto`` picks on a CPU: the C++ kernel's backend wherever a compiler can build it.
+CPU_AUTO = "cpu" if shutil.which("g++") else "torch"
 
 # (in, out, group): word-aligned groups, a ragged last group, per-channel, and 3-bit groups that
 # do not start on word boundaries.
@@ -116,11 +120,12 @@ def test_training_backend_is_picked_from_the_declarations():
 def test_no_training_backend_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("EQAT_BLOCK_PLUGINS", "backend_torch,backend_reference")
     reg = Registry(build_plugin_manager())
-    assert set(reg.backends) == {"triton"}
+    assert set(reg.backends) == {"triton", "cpu"}
     with pytest.raises(UnsupportedError) as e:
         reg.training_backend(2, "cpu", 64)
     assert str(e.value) == (
-        "no backend can train the scales of 2-bit layers on cpu: triton rejected: runs on cuda, not cpu"
+        "no backend can train the scales of 2-bit layers on cpu: triton rejected: runs on cuda, "
+        "not cpu; cpu rejected: has no backward (inference only)"
     )
     assert "KernelCaps" in e.value.hint
 
@@ -139,7 +144,7 @@ def test_group_sizes_are_part_of_the_choice(registered):
     assert reg.select_backend("auto", 4, "cpu", 128)[0].name == "g128"
     assert reg.training_backend(4, "cpu", [128])[0].name == "g128"
     spec, why = reg.select_backend("auto", 4, "cpu", [128, 64])
-    assert spec.name == "torch" and "g128 rejected: supports group sizes 128, not 64" in why
+    assert spec.name == CPU_AUTO and "g128 rejected: supports group sizes 128, not 64" in why
     with pytest.raises(UnsupportedError, match="cannot run 2/4-bit layers on cpu: supports bits 4, not 2"):
         reg.select_backend("g128", [2, 4], "cpu")
 

@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "eval": {"models", "data", "hub", "readers", "quant", "registry", "fsutil"},
     "benchmark": {"models", "model_files", "formats", "quant", "quantize", "registry", "memory", "device"},
     "pack": {"models", "formats", "format_spec", "registry", "fsutil"},
-    "models": {"formats", "model_files", "readers", "hub", "registry", "device", "fsutil", "quant"},
+    "models": {"formats", "model_files", "readers", "hub", "registry", "device", "fsutil", "quant", "quantize"},
     "formats": {"quant", "model_files", "readers", "registry", "format_spec", "fsutil"},
     "quantize": {"quant"},
     "quant": {"specs"},

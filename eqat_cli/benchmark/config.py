@@ -29,6 +29,8 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
     generation: bool = True  # with a model spec, also time generation
+    compare: tuple[str, ...] = ()  # more backends timed on the same packed layers (and models)
+    head_bits: Optional[int] = None  # quantize the embedding and lm_head of the model (8 or 4)
 
     @property
     def layer_repeats(self) -> int:
@@ -56,5 +58,7 @@ class BenchConfig:
         ):
             if value < low:
                 raise BadInputError(f"{name} must be at least {low}, got {value}")
+        if self.head_bits not in (None, 4, 8):
+            raise BadInputError(f"--quantize-head must be 4 or 8, got {self.head_bits}")
         if self.threads is not None and self.threads < 1:
             raise BadInputError(f"--threads must be at least 1, got {self.threads}")

@@ -78,12 +78,18 @@ def _eqat_source(path: Path) -> str | None:
     return (meta.source_model or meta.extra.get("source")) if meta is not None else None
 
 
-def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_progress) -> dict:
+def bench_model(
+    cfg: BenchConfig, path: Path, device, progress: Progress = no_progress,
+    compare: list[str] | tuple[str, ...] = (),
+) -> dict:
     """End-to-end generation speed and memory: the full-precision model vs the quantized one.
 
     A full-precision directory is RTN-quantized in process at ``cfg.bits``/``cfg.group`` after its
     own run. An already-quantized directory is loaded as is; its full-precision counterpart is
     the source its ``eqat`` config section names (skipped, with a note, when there is none).
+    Each backend named in ``compare`` runs the same quantized model again (variant
+    ``quant-<name>``). ``cfg.head_bits`` quantizes the embedding and lm_head of the quantized
+    variant too (:func:`eqat_cli.quantize.quantize_head`).
     """
     import torch
 
@@ -145,20 +151,34 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
         with PeakRSS() as peak:
             with torch.no_grad():
                 rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
+                if cfg.head_bits:
+                    from eqat_cli.quantize import quantize_head
+
+                    quantize_head(lm.model, lm.arch, cfg.head_bits)
             lm.model.to(device)
             why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type,
-                                 cfg.group)
+                                 cfg.group, arch=lm.arch)
             release_memory()
+        head = (f", embedding and lm_head {cfg.head_bits}-bit" if cfg.head_bits else "")
         run_variant("quant", lm, peak.peak, time.perf_counter() - t0,
                     {"format": "rtn", "bits": cfg.bits, "group": cfg.group, "backend": why,
+                     "head_bits": cfg.head_bits,
                      "description": f"w{cfg.bits}g{cfg.group} min-max (RTN) quantized in "
-                                    f"process, decoder linear layers packed; {why}"})
+                                    f"process, decoder linear layers packed{head}; {why}"})
+        for name in compare:
+            why = attach_backend(lm.model, name, cfg.bits, torch.device(device).type, cfg.group,
+                                 arch=lm.arch)
+            run_variant(f"quant-{name}", lm, peak.peak, time.perf_counter() - t0,
+                        {"format": "rtn", "bits": cfg.bits, "group": cfg.group, "backend": why,
+                         "head_bits": cfg.head_bits,
+                         "description": f"the same quantized model{head}; {why}"})
         del lm
     else:
         count(progress, "load", "quantized", 0, 1)
         t0 = time.perf_counter()
         with PeakRSS() as peak:
-            lm = resolve(str(path), device=str(device), backend=cfg.backend)
+            lm = resolve(str(path), device=str(device), backend=cfg.backend,
+                         head_bits=cfg.head_bits)
             own_weights(lm.model)
         q = lm.quant
         if (q.get("bits"), q.get("group_size")) != (cfg.bits, cfg.group):
@@ -171,6 +191,12 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
                      "backend": q.get("backend"),
                      "description": f"{fmt} checkpoint w{q.get('bits')}g{q.get('group_size')} "
                                     f"loaded as is; {q.get('backend')}"})
+        for name in compare:
+            why = attach_backend(lm.model, name, q.get("bits"), torch.device(device).type,
+                                 q.get("group_size"), arch=lm.arch)
+            run_variant(f"quant-{name}", lm, peak.peak, time.perf_counter() - t0,
+                        {"format": fmt, "bits": q.get("bits"), "group": q.get("group_size"),
+                         "backend": why, "description": f"the same checkpoint; {why}"})
         del lm
         release_memory()
         source = _eqat_source(path)
@@ -216,4 +242,10 @@ def bench_model(cfg: BenchConfig, path: Path, device, progress: Progress = no_pr
             ),
         }
         result["same_text"] = fp["sample_text"] == qv["sample_text"]
+        for name in compare:
+            other = variants.get(f"quant-{name}")
+            if other is not None:
+                result["ratios"][f"speed_quant_{name}_over_fp"] = (
+                    other["tokens_per_s"]["median"] / fp_tps
+                )
     return result

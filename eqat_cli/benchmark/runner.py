@@ -64,6 +64,7 @@ class Plan:
     backend: dict
     shapes: ShapeSet
     kernel: Any = field(repr=False, default=None)
+    compare: dict = field(repr=False, default_factory=dict)  # name -> kernel
 
 
 def plan(cfg: BenchConfig) -> Plan:
@@ -84,8 +85,14 @@ def plan(cfg: BenchConfig) -> Plan:
         for s, ok, reason in reg.explain_backends(cfg.bits, dev.type, cfg.group)
     ]
     backend = {"requested": cfg.backend, "name": spec.name, "why": why, "candidates": candidates}
+    compare = {}
+    for name in cfg.compare:
+        other, other_why = reg.select_backend(name, cfg.bits, dev.type, cfg.group)
+        if other.name != spec.name:
+            compare[other.name] = other.kernel()
+    backend["compare"] = list(compare)
     shapes = resolve_shapes(cfg.shapes)
-    return Plan(cfg, dev, compute_dtype(dev), backend, shapes, spec.kernel())
+    return Plan(cfg, dev, compute_dtype(dev), backend, shapes, spec.kernel(), compare)
 
 
 def bench_from_spec(cfg: BenchConfig, progress: Progress = no_progress) -> dict:
@@ -107,6 +114,7 @@ def run(p: Plan, progress: Progress = no_progress) -> dict:
             bench_layer(
                 shape, cfg.bits, cfg.group, p.kernel, cfg.batches, cfg.layer_repeats,
                 cfg.warmup, p.device, p.dtype, seed=cfg.seed + i, progress=progress,
+                extra_kernels={name: (k, cfg.layer_repeats) for name, k in p.compare.items()},
             )
         )
         release_memory()
@@ -126,11 +134,16 @@ def run(p: Plan, progress: Progress = no_progress) -> dict:
         kind = "decode" if m == 1 else "prefill"
         summary[f"{kind}_time_ratio_max"] = max(ratios)
         summary[f"{kind}_time_ratio_min"] = min(ratios)
+        for name in p.compare:
+            other = [r[name]["median"] / r["dense"]["median"]
+                     for e in layers for r in e["batches"] if r["tokens"] == m]
+            summary[f"{kind}_time_ratio_max_{name}"] = max(other)
+            summary[f"{kind}_time_ratio_min_{name}"] = min(other)
     summary["memory_ratio_max"] = max(e["memory_ratio"] for e in layers)
 
     generation = None
     if cfg.generation and p.shapes.source == "model" and p.shapes.path is not None:
-        generation = bench_model(cfg, p.shapes.path, p.device, progress)
+        generation = bench_model(cfg, p.shapes.path, p.device, progress, compare=list(p.compare))
         if "ratios" in generation:
             summary["generation_slowdown"] = generation["ratios"]["slowdown_fp_over_quant"]
             summary["generation_weight_ratio"] = generation["ratios"]["weight_bytes_quant_over_fp"]

@@ -26,6 +26,10 @@ def kernel_cache_bytes(layer, kernel) -> int:
         from eqat_cli.quant.torch_kernel import zero_rows
 
         return tensor_bytes(zero_rows(layer, torch.uint8))  # the cached uint8 zero points
+    if getattr(kernel, "name", None) in ("cpu", "cpu-fused"):
+        from eqat_cli.quant.cpu_kernel import zero_points_u8
+
+        return tensor_bytes(zero_points_u8(layer))  # the cached uint8 zero points [G, N]
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from eqat_cli.cli.common import (
-    AT_LEAST_1, BITS, GROUP, BackendOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, counting_bars, emit_json,
+    AT_LEAST_1, BITS, GROUP, BackendOpt, QuantizeHeadOpt, DeviceOpt, JsonOpt, Range, TrustRemoteCodeOpt, console, counting_bars, emit_json,
     progress_bars,
 )
 
@@ -22,6 +22,8 @@ def bench_cmd(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per end-to-end run."), AT_LEAST_1] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).", show_default=False), AT_LEAST_1] = None,
     device: DeviceOpt = "auto",
+    compare_backend: Annotated[Optional[list[str]], typer.Option("--compare-backend", help="Also time this backend on the same packed layers and quantized model (repeatable), e.g. torch.", show_default=False)] = None,
+    quantize_head: QuantizeHeadOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -39,7 +41,7 @@ def bench_cmd(
     cfg = BenchConfig(
         bits=bits, group=group, shapes=shapes, backend=backend, device=device,
         prefill_tokens=prefill_tokens, repeats=repeats, new_tokens=new_tokens,
-        threads=threads,
+        threads=threads, compare=tuple(compare_backend or ()), head_bits=quantize_head,
     )
     cfg.validate()  # fail fast, before torch and the model are loaded
     results = _run(cfg)
@@ -98,8 +100,9 @@ def render(r: dict) -> None:
         soft_wrap=True,
     )
     t = Table(title=f"Layers of {r['shapes']['name']} (ms per forward)", title_justify="left")
+    others = r["backend"].get("compare", [])
     for col in ("layers", "in x out", "tokens", "dense", r["backend"]["name"], "time x",
-                "dense MiB", "packed MiB", "bytes x"):
+                *[c for o in others for c in (o, f"{o} x")], "dense MiB", "packed MiB", "bytes x"):
         t.add_column(col, justify="left" if col == "layers" else "right", overflow="fold")
     for e in r["layers"]:
         wb = e["weight_bytes"]
@@ -112,6 +115,8 @@ def render(r: dict) -> None:
                 _spread(row["dense"]),
                 _spread(row["quant"]),
                 f"{row['time_ratio']:.2f}",
+                *[c for o in others for c in (
+                    _spread(row[o]), f"{row[o]['median'] / row['dense']['median']:.2f}")],
                 _mib(wb["dense"]) if first else "",
                 _mib(wb["packed"]) if first else "",
                 f"{e['memory_ratio']:.3f}" if first else "",
@@ -136,7 +141,7 @@ def render(r: dict) -> None:
             for col in ("model", "tokens/s", "ms/token", "weights MiB", "RSS after load MiB",
                         "RSS peak gen MiB"):
                 g.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
-            for name in ("fp", "quant"):
+            for name in ("fp", "quant", *[f"quant-{o}" for o in others]):
                 if name not in variants:
                     continue
                 v = variants[name]

@@ -364,6 +364,13 @@ def backend_help(names: Optional[list[str]] = None) -> str:
 BACKEND_OPTION = typer.Option("--backend", help=backend_help())
 BackendOpt = Annotated[str, BACKEND_OPTION]
 
+QuantizeHeadOpt = Annotated[
+    Optional[int],
+    typer.Option("--quantize-head", help="Also quantize the token embedding and lm_head (min-max, "
+                 "group 64): 8 or 4 bits. They stay full precision otherwise.", show_default=False),
+    Range(ge=4, le=8),
+]
+
 
 def name_backends() -> None:
     """Name every registered backend, built-in or plugin, in ``--backend``'s help (``build_app``

@@ -8,6 +8,7 @@ import typer
 
 from eqat_cli.cli.common import (
     BackendOpt,
+    QuantizeHeadOpt,
     DataDirOpt,
     DeviceOpt,
     JsonOpt,
@@ -31,6 +32,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows / lm-eval requests per forward."), AT_LEAST_1] = 1,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
+    quantize_head: QuantizeHeadOpt = None,
     data_dir: DataDirOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
@@ -46,7 +48,7 @@ def eval_cmd(
     cfg = EvalConfig(
         model=model, ppl=split_list(ppl), tasks=split_list(tasks), seqlen=seqlen,
         limit=limit, batch_size=batch_size, device=device, backend=backend,
-        data_dir=data_dir,
+        data_dir=data_dir, head_bits=quantize_head,
     )
     results = _run(cfg)
     render(results)

@@ -32,6 +32,7 @@ class EvalConfig:
     device: str = "auto"
     backend: str = "auto"
     data_dir: Optional[Path] = None
+    head_bits: Optional[int] = None  # quantize the embedding and lm_head (models.resolve)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,6 +58,8 @@ def validate(cfg: EvalConfig) -> list:
         raise BadInputError(f"--limit must be at least 1, got {cfg.limit}")
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.head_bits not in (None, 4, 8):
+        raise BadInputError(f"--quantize-head must be 4 or 8, got {cfg.head_bits}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise BadInputError(f"data dir not found: {cfg.data_dir}")
     dup = sorted({p for p in cfg.ppl if cfg.ppl.count(p) > 1})
@@ -172,7 +175,8 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[P
     if plans is None:
         plans = validate(cfg)
     count(progress, "load", cfg.model, 0, 1)
-    loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend, require_arch=False)
+    loaded = resolve(cfg.model, device=cfg.device, backend=cfg.backend, require_arch=False,
+                     head_bits=cfg.head_bits)
     count(progress, "load", cfg.model, 1, 1)
     model, tok = loaded.model, loaded.tokenizer
     t_loaded = time.perf_counter()

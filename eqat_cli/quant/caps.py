@@ -7,6 +7,9 @@
   ``reference`` backend): dequantize with autograd, then one matmul, so it differentiates both
   the step sizes and the float zero points of ``--train-zeros``.
 
+* :data:`CPU_KERNEL_CAPS`: :mod:`eqat_cli.quant.cpu_kernel` (the ``cpu`` backend), declared
+  at the end of this module.
+
 This module imports no torch (``eqat --help`` imports the plugins that read it).
 """
 
@@ -22,3 +25,8 @@ TORCH_KERNEL_CAPS = KernelCaps(
 REFERENCE_KERNEL_CAPS = KernelCaps(
     bits=_ALL_BITS, devices=_ANY_DEVICE, group_sizes=None, backward=("scales", "zeros")
 )
+
+CPU_KERNEL_CAPS = KernelCaps(bits=_ALL_BITS, devices=("cpu",), group_sizes=None, backward=())
+"""The ``cpu`` backend (:mod:`eqat_cli.quant.cpu_kernel`): the C++ decode GEMV and blocked
+dequantize + sgemm prefill, every bit width and group size, CPU only, inference only (a forward
+that needs gradients runs the torch kernel it falls back to)."""

@@ -254,6 +254,46 @@ class PackedLinear(nn.Module):
         )
 
 
+class PackedEmbedding(nn.Module):
+    """An embedding table kept as a :class:`PackedLinear`'s codes (``--quantize-head``).
+
+    ``packed`` is the linear ``[vocab, dim]`` view of the table (``in_features`` = dim), so a
+    tied lm_head and the embedding share one packed layer (``eqat_cli.quantize.quantize_head``);
+    token ``t``'s row is column ``t`` of ``qweight``, dequantized on lookup as ``(q - z) * s``.
+    ``embed_scale`` (Gemma's scaled embeddings) multiplies the rows.
+    """
+
+    def __init__(self, packed: PackedLinear, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.packed = packed
+        self.num_embeddings = packed.out_features
+        self.embedding_dim = packed.in_features
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        flat = ids.reshape(-1)
+        pf = packing.pack_factor(p.bits)
+        q = packing.unpack_rows(p.qweight.index_select(1, flat), p.bits, p.in_features)  # [dim, T]
+        words = p.qzeros.index_select(1, torch.div(flat, pf, rounding_mode="floor"))  # [G, T]
+        shifts = (p.bits * (flat % pf)).to(torch.int32)
+        z = torch.bitwise_right_shift(words, shifts) & (2**p.bits - 1)
+        s = p.scales.detach().index_select(1, flat)
+        rows = dequantize_codes(q.t(), s.t(), z.t(), p.group_size, dtype=torch.float32)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale.float()
+        return rows.to(self.dtype).reshape(*ids.shape, p.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.packed.bits}"
+
+
 # ---------------------------------------------------------------------- module surgery
 
 
