@@ -64,17 +64,19 @@ class Probe:
         if kind == "none":
             return MODEL
         out = self.runs / f"fp-rot-{kind}-s{self.a.seed}"
-        if kind in self.data["rotations"] and out.exists():
+        rkey = f"{kind}-s{self.a.seed}" if self.a.seed else kind
+        if rkey in self.data["rotations"] and out.exists():
             return str(out)
         t0 = time.perf_counter()
-        self.data["rotations"][kind] = rotate_and_save(out, kind, self.a.seed, self.a.calib)
-        self.data["rotations"][kind]["wall_s"] = round(time.perf_counter() - t0, 1)
+        self.data["rotations"][rkey] = rotate_and_save(out, kind, self.a.seed, self.a.calib)
+        self.data["rotations"][rkey]["wall_s"] = round(time.perf_counter() - t0, 1)
         self.save()
         return str(out)
 
     def quantize(self, method: str, kind: str, bits: int) -> str:
-        key = f"{method}/{kind}/w{bits}g64"
-        out = self.runs / f"{method}-{kind}-w{bits}g64"
+        sfx = f"-s{self.a.seed}" if self.a.seed and kind != "none" else ""  # seed 0: no suffix
+        key = f"{method}/{kind}{sfx}/w{bits}g64"
+        out = self.runs / f"{method}-{kind}{sfx}-w{bits}g64"
         row = self.data["rows"].get(key)
         if row and out.exists():
             return key
@@ -82,11 +84,11 @@ class Probe:
         cmd = [*self.eqat, "block-ap", src, "--bits", str(bits), "--group", "64", "--calib", self.a.calib,
                *QUANT[method], "-o", str(out)]
         step = self.run(cmd, out.with_name(out.name + ".log"))
-        summary = HERE / "results" / "s13" / f"rot-{method}-{kind}-w{bits}g64.json"
+        summary = HERE / "results" / "s13" / f"rot-{method}-{kind}{sfx}-w{bits}g64.json"
         sfile = out / "blockap_summary.json"
         if sfile.exists():
             summary.write_text(sfile.read_text())
-        self.data["rows"][key] = {"method": method, "rotation": kind, "bits": bits, "group": 64,
+        self.data["rows"][key] = {"method": method, "rotation": kind + sfx, "bits": bits, "group": 64,
                                   "output": str(out), "quantize": step, "ppl": {}}
         self.save()
         return key
@@ -123,7 +125,7 @@ def rotate_and_save(out: Path, kind: str, seed: int, calib: str) -> dict:
     ids = load_calibration(Path(calib)).val[:1]
     with torch.no_grad():
         before = model(input_ids=ids).logits.double()
-    gains = arch.norm(model).weight.detach()
+    gains = arch.norm(model).weight.detach().clone()  # before rotate_model sets it to one
     info = rotate_model(model, arch, kind=kind, seed=seed, untie=True)
     with torch.no_grad():
         after = model(input_ids=ids).logits.double()

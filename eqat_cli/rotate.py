@@ -109,6 +109,35 @@ def check_rotatable(arch) -> None:
         )
 
 
+def _block_plan(block: nn.Module, arch, prefix: str = "") -> tuple[list, list]:
+    """The norms (with their gains), readers and writers of one block, checked."""
+    reads = []
+    for norm_name, readers in arch.residual_readers:
+        norm = _get(block, norm_name, "norm")
+        gain = _gain(norm, prefix + norm_name, float(arch.norm_gain_offset))
+        reads.append((norm, gain, [_linear(block, r, "reader") for r in readers]))
+    return reads, [_linear(block, w, "writer") for w in arch.rotation_writers]
+
+
+def _apply_block_plan(plan: tuple[list, list], q: torch.Tensor, offset: float) -> None:
+    reads, writes = plan
+    for norm, gain, readers in reads:
+        for lin in readers:
+            _read(lin, gain.to(q.device), q)
+        _unit_gain(norm, offset)
+    for lin in writes:
+        _write(lin, q)
+
+
+def rotate_block(block: nn.Module, arch, q: torch.Tensor, prefix: str = "") -> None:
+    """Rotate one full-precision decoder block by ``q`` (float64, from
+    :func:`~eqat_cli.quant.rotation.rotation_matrix`) in place: its norms' gains go into their
+    readers, readers ``W <- W Q``, writers ``W <- Q^T W``. For a trainer that loads blocks one at
+    a time; :func:`rotate_model` does the same to every block plus the embedding and the head."""
+    check_rotatable(arch)
+    _apply_block_plan(_block_plan(block, arch, prefix), q.to(next(block.parameters()).device), float(arch.norm_gain_offset))
+
+
 def rotate_model(model: nn.Module, arch, kind: str = "auto", seed: int = 0, untie: bool = False) -> RotationInfo:
     """Rotate ``model``'s residual stream in place (see the module docstring); the logits stay
     those of the unrotated model up to float rounding. ``kind`` and ``seed`` pick Q
@@ -128,29 +157,14 @@ def rotate_model(model: nn.Module, arch, kind: str = "auto", seed: int = 0, unti
             "between channels, so the gain cannot move into the head without untying it",
             hint="untie the head (one more vocabulary x width matrix in every export)",
         )
-    layers = arch.layers(model)
     # check everything before changing anything: a refusal leaves the model as it was
-    plan = []
-    for i, block in enumerate(layers):
-        prefix = arch.layer_prefix(i)
-        reads = []
-        for norm_name, readers in arch.residual_readers:
-            norm = _get(block, norm_name, "norm")
-            gain = _gain(norm, prefix + norm_name, offset)
-            reads.append((norm, gain, [_linear(block, r, "reader") for r in readers]))
-        writes = [_linear(block, w, "writer") for w in arch.rotation_writers]
-        plan.append((reads, writes))
+    plans = [_block_plan(block, arch, arch.layer_prefix(i)) for i, block in enumerate(arch.layers(model))]
     extra = [_linear(model, p, "embedding writer") for p in arch.embedding_writers]
 
     q, kind = rotation_matrix(width, kind, seed)
     q = q.to(embed.weight.device)
-    for reads, writes in plan:
-        for norm, gain, readers in reads:
-            for lin in readers:
-                _read(lin, gain.to(q.device), q)
-            _unit_gain(norm, offset)
-        for lin in writes:
-            _write(lin, q)
+    for plan in plans:
+        _apply_block_plan(plan, q, offset)
     for lin in extra:
         _write(lin, q)
     e = embed.weight.detach().double()

@@ -200,3 +200,19 @@ def test_rotated_model_quantizes_packs_and_round_trips(tmp_path, tie):
     assert res.exit_code == 0, res.output
     gm, _ = load_gguf_model(tmp_path / "m.gguf")
     assert_close_rel(logits(gm, ids), ref, GGUF_REL)
+
+
+def test_rotate_block_matches_rotate_model():
+    """Block by block (what a streaming trainer would do) gives the whole-model rotation's blocks."""
+    import copy
+
+    a, arch = _model("llama", False)
+    b = copy.deepcopy(a)
+    rotate_model(a, arch, seed=7)
+    q, _ = rotation_matrix(a.config.hidden_size, "auto", seed=7)
+    for i, block in enumerate(arch.layers(b)):
+        from eqat_cli.rotate import rotate_block
+
+        rotate_block(block, arch, q, arch.layer_prefix(i))
+    for (name, x), (_, y) in zip(arch.layers(a).state_dict().items(), arch.layers(b).state_dict().items()):
+        assert torch.equal(x, y), name
