@@ -22,11 +22,8 @@ def rel_err(w: torch.Tensor, bits: int, group: int = 64) -> float:
 
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = w.float().clone()
-    q = QuantLinear(lin, bits, group)
     with torch.no_grad():
-        deq = q.to_packed().dequantize() if hasattr(q.to_packed(), "dequantize") else None
-    if deq is None:
-        raise SystemExit("no dequantize")
+        deq = QuantLinear(lin, bits, group).to_packed().dequantize()
     return ((deq.float() - w.float()).norm() / w.float().norm()).item()
 
 
