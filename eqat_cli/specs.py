@@ -49,6 +49,17 @@ class ArchitectureSpec:
     # columns without changing the block (eqat_cli.quant.scaling).
     scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     norm_gain_offset: float = 0.0  # a norm's gain is offset + weight (Gemma: 1 + weight)
+    # The residual stream, for rotations folded into the weights (eqat_cli.rotate): each
+    # (norm, readers) pair names an RMSNorm of one block that reads the residual stream and the
+    # linears that read its output (q/k/v; gate/up); ``residual_writers`` the linears whose output
+    # is added to the residual stream as it is (o_proj, down_proj; default: every linear of
+    # ``linear_groups`` that reads no norm); ``embedding_writers`` model-level linears whose output
+    # enters the stream in place of token embeddings (LLaVA's projector). ``rotation_blocker``
+    # says in one line why a rotation cannot be exact for this family (None: it can).
+    residual_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    residual_writers: tuple[str, ...] = ()
+    embedding_writers: tuple[str, ...] = ()
+    rotation_blocker: str | None = None
 
     def module_key(self, checkpoint_key: str) -> str:
         import re
@@ -67,10 +78,23 @@ class ArchitectureSpec:
         for pair in self.scale_pairs:
             if len(pair) != 2 or not pair[1] or isinstance(pair[1], str) or not set(pair[1]) <= set(self.linear_names):
                 raise ValueError(f"architecture {self.name!r}: scale pair {pair!r} is not (producer, (its linear consumers))")
+        for pair in self.residual_readers:
+            if len(pair) != 2 or not pair[1] or isinstance(pair[1], str) or not set(pair[1]) <= set(self.linear_names):
+                raise ValueError(f"architecture {self.name!r}: residual reader {pair!r} is not (norm, (its linear readers))")
+        if not set(self.residual_writers) <= set(self.linear_names):
+            raise ValueError(f"architecture {self.name!r}: residual writers {self.residual_writers!r} are not its linears")
 
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(n for group in self.linear_groups for n in group)
+
+    @property
+    def rotation_writers(self) -> tuple[str, ...]:
+        """The linears that write the residual stream: declared, or every linear no norm feeds."""
+        if self.residual_writers:
+            return self.residual_writers
+        readers = {r for _, group in self.residual_readers for r in group}
+        return tuple(n for n in self.linear_names if n not in readers)
 
     def layers(self, model: Any) -> Any:
         """The ``nn.ModuleList`` of decoder blocks."""

@@ -9,7 +9,7 @@ config's ``layer_types``. The quantized linears are Llama's.
 """
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.plugins.llama import LLAMA
+from eqat_cli.plugins.llama import LLAMA, LLAMA_LINEARS
 from eqat_cli.specs import replace
 
 GEMMA3 = replace(
@@ -18,6 +18,13 @@ GEMMA3 = replace(
     model_types=("gemma3_text",),
     description="Gemma-3 text models (scaled embeddings, 4 norms per block, 5:1 sliding/global layers)",
     norm_gain_offset=1.0,  # Gemma3RMSNorm: x_normed * (1 + weight), for norm scale pairs
+    # post_attention_layernorm here normalizes o_proj's output; gate/up read pre_feedforward_layernorm
+    residual_readers=(("input_layernorm", LLAMA_LINEARS[0]), ("pre_feedforward_layernorm", LLAMA_LINEARS[2])),
+    rotation_blocker=(
+        "Gemma-3 normalizes o_proj's and down_proj's outputs (post-attention and post-feedforward "
+        "RMSNorms) before adding them to the residual stream, so a rotation of the stream cannot be "
+        "folded into the weights exactly"
+    ),
 )
 
 

@@ -16,6 +16,13 @@ LLAMA_LINEARS = (
 # not declared.
 LLAMA_SCALE_PAIRS = (("mlp.up_proj", ("mlp.down_proj",)),)
 
+# The residual stream: the pre-attention norm feeds q/k/v, the pre-MLP norm gate/up; o_proj and
+# down_proj add to the stream (derived: the linears no norm feeds).
+LLAMA_RESIDUAL_READERS = (
+    ("input_layernorm", LLAMA_LINEARS[0]),
+    ("post_attention_layernorm", LLAMA_LINEARS[2]),
+)
+
 LLAMA = ArchitectureSpec(
     name="llama",
     model_types=("llama",),
@@ -26,6 +33,7 @@ LLAMA = ArchitectureSpec(
     lm_head_path="lm_head",
     linear_groups=LLAMA_LINEARS,
     scale_pairs=LLAMA_SCALE_PAIRS,
+    residual_readers=LLAMA_RESIDUAL_READERS,
     description="Llama-2, Llama-3 (GQA, llama3 rope scaling), SmolLM2",
 )
 

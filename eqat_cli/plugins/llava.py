@@ -1,7 +1,7 @@
 """LLaVA: only the language model is quantized; vision tower and projector stay full precision."""
 
 from eqat_cli.hookspecs import hookimpl
-from eqat_cli.plugins.llama import LLAMA_LINEARS, LLAMA_SCALE_PAIRS
+from eqat_cli.plugins.llama import LLAMA_LINEARS, LLAMA_RESIDUAL_READERS, LLAMA_SCALE_PAIRS
 from eqat_cli.specs import ArchitectureSpec
 
 LLAVA = ArchitectureSpec(
@@ -15,6 +15,9 @@ LLAVA = ArchitectureSpec(
     linear_groups=LLAMA_LINEARS,
     scale_pairs=LLAMA_SCALE_PAIRS,
     full_precision_paths=("model.vision_tower", "model.multi_modal_projector"),
+    residual_readers=LLAMA_RESIDUAL_READERS,
+    # image features replace token embeddings: the projector's last linear writes the stream
+    embedding_writers=("model.multi_modal_projector.linear_2",),
     text_config_attr="text_config",
     checkpoint_renames=(
         (r"^language_model\.model\.", "model.language_model."),
