@@ -4,7 +4,7 @@
 precision, the ``smollm2`` alias) through :func:`eqat_cli.models.resolve`, so packed layers run
 the kernel the registry selects. :meth:`Generator.generate` prefills the prompt in one forward,
 then decodes one token per forward with the model's KV cache (transformers' cache returned as
-``past_key_values``), until an end-of-sequence token or ``max_new_tokens``; prefill and decode are
+``cache``, ``past_key_values`` before 5.2x), until an end-of-sequence token or ``max_new_tokens``; prefill and decode are
 timed separately. Text is streamed through a callback as soon as it decodes to whole characters
 (:class:`TextStream`); nothing here prints. :func:`chat_session` runs a multi-turn chat whose
 history goes through the tokenizer's chat template on every turn.
@@ -250,13 +250,16 @@ class Generator:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The chat template applied to ``messages``, ending with the assistant's turn opening."""
+    def require_chat_template(self) -> None:
         if not self.has_chat_template:
             raise BadInputError(
                 f"{self.info.get('model', 'the model')}: the tokenizer has no chat template",
                 hint="drop --chat/--system/--interactive and pass the raw prompt",
             )
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat template applied to ``messages``, ending with the assistant's turn opening."""
+        self.require_chat_template()
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja errors: the template refuses these messages
@@ -372,9 +375,16 @@ class Generator:
         system: Optional[str] = None,
     ) -> Generation:
         """Encode ``prompt`` (raw or through the chat template) and generate after it."""
+        ids, text = self.prepare(prompt, cfg, chat=chat, system=system)
+        return self.generate(ids, cfg, on_text, prompt_text=text)
+
+    def prepare(self, prompt: str, cfg: SamplingConfig, chat: bool = False,
+                system: Optional[str] = None) -> tuple[list[int], str]:
+        """Encode and check a prompt (empty, longer than the context) without generating."""
         cfg.validate()
         ids, text = self.encode(prompt, chat=chat, system=system)
-        return self.generate(ids, cfg, on_text, prompt_text=text)
+        self.check_fits(len(ids), cfg.max_new_tokens)
+        return ids, text
 
 
 def _cache_of(out: Any) -> Any:
@@ -452,8 +462,7 @@ def chat_session(
     ``{"seed", "turns": [...], "messages": [...]}``.
     """
     cfg.validate()
-    if not gen.has_chat_template:
-        gen.render_chat([])  # raises the no-template error
+    gen.require_chat_template()
     rng, seed = (None, None) if cfg.greedy else make_rng(cfg.seed)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)

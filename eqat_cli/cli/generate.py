@@ -62,11 +62,14 @@ def generate_cmd(
         raise BadInputError("the prompt is empty", hint="pass --prompt TEXT or pipe text on stdin")
     stream_text = not (json_out is not None and str(json_out) == "-")
     gen = _load(model, device, backend, threads)
-    console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
     if session:
+        gen.require_chat_template()
+        console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
         out = _session(gen, cfg, system, tty, stream_text)
     else:
-        res = gen.generate_text(prompt, cfg, _writer(stream_text), chat=chat, system=system)
+        ids, text = gen.prepare(prompt, cfg, chat=chat, system=system)  # refusals before any output
+        console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
+        res = gen.generate(ids, cfg, _writer(stream_text), prompt_text=text)
         if stream_text:
             _write("\n")
         _stats(res.to_dict())
