@@ -44,6 +44,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the context
     seed: Optional[int] = None  # None: a random seed, reported in the result
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def validate(self) -> "SamplingConfig":
         import math
@@ -322,7 +323,7 @@ class Generator:
         device = next(model.parameters()).device
         stream = TextStream(self.tokenizer)
         emit = on_text or (lambda s: None)
-        eos = set(self.eos_ids)
+        eos = set() if cfg.ignore_eos else set(self.eos_ids)
         context = torch.tensor(ids, dtype=torch.long)
         generated: list[int] = []
         stop, stop_id = "length", None

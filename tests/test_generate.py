@@ -166,11 +166,15 @@ def test_stops_at_eos(native_gen):
     native_gen.eos_ids = [stop_id]
     try:
         res = native_gen.generate_text(PROMPT, greedy(24))
+        cfg = greedy(24)
+        cfg.ignore_eos = True
+        full = native_gen.generate_text(PROMPT, cfg)
     finally:
         native_gen.eos_ids = saved
     assert res.stop == "eos" and res.stop_token_id == stop_id
     assert res.token_ids == ref.token_ids[:k]
     assert res.decode_steps == k  # k forwards after the prefill produced tokens 1..k
+    assert full.stop == "length" and full.token_ids == ref.token_ids[:24] and full.decode_steps == 23
 
 
 def test_eos_ids_cover_every_generation_config_id(native_gen):

@@ -24,6 +24,7 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this."), Range(gt=0, le=1)] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Keep only the k most likely tokens (0 = all)."), NON_NEGATIVE] = 0,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Divide the logits of tokens already in the context by this (1 = off)."), POSITIVE] = 1.0,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence tokens: generate exactly --max-new-tokens (for benchmarks).")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampling (default: random, reported in --json); the same seed repeats exactly.", show_default=False), Range(ge=0, lt=2**32)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).", show_default=False), AT_LEAST_1] = None,
     backend: BackendOpt = "auto",
@@ -47,7 +48,8 @@ def generate_cmd(
     from eqat_cli.generate import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         repetition_penalty=repetition_penalty, seed=seed).validate()
+                         repetition_penalty=repetition_penalty, seed=seed,
+                         ignore_eos=ignore_eos).validate()
     tty = _stdin_is_tty()
     if interactive and prompt is not None:
         from eqat_cli.errors import BadInputError
