@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build, save_tiny, tiny_llama_config
+from conftest import TINY_CONFIGS, build, save_tiny, tiny_llama_config
 from test_pack import byte_level_tokenizer, save_native_dir, sentencepiece_style_tokenizer
 
 CHAT_TEMPLATE = (
@@ -104,6 +104,27 @@ def test_kv_cache_decode_equals_full_forward_argmax(native_gen):
         for tok in res.token_ids:
             logits = native_gen.model(input_ids=torch.tensor([seq])).logits[0, -1]
             assert int(torch.argmax(logits)) == tok
+            seq.append(tok)
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_every_architecture_decodes_like_full_forwards(arch, tmp_path):
+    """Greedy decoding on the KV cache (sliding windows, GQA, q/k norms, Gemma-3's layer types,
+    LLaVA's text model) picks the argmax of a cache-free forward at every step."""
+    from eqat_cli.generate import load_generator
+
+    d = save_tiny(build(TINY_CONFIGS[arch]()), tmp_path / arch)
+    gen = load_generator(str(d), device="cpu")
+    ids, _ = gen.encode(PROMPT)
+    cfg = greedy(12)
+    cfg.ignore_eos = True
+    res = gen.generate(ids, cfg)
+    assert len(res.token_ids) == 12 and len(ids) + 12 > 8  # past the sliding windows
+    seq = list(ids)
+    with torch.no_grad():
+        for tok in res.token_ids:
+            logits = gen.model(input_ids=torch.tensor([seq])).logits[0, -1]
+            assert int(torch.argmax(logits)) == tok, arch
             seq.append(tok)
 
 
