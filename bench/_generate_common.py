@@ -101,7 +101,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu_model": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg_start": os.getloadavg()}
+            "python": platform.python_version(), "load_avg": os.getloadavg()}
 
 
 def git_head() -> str | None:

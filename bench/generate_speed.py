@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    load_start = os.getloadavg()
 
     variants = {"fp32": args.model}
     for s in args.schemes.split(","):
@@ -75,7 +76,7 @@ def main() -> None:
     result = {
         "what": "eqat generate speed, fp32 vs packed RTN checkpoints (greedy, --ignore-eos)",
         "config": vars(args) | {"json": str(args.json) if args.json else None},
-        "machine": machine() | {"load_avg_end": os.getloadavg()},
+        "machine": machine() | {"load_avg_start": load_start, "load_avg_end": os.getloadavg()},
         "git_head": git_head(),
         "seconds": time.time() - t0,
         "variants": table,

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    load_start = os.getloadavg()
 
     bench_bin = args.llama_bin / "llama-bench"
     if not bench_bin.exists():
@@ -89,7 +90,7 @@ def main() -> None:
 
     def eqat_row(name: str) -> dict:
         rs = runs[name]
-        return {"model": eqat_models[name], "format": rs[0]["format"], "quant": rs[0]["quant"],
+        return {"model_path": eqat_models[name], "format": rs[0]["format"], "quant": rs[0]["quant"],
                 "backend": rs[0]["backend"], "prompt_tokens": rs[0]["prompt_tokens"], "new_tokens": rs[0]["new_tokens"],
                 "prefill_tokens_per_s": statistics.median(d["prefill_tokens_per_s"] for d in rs),
                 "decode_tokens_per_s": statistics.median(d["decode_tokens_per_s"] for d in rs),
@@ -100,10 +101,10 @@ def main() -> None:
 
     w = f"w{args.bits}g{args.group}"
     rows = [
-        {"runtime": "llama.cpp", "model": f"eqat's {w} RTN GGUF export (Q4_1)", "bits": args.bits, **lb_row(eqat_gguf)},
-        {"runtime": "llama.cpp", "model": "shipped SmolLM2 Q4_1 GGUF (FP model file)", "bits": 4, **lb_row(fp_gguf)},
-        {"runtime": "eqat", "model": f"{w} RTN, packed (eqat native)", "bits": args.bits, **eqat_row("packed")},
-        {"runtime": "eqat", "model": "SmolLM2 FP (shipped GGUF dequantized), fp32", "bits": 32, **eqat_row("fp32")},
+        {**lb_row(eqat_gguf), "runtime": "llama.cpp", "model": f"eqat's {w} RTN GGUF export (Q4_1)", "bits": args.bits},
+        {**lb_row(fp_gguf), "runtime": "llama.cpp", "model": "shipped SmolLM2 Q4_1 GGUF (FP model file)", "bits": 4},
+        {**eqat_row("packed"), "runtime": "eqat", "model": f"{w} RTN, packed (eqat native)", "bits": args.bits},
+        {**eqat_row("fp32"), "runtime": "eqat", "model": "SmolLM2 FP (shipped GGUF dequantized), fp32", "bits": 32},
     ]
     rows[2]["ratio_vs"] = "llama.cpp on eqat's GGUF export (same model, same bits)"
     rows[2]["decode_ratio_eqat_over_llamacpp"] = rows[2]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
@@ -126,7 +127,7 @@ def main() -> None:
         "eqat_command": f"eqat generate MODEL -p <~{args.prompt_tokens} tokens> -n {args.new_tokens} --ignore-eos "
                         f"--threads {args.threads} (one process per run, median of {args.eqat_repeats})",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine() | {"load_avg_end": os.getloadavg()},
+        "machine": machine() | {"load_avg_start": load_start, "load_avg_end": os.getloadavg()},
         "git_head": git_head(),
         "seconds": time.time() - t0,
         "rows": rows,
