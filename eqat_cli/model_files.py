@@ -287,6 +287,9 @@ def load_config(path: str | os.PathLike) -> Any:
 
 
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Any of these makes a directory worth handing to AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "merges.txt")
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs) -> Any:
@@ -294,6 +297,11 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> Any:
     from transformers import AutoTokenizer
 
     p = Path(path)
+    if p.is_dir() and not any((p / name).exists() for name in TOKENIZER_FILES):
+        raise BadInputError(
+            f"{p}: the model has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])})",
+            hint="copy the tokenizer files of the model it was made from into the directory",
+        )
     if p.is_dir():
         for name in TOKENIZER_JSON_FILES:
             if (p / name).exists():

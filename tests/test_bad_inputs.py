@@ -157,6 +157,15 @@ def e2e(s: Scratch, model=None, *extra) -> list:
             "--val-samples", "1", "--loss", "ntp", "--global-batch", "1", "-o", s.out, *extra]
 
 
+def gen(s: Scratch, model=None, *extra) -> list:
+    return ["generate", model or s.world["fp"], "-p", "the cat", "-n", "4", *extra]
+
+
+def _no_tokenizer(d: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (d / name).unlink(missing_ok=True)
+
+
 def pk(s: Scratch, model=None, fmt="gptq_v2", *extra) -> list:
     return ["pack", model or s.world["q"], "--format", fmt, "-o", s.out, *extra]
 
@@ -295,6 +304,15 @@ CASES = [
     Case("bench-threads", lambda s: ["bench", "--threads", "0"], "--threads must be", json_out=True),
     Case("bench-shapes-missing", lambda s: ["bench", "--shapes", str(s.tmp / "nope")], "--shapes", json_out=True),
     Case("bench-shapes-config-damaged", lambda s: ["bench", "--shapes", str(s.config("{"))], "not valid JSON", json_out=True),
+    Case("generate-empty-prompt", lambda s: ["generate", s.world["fp"], "-p", "  \n "], "the prompt is empty", json_out=True),
+    Case("generate-prompt-too-long", lambda s: gen(s)[:2] + ["-p", "the cat sat " * 30, "-n", "8"],
+         "context of 256 tokens", json_out=True),
+    Case("generate-no-tokenizer", lambda s: gen(s, s.model_with(_no_tokenizer, base="q")), "has no tokenizer", json_out=True),
+    Case("generate-chat-no-template", lambda s: gen(s, None, "--chat"), "no chat template", json_out=True),
+    Case("generate-temperature-negative", lambda s: gen(s, None, "-t", "-0.5"), "--temperature must be", json_out=True),
+    Case("generate-top-p-zero", lambda s: gen(s, None, "--top-p", "0"), "--top-p must be", json_out=True),
+    Case("generate-max-new-tokens-zero", lambda s: gen(s, None, "-n", "0"), "--max-new-tokens must be", json_out=True),
+    Case("generate-seed-too-big", lambda s: gen(s, None, "--seed", str(2**32)), "--seed must be", json_out=True),
     Case("plugins-bits", lambda s: ["plugins", "--bits", "7"], "--bits must be", json_out=True),
     # --- outputs, formats, hub ids -----------------------------------------------------------------
     Case("pack-unknown-format", lambda s: pk(s, None, "awq"), "unknown format"),

@@ -13,7 +13,7 @@ from eqat_cli.cli.app import COMMANDS as TABLE, build_app
 from eqat_cli.cli.completions import OUT_DIR, SHELLS, generate
 
 runner = CliRunner()
-COMMANDS = ["calibrate", "block-ap", "e2e-qp", "pack", "eval", "pull", "bench", "plugins"]
+COMMANDS = ["calibrate", "block-ap", "e2e-qp", "pack", "eval", "generate", "pull", "bench", "plugins"]
 
 
 def invoke(*args, env=None):

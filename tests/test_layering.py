@@ -40,6 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"formats", "model_files", "readers", "hub", "registry", "device", "fsutil", "quant", "quantize"},
     "formats": {"quant", "model_files", "readers", "registry", "format_spec", "fsutil"},
     "quantize": {"quant"},
+    "generate": {"models", "memory"},
     "rotate": {"quant"},
     "quant": {"specs"},
     "data": {"readers", "hub", "registry"},

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from eqat_cli import __version__
-from eqat_cli.cli import bench, block_ap, calibrate, common, e2e_qp, pack, plugins, pull
+from eqat_cli.cli import bench, block_ap, calibrate, common, e2e_qp, generate, pack, plugins, pull
 from eqat_cli.cli import eval as eval_
 
 HELP = """EfficientQAT for everyone: quantize LLMs to 2-4 bits, evaluate, pack and serve them.
@@ -43,6 +43,8 @@ COMMANDS = (
      "Write a quantized model as eqat native, GPTQ v1/v2, dense fp16, or GGUF."),
     ("eval", eval_.eval_cmd,
      "Measure perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval)."),
+    ("generate", generate.generate_cmd,
+     "Generate text with any model eqat loads: a prompt or an interactive chat, streamed, with tokens/s."),
     ("pull", pull.pull_cmd,
      "Download a model (resumable), then print its format, bits, group and size."),
     ("bench", bench.bench_cmd,
