@@ -35,3 +35,6 @@ print(f"\nWikiText-2 perplexity (40 windows of 512 tokens): full precision {pf:.
 print(f"quantized layers: {bits.get('formula') or bits.get('effective')} bits per weight "
       f"(fp32 model: 32); Block-AP took {bap['seconds']:.0f} s")
 PY
+# Talk to the quantized model (greedy; prints its prefill/decode speed and peak RSS at the end).
+echo
+"$EQAT" generate "$OUT/w${BITS}g64" --chat -p "What is the capital of France? Answer in one sentence." -n 32

@@ -220,14 +220,24 @@ class GGUFFile:
 
     def field(self, key: str) -> Any:
         f = self.reader.fields.get(key)
-        return f.contents() if f is not None else None
+        if f is None:
+            return None
+        try:  # gguf-py decodes lazily: a string that is not UTF-8, an unknown type
+            return f.contents()
+        except Exception as e:
+            raise BadInputError(f"{self.path}: not a readable GGUF file (metadata {key!r}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
     @property
     def architecture(self) -> str | None:
         return self.field("general.architecture")
 
     def tensor_types(self) -> dict[str, int]:
-        return dict(Counter(t.tensor_type.name for t in self.reader.tensors))
+        try:
+            return dict(Counter(t.tensor_type.name for t in self.reader.tensors))
+        except Exception as e:
+            raise BadInputError(f"{self.path}: not a readable GGUF file (tensor table: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
     def tensors(self) -> dict[str, Any]:
         """Every tensor dequantized to float32 numpy, in numpy/torch layout ``[rows, cols]``."""
