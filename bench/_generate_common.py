@@ -110,3 +110,14 @@ def git_head() -> str | None:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """Write ``result`` to ``path`` atomically (a temporary sibling renamed into place)."""
+    if not path:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr)

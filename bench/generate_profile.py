@@ -17,7 +17,6 @@ then times --steps one-token decode steps two ways:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _generate_common import git_head, machine, prompt_of  # noqa: E402
+from _generate_common import git_head, machine, prompt_of, write_json  # noqa: E402
 
 
 def category(name: str, mod) -> str | None:
@@ -145,12 +144,7 @@ def main() -> None:
                                                                 for k, v in vars(args).items()},
               "machine": machine() | {"load_avg_end": os.getloadavg()}, "git_head": git_head(),
               "step_ms": total_ms, "parts_ms_per_step": per_step, "top_ops": top}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ ratio packed/fp32 (the issue's target: >= 1.5x at decode). Packed layers run the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _generate_common import git_head, machine, prompt_of, rtn_checkpoint, run_generate  # noqa: E402
+from _generate_common import git_head, machine, prompt_of, rtn_checkpoint, run_generate, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -88,12 +87,7 @@ def main() -> None:
         backend = row["backend"].split(":")[0] if row["quant"] else "fp32 torch"
         print(f"| SmolLM2 {name} | {backend} | {row['prefill_tokens_per_s']:.1f} | {row['decode_tokens_per_s']:.2f} | "
               f"{row['decode_ratio_vs_fp32']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

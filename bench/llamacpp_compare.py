@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _generate_common import git_head, gguf_export, machine, prompt_of, rtn_checkpoint, run_generate  # noqa: E402
+from _generate_common import git_head, gguf_export, machine, prompt_of, rtn_checkpoint, run_generate, write_json  # noqa: E402
 
 LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-rt/llama.cpp/build/bin"))
 
@@ -133,12 +133,7 @@ def main() -> None:
         "rows": rows,
         "target": "eqat decode >= 0.5x llama.cpp on the same model and bits",
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,13 @@ def _block_ap(out):
     block_ap_from_spec("smollm2", out, BlockAPConfig(), dataset="c4")
 
 
-@pytest.mark.parametrize("entry", [_calibrate, _pack, _e2e, _block_ap])
+def _pull(out):
+    from eqat_cli.cli.pull import pull
+
+    pull("someone/some-model", local_dir=out, show_progress=False)
+
+
+@pytest.mark.parametrize("entry", [_calibrate, _pack, _e2e, _block_ap, _pull])
 def test_every_writing_command_takes_the_lock_before_reading_anything(entry, tmp_path):
     """Each command's library entry refuses a held output before it loads a model or data."""
     out = tmp_path / ("out.safetensors" if entry is _calibrate else "out")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from eqat_cli.cli.common import JsonOpt, console, emit_json, progress_bars
+from eqat_cli.cli.common import JsonOpt, WaitOpt, console, emit_json, progress_bars, render_lock_event
 
 
 def rich_tqdm_class(progress: Any) -> type:
@@ -89,8 +89,10 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = None,
-         show_progress: bool = True) -> Any:
-    """Download ``repo_id`` (resumable) and return its :class:`ModelInfo`."""
+         show_progress: bool = True, wait: bool = False) -> Any:
+    """Download ``repo_id`` (resumable) and return its :class:`ModelInfo`. With ``local_dir``, the
+    directory's output lock is held for the whole download (one writer per output; the Hub cache
+    has huggingface_hub's own file locks)."""
     check_repo_id(repo_id)
     if revision is not None and (not revision.strip() or ".." in revision or revision.startswith(("/", "-"))):
         from eqat_cli.errors import BadInputError
@@ -119,19 +121,27 @@ def pull(repo_id: str, revision: str | None = None, local_dir: Path | None = Non
         def render(self, task):
             return super().render(task) if task.fields.get("unit") == "B" else Text("")
 
-    progress = progress_bars(columns=(AmountColumn(), SpeedColumn(), TimeRemainingColumn()), disable=not show_progress)
-    with progress:
-        path = download(
-            repo_id, revision=revision, local_dir=str(local_dir) if local_dir else None,
-            tqdm_class=rich_tqdm_class(progress),
-        )
-    return inspect_path(path)
+    from contextlib import nullcontext
+
+    from eqat_cli.fsutil import output_lock
+
+    lock = output_lock(local_dir, wait=wait, progress=render_lock_event) if local_dir else nullcontext()
+    with lock:
+        progress = progress_bars(columns=(AmountColumn(), SpeedColumn(), TimeRemainingColumn()),
+                                 disable=not show_progress)
+        with progress:
+            path = download(
+                repo_id, revision=revision, local_dir=str(local_dir) if local_dir else None,
+                tqdm_class=rich_tqdm_class(progress),
+            )
+        return inspect_path(path)
 
 
 def pull_cmd(
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, e.g. ChenMnZ/Llama-2-7b-EfficientQAT-w2g64.", show_default=False)],
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download here instead of the HF cache.")] = None,
+    wait: WaitOpt = False,
     json_out: JsonOpt = None,
 ):
     """Bits and group size are detected from the safetensors headers (tensor shapes), so
@@ -142,7 +152,7 @@ def pull_cmd(
     """
     from rich.table import Table
 
-    info = pull(repo_id, revision, local_dir)
+    info = pull(repo_id, revision, local_dir, wait=wait)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
