@@ -126,7 +126,7 @@ def check_real(args, work: Path) -> list[dict]:
             row["pack_seconds"] = round(time.time() - t0, 1)
         row["gguf"] = str(gguf)
         row["gguf_bytes"] = gguf.stat().st_size
-        from eqat_cli.formats.detect import inspect_path
+        from eqat_cli.formats.describe import inspect_path
 
         row["tensor_types"] = inspect_path(gguf).details.get("tensor_types")
         row["llama_cpp"] = llama_perplexity(Path(args.bin), gguf, text, args.ctx, args.chunks, args.threads)

@@ -85,7 +85,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from eqat_cli.data import perplexity_text
+    from eqat_cli.eval.ppl_text import perplexity_text
     from eqat_cli.eval.perplexity import tokenize, window_losses
     from eqat_cli.formats import mlx as mlx_format
     from eqat_cli.models import resolve
