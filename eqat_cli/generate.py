@@ -412,9 +412,11 @@ def load_generator(
     backend: str = "auto",
     threads: Optional[int] = None,
     progress: Optional[Progress] = None,
+    head_bits: Optional[int] = None,
 ) -> Generator:
     """Load ``spec`` like ``eqat eval`` does (every format, architectures no plugin describes
-    included) with the registry's backend for packed layers. Progress: ``load`` 0/1, then 1/1."""
+    included) with the registry's backend for packed layers; ``head_bits`` (8 or 4) also
+    quantizes the token embedding and lm_head. Progress: ``load`` 0/1, then 1/1."""
     import torch
 
     from eqat_cli.models import resolve
@@ -422,7 +424,7 @@ def load_generator(
     if threads is not None:
         torch.set_num_threads(int(threads))
     count(progress, "load", spec, 0, 1)
-    lm = resolve(spec, device=device, backend=backend, require_arch=False)
+    lm = resolve(spec, device=device, backend=backend, require_arch=False, head_bits=head_bits)
     count(progress, "load", spec, 1, 1)
     tok = lm.tokenizer
     if tok is None or not callable(getattr(tok, "decode", None)):

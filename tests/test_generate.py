@@ -341,3 +341,21 @@ def test_smollm2_greedy(smollm2_dir):
     assert "Paris" in res.text
     assert res.decode_tokens_per_s and res.decode_tokens_per_s > 0
     assert 2 in gen.eos_ids  # <|im_end|>
+
+
+def test_quantize_head_passes_through(forms, tmp_path):
+    """`--quantize-head 8` loads the model with its embedding and lm_head packed (8-bit) and
+    generates; the library entry takes the same `head_bits`."""
+    from eqat_cli.generate import load_generator
+    from eqat_cli.quant.linear import PackedLinear
+
+    gen = load_generator(str(forms["native"]), device="cpu", head_bits=8)
+    assert isinstance(gen.model.get_output_embeddings(), PackedLinear)
+    assert gen.model.get_output_embeddings().bits == 8
+    out = tmp_path / "h.json"
+    res = invoke("generate", forms["native"], "-p", PROMPT, "-n", "6", "--quantize-head", "8", "--json", out,
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert 0 < json.loads(out.read_text())["new_tokens"] <= 6
+    bad = invoke("generate", forms["native"], "-p", PROMPT, "--quantize-head", "5", "--device", "cpu")
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import typer
 
 from eqat_cli.cli.common import (
     AT_LEAST_1, NON_NEGATIVE, POSITIVE, BackendOpt, DeviceOpt, JsonOpt, ModelArg, Range,
-    TrustRemoteCodeOpt, console, emit_json,
+    QuantizeHeadOpt, TrustRemoteCodeOpt, console, emit_json,
 )
 
 
@@ -29,6 +29,7 @@ def generate_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).", show_default=False), AT_LEAST_1] = None,
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
+    quantize_head: QuantizeHeadOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -63,7 +64,7 @@ def generate_cmd(
 
         raise BadInputError("the prompt is empty", hint="pass --prompt TEXT or pipe text on stdin")
     stream_text = not (json_out is not None and str(json_out) == "-")
-    gen = _load(model, device, backend, threads)
+    gen = _load(model, device, backend, threads, quantize_head)
     if session:
         gen.require_chat_template()
         console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
@@ -86,14 +87,14 @@ def _stdin_is_tty() -> bool:
         return False
 
 
-def _load(model: str, device: str, backend: str, threads: Optional[int]) -> Any:
+def _load(model: str, device: str, backend: str, threads: Optional[int], head_bits: Optional[int] = None) -> Any:
     import transformers
 
     from eqat_cli.generate import load_generator
 
     transformers.utils.logging.disable_progress_bar()
     with console.status(f"loading {model}"):
-        return load_generator(model, device=device, backend=backend, threads=threads)
+        return load_generator(model, device=device, backend=backend, threads=threads, head_bits=head_bits)
 
 
 def _write(text: str) -> None:
