@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -90,18 +89,10 @@ def run_generate(model: str | Path, prompt: str, new_tokens: int, threads: int =
 
 
 def machine() -> dict:
-    import torch
+    """The library's machine description (``eqat bench`` writes the same), plus the load average."""
+    from eqat_cli.benchmark import machine_info
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu_model": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg": os.getloadavg()}
+    return machine_info() | {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
 
 
 def git_head() -> str | None:

@@ -100,24 +100,24 @@ DENSE = Format(
 # -- GGUF: Q4_0 for 2/3-bit, Q4_1 for 4-bit ------------------------------------------------------
 
 
-def _check_gguf(model, tokenizer=None) -> None:
-    from eqat_cli.formats.gguf_export import check
+def _lazy(module: str, name: str):
+    """``module.name``, imported on the first call (the writers import torch; this module must not)."""
 
-    check(model, tokenizer)
+    def call(*args, **kwargs):
+        import importlib
 
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
-def _write_gguf(job: WriteJob) -> dict:
-    from eqat_cli.formats.gguf_export import write_job
-
-    return write_job(job)
+    call.__name__ = name
+    return call
 
 
 GGUF = Format(
     name="gguf",
     aliases=("gguf_q4_1", "q4_1", "gguf_q4_0", "q4_0"),
     description="GGUF (llama.cpp): 2/3-bit as Q4_0, 4-bit as Q4_1, exactly",
-    check=_check_gguf,
-    write=_write_gguf,
+    check=_lazy("eqat_cli.formats.gguf_export", "check"),
+    write=_lazy("eqat_cli.formats.gguf_export", "write_job"),
     load_hint="llama-cli -m {out}  |  AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)",
     output="file",
     suffix=".gguf",
@@ -125,25 +125,12 @@ GGUF = Format(
 
 # -- MLX (mlx-lm affine layout) ------------------------------------------------------------------
 
-
-def _check_mlx(model, tokenizer=None) -> None:
-    from eqat_cli.formats.mlx import check
-
-    check(model, tokenizer)
-
-
-def _write_mlx(job: WriteJob) -> dict:
-    from eqat_cli.formats.mlx import write_job
-
-    return write_job(job)
-
-
 MLX = Format(
     name="mlx",
     aliases=("mlx_lm",),
     description="MLX (mlx-lm affine quantization): 2/3/4/8 bits, groups 32/64/128",
-    check=_check_mlx,
-    write=_write_mlx,
+    check=_lazy("eqat_cli.formats.mlx", "check"),
+    write=_lazy("eqat_cli.formats.mlx", "write_job"),
     load_hint="mlx_lm.generate --model {out} --prompt 'Hello'  |  mlx_lm.load('{out}')",
 )
 
