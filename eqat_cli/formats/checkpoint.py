@@ -23,9 +23,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from eqat_cli.errors import BadInputError
+from eqat_cli.errors import BadInputError, MissingDependencyError
 from eqat_cli.formats.detect import TensorMeta, layout_of, quantized_layer_names, read_safetensors_header  # noqa: F401
 from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.model_files import read_model_config
+from eqat_cli.readers import check_gguf, read_json, reading
 from eqat_cli.scheme import QuantScheme
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,9 +71,6 @@ class Checkpoint:
         """Read ``path``'s description. A directory without safetensors files (e.g.
         ``pytorch_model.bin`` only) opens with no tensors unless ``require_weights``;
         ``config=False`` reads the weights' description only (no ``config.json`` needed)."""
-        from eqat_cli.model_files import read_model_config
-        from eqat_cli.readers import read_json
-
         p = Path(path)
         if config and not (p / "config.json").exists():
             raise BadInputError(f"{path} has no config.json")
@@ -161,8 +160,6 @@ class GGUFFile:
     def check_header(cls, path: str | os.PathLike) -> tuple[int, int, int]:
         """Magic, version and the tensor and metadata counts, checked against the file's size
         before any parser trusts them. Returns ``(version, n_tensors, n_kv)``."""
-        from eqat_cli.readers import reading
-
         p = Path(path)
         with reading(p, "GGUF file"):
             size = p.stat().st_size
@@ -181,21 +178,17 @@ class GGUFFile:
                 f"{p}: damaged GGUF header: it claims {n_tensors} tensors and {n_kv} metadata entries, "
                 f"more than a file of {size} bytes can hold"
             )
-        from eqat_cli.readers import check_gguf
 
         check_gguf(p)  # every length and count of the metadata and tensor table bounded (fuzzed)
         return version, n_tensors, n_kv
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "GGUFFile":
-        from eqat_cli.readers import reading
-
         p = Path(path)
         cls.check_header(p)
         try:
             from gguf import GGUFReader
         except ImportError as e:  # pragma: no cover - gguf is a core dependency
-            from eqat_cli.errors import MissingDependencyError
 
             raise MissingDependencyError("gguf", "reading a .gguf file") from e
         try:

@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.formats.checkpoint import GGUFFile
+from eqat_cli.formats.gptq import uniform_bits_group
+from eqat_cli.model_files import hf_load
 from eqat_cli.quant.linear import PackedLinear
 
 QK = 32  # Q4_1 block length
@@ -214,7 +217,6 @@ def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
                 f"{name}: step sizes are not fp16 values, so the GGUF block scale d = s would round",
                 hint="save the model with `eqat pack --format eqat` first (fp16 step sizes), then export",
             )
-    from eqat_cli.formats.gptq import uniform_bits_group
 
     try:
         _, group = uniform_bits_group(layers, "GGUF")
@@ -590,15 +592,11 @@ def write_job(job: Any) -> dict:
 
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a GGUF file dequantized to float32, in numpy/torch layout ``[rows, cols]``."""
-    from eqat_cli.formats.checkpoint import GGUFFile
-
     return GGUFFile.open(path).tensors()
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Every metadata field of a GGUF file."""
-    from eqat_cli.formats.checkpoint import GGUFFile
-
     return GGUFFile.open(path).metadata
 
 
@@ -606,9 +604,6 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     """Load through transformers (``gguf_file=``), the way users will. The header is checked first
     (:meth:`GGUFFile.check_header`) and every failure names the file, not its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from eqat_cli.formats.checkpoint import GGUFFile
-    from eqat_cli.model_files import hf_load
 
     p = Path(path)
     GGUFFile.check_header(p)

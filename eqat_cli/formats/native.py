@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
-from eqat_cli.formats.checkpoint import Checkpoint
+from eqat_cli.formats.checkpoint import Checkpoint, read_safetensors_header
 from eqat_cli.formats.detect import layer_quant, quantized_layer_names
 from eqat_cli.formats.meta import FORMAT_VERSION, CheckpointMeta  # noqa: F401 - FORMAT_VERSION re-exported
 from eqat_cli.formats.shards import write_index
+from eqat_cli.fsutil import atomic_file
+from eqat_cli.model_files import hf_load
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear, set_submodule
+from eqat_cli.readers import reading
 from eqat_cli.scheme import QuantScheme
 
 FORMAT_NAME = "eqat"
@@ -99,8 +102,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """One safetensors shard, atomically (a resumed run never sees half a file)."""
     from safetensors.torch import save_file
 
-    from eqat_cli.fsutil import atomic_file
-
     with atomic_file(path) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA)
 
@@ -129,8 +130,6 @@ class NativeWriter:
         self._record(name, {k: tensor_bytes({k: v}) for k, v in tensors.items()})
 
     def adopt(self, name: str) -> None:
-        from eqat_cli.formats.checkpoint import read_safetensors_header
-
         header = read_safetensors_header(self.dir / name)
         self._record(name, {k: t.nbytes for k, t in header.items()})
 
@@ -227,8 +226,6 @@ def load_state(path: Path | Checkpoint) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint's shards (the headers were validated when it was opened)."""
     from safetensors.torch import load_file
 
-    from eqat_cli.readers import reading
-
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     sd = {}
     for f in ckpt.weight_files():
@@ -307,8 +304,6 @@ def load_packed_model(
     ``gptq3`` default to what its layout says. Bits and group size come from the ``eqat`` section
     when eqat wrote one, else from the tensor shapes."""
     from transformers import AutoConfig
-
-    from eqat_cli.model_files import hf_load
 
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     path = ckpt.path
