@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from eqat_cli.quant.gptq import HessianAccumulator, gptq_quantize_with_residue
+from eqat_cli.quant.linear import set_submodule
+from eqat_cli.quant.primitives import dequantize_codes
+from eqat_cli.quant.rounding import RoundQuantLinear
+from eqat_cli.quant.scaling import InputStats, apply_scales, search_scales
 from eqat_cli.quantize import fake_quantize_block
 from eqat_cli.train.block_ap.blockio import block_kwargs_cached
 from eqat_cli.train.block_ap.config import BlockAPConfig
 
 def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, device, dtype) -> dict:
     """Input Hessians of every quantizable linear of ``block`` over ``inputs`` (one pass, no grad)."""
-    from eqat_cli.quant.gptq import HessianAccumulator
-
     acc, hooks = {}, []
     grams: dict = {}  # per batch: q/k/v (and gate/up) see the same input tensor; multiply once
 
@@ -53,8 +56,6 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
     """Fold AWQ-searched per-channel scales into each of the architecture's scale pairs of
     ``block`` (still full precision), from the consumers' inputs over ``inputs`` (the inputs the
     block will train on). The block's function is unchanged. Returns one record per pair."""
-    from eqat_cli.quant.scaling import InputStats, apply_scales, search_scales
-
     if not arch.scale_pairs:
         return []
     # Consumers of one pair read the same tensor: one hook on the first is enough.
@@ -89,9 +90,6 @@ def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp
     weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell
     where GPTQ rounded it (see :func:`gptq_quantize_with_residue`). Block-AP then trains all three
     from this point instead of from min-max."""
-    from eqat_cli.quant.gptq import gptq_quantize_with_residue
-    from eqat_cli.quant.primitives import dequantize_codes
-
     with torch.no_grad():
         for name, q in quantized.items():
             codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], bits, group, damp)
@@ -106,9 +104,6 @@ def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.T
     ``inputs`` (the inputs the block will train on). Returns the fake-quant modules by name:
     :class:`QuantLinear` (``param="free"``) or :class:`RoundQuantLinear` (``param="round"``), both
     at exactly that starting point."""
-    from eqat_cli.quant.linear import set_submodule
-    from eqat_cli.quant.rounding import RoundQuantLinear
-
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
