@@ -18,12 +18,16 @@ Torch is imported inside the functions: importing this module is cheap.
 
 from __future__ import annotations
 
+import inspect
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.memory import peak_rss_bytes
+from eqat_cli.models import resolve
 from eqat_cli.progress import Progress, count
 
 TextCallback = Callable[[str], None]
@@ -47,8 +51,6 @@ class SamplingConfig:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def validate(self) -> "SamplingConfig":
-        import math
-
         def finite(name: str, v: float) -> None:
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BadInputError(f"{name} must be a finite number, got {v!r}")
@@ -310,8 +312,6 @@ class Generator:
         ``cfg.seed``."""
         import torch
 
-        from eqat_cli.memory import peak_rss_bytes
-
         cfg.validate()
         self.check_fits(len(ids), cfg.max_new_tokens)
         seed = None
@@ -395,8 +395,6 @@ def _cache_of(out: Any) -> Any:
 
 
 def _accepts(model: Any, name: str) -> bool:
-    import inspect
-
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -418,8 +416,6 @@ def load_generator(
     included) with the registry's backend for packed layers; ``head_bits`` (8 or 4) also
     quantizes the token embedding and lm_head. Progress: ``load`` 0/1, then 1/1."""
     import torch
-
-    from eqat_cli.models import resolve
 
     if threads is not None:
         torch.set_num_threads(int(threads))

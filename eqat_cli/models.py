@@ -309,7 +309,6 @@ def resolve(
     else:
         arch = registry.find_architecture(model.config.model_type)
     if head_bits is not None:
-        from eqat_cli.errors import BadInputError
         from eqat_cli.quantize import quantize_head
 
         if head_bits not in (4, 8):

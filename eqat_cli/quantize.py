@@ -5,9 +5,10 @@ Arch-agnostic: the linear layers come from the registry's :class:`ArchitectureSp
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from eqat_cli.quant.linear import PackedLinear, QuantLinear, replace_linears
+from eqat_cli.quant.linear import PackedEmbedding, PackedLinear, QuantLinear, replace_linears, set_submodule
 from eqat_cli.quant.rounding import RoundQuantLinear
 
 
@@ -49,10 +50,6 @@ def quantize_head(model: nn.Module, arch, bits: int, group: int = HEAD_GROUP) ->
     the embedding a :class:`~eqat_cli.quant.linear.PackedEmbedding`. A tied pair (SmolLM2) stays
     tied: both use one packed layer, so the table is stored once. Returns what was quantized.
     """
-    import torch
-
-    from eqat_cli.quant.linear import PackedEmbedding, set_submodule
-
     if bits not in (4, 8):
         raise ValueError(f"the embedding and lm_head quantize to 8 or 4 bits, not {bits}")
     embed, head = arch.embed(model), arch.lm_head(model)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
+from eqat_cli.format_spec import Format, FormatTable
 from eqat_cli.plugin_manager import get_plugin_manager
 from eqat_cli.specs import bits_label
 
@@ -47,7 +48,6 @@ class Registry:
             ("register_backends", BackendSpec, self.backends),
             ("register_datasets", DatasetSpec, self.datasets),
         ]
-        from eqat_cli.format_spec import Format, FormatTable
 
         hooks.append(("register_formats", Format, self.formats))
         for hook_name, cls, table in hooks:

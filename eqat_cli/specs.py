@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -62,8 +63,6 @@ class ArchitectureSpec:
     rotation_blocker: str | None = None
 
     def module_key(self, checkpoint_key: str) -> str:
-        import re
-
         for pattern, repl in self.checkpoint_renames:
             new = re.sub(pattern, repl, checkpoint_key)
             if new != checkpoint_key:

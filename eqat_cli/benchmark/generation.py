@@ -10,8 +10,10 @@ from eqat_cli.benchmark.config import BenchConfig, Progress, no_progress
 from eqat_cli.benchmark.rss import PeakRSS, own_weights
 from eqat_cli.benchmark.sizes import model_weight_bytes
 from eqat_cli.benchmark.timing import device_sync, summarize
-from eqat_cli.errors import BadInputError
+from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.formats.checkpoint import Checkpoint, detect_format
 from eqat_cli.memory import release_memory, rss_bytes
+from eqat_cli.models import attach_backend, resolve
 from eqat_cli.progress import count
 
 
@@ -69,8 +71,6 @@ def measure_generation(
 
 
 def _eqat_source(path: Path) -> str | None:
-    from eqat_cli.formats.checkpoint import Checkpoint
-
     try:
         meta = Checkpoint.open(path).meta
     except (OSError, ValueError, BadInputError):
@@ -92,9 +92,6 @@ def bench_model(
     variant too (:func:`eqat_cli.quantize.quantize_head`).
     """
     import torch
-
-    from eqat_cli.formats.checkpoint import detect_format
-    from eqat_cli.models import attach_backend, resolve
 
     notes: list[str] = []
     variants: dict[str, dict] = {}
@@ -206,8 +203,6 @@ def bench_model(
                 "source model"
             )
         else:
-            from eqat_cli.errors import EqatError
-
             count(progress, "load", "full precision", 0, 1)
             baseline = rss_bytes()
             t0 = time.perf_counter()

@@ -25,6 +25,7 @@ and a separate output head are F16, norms and biases F32, plus the ``tokenizer.g
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -144,8 +145,6 @@ def llama3_rope_factors(config: Any) -> np.ndarray:
     """llama.cpp's ``rope_freqs`` for Llama-3 rope scaling: one divisor per frequency pair, so that
     ``base^(-2i/d) / factor_i`` equals transformers' llama3 inverse frequency (1 for short
     wavelengths, ``factor`` for long ones, a smooth blend between)."""
-    import math
-
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
