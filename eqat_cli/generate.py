@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from eqat_cli.errors import BadInputError
 from eqat_cli.memory import peak_rss_bytes
 from eqat_cli.models import resolve
-from eqat_cli.progress import Progress, count
+from eqat_cli.progress import Progress, count, no_progress
 
 TextCallback = Callable[[str], None]
 SESSION_EXIT = ("/exit", "/quit", "/bye")
@@ -485,3 +485,58 @@ def chat_session(
         turns.append(info)
         notify("turn", info)
     return {"seed": seed, "turns": turns, "messages": messages}
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def generate_from_spec(
+    spec: str,
+    cfg: SamplingConfig,
+    prompt: Optional[str] = None,
+    *,
+    chat: bool = False,
+    system: Optional[str] = None,
+    session: bool = False,
+    read_line: Optional[Callable[[], Optional[str]]] = None,
+    on_text: Optional[TextCallback] = None,
+    progress: Progress = no_progress,
+    device: str = "auto",
+    backend: str = "auto",
+    threads: Optional[int] = None,
+    head_bits: Optional[int] = None,
+) -> dict:
+    """``eqat generate``'s library entry: check the options, load ``spec``
+    (:func:`load_generator`), then answer ``prompt`` once, or with ``session`` run a multi-turn
+    chat over the lines ``read_line`` returns (:func:`chat_session`). Text streams through
+    ``on_text``.
+
+    Refused before the model loads: a ``prompt`` with ``session`` (a session reads its messages
+    from ``read_line``), an empty prompt. Progress: ``load`` 0/1 and 1/1; ``ready`` (``info``: the
+    model's description, once loaded and every refusal of the prompt done, before the first
+    token); per session turn ``turn`` (the turn's :class:`Generation` as a dict) and ``reset``.
+    Returns the model's description, ``sampling`` (the config) and the generation (one prompt:
+    the :class:`Generation` as a dict and ``chat``; a session: ``chat``, ``interactive``,
+    ``seed``, ``turns`` and ``messages``).
+    """
+    cfg.validate()
+    if session and prompt is not None:
+        raise BadInputError("--interactive reads the messages from stdin; drop --prompt")
+    if session and read_line is None:
+        raise BadInputError("a chat session needs a source of user messages")
+    if not session and (prompt is None or not prompt.strip()):
+        raise BadInputError("the prompt is empty", hint="pass --prompt TEXT or pipe text on stdin")
+    gen = load_generator(spec, device=device, backend=backend, threads=threads, progress=progress,
+                         head_bits=head_bits)
+    if session:
+        gen.require_chat_template()
+        progress("ready", dict(gen.info))
+        out = chat_session(gen, cfg, read_line, on_text, progress, system=system)
+        out = {"chat": True, "interactive": True, **{k: v for k, v in out.items() if k != "messages"},
+               "messages": out["messages"]}
+    else:
+        ids, text = gen.prepare(prompt, cfg, chat=chat, system=system)  # refusals before any output
+        progress("ready", dict(gen.info))
+        res = gen.generate(ids, cfg, on_text, prompt_text=text)
+        out = {**res.to_dict(), "chat": bool(chat or system)}
+    return {**gen.info, "sampling": asdict(cfg), **out}

@@ -176,8 +176,8 @@ def download(
     checked against the recorded sha256 (LFS) or git blob id. Offline, the cached copy is used
     as is.
 
-    ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull`` passes a
-    Rich-backed one). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
+    ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull``'s entry
+    passes one that reports progress events). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
     files finished by an earlier, interrupted call are not downloaded again.
     """
     from huggingface_hub import constants as hf_constants

@@ -91,6 +91,26 @@ def test_pull_detects_efficientqat_release_from_shapes(release_dir, hub_env, tmp
     assert info["bits_per_weight"] == pytest.approx(2 + 18 / 32, rel=0.02)
 
 
+def test_pull_library_entry_reports_the_download_as_counting_events(release_dir, hub_env, tmp_path):
+    """``eqat pull``'s library entry: the files and bytes bars arrive as ``download`` events that end
+    at their totals; the result describes the download; nothing is printed."""
+    from eqat_cli.pull import pull_from_spec
+
+    events = []
+    with FakeHub({REPO_ID: Repo.from_dir(release_dir)}) as hub:
+        hub_env(hub.url)
+        info = pull_from_spec(REPO_ID, local_dir=tmp_path / "dl", progress=lambda e, i: events.append((e, dict(i))))
+    assert (info.format, info.bits, info.group_size) == ("eqat", 2, 32)
+    assert {e for e, _ in events} == {"download"}
+    last = {i["bar"]: i for _, i in events}
+    labels = {i["label"] for i in last.values()}
+    assert "files" in labels
+    for i in last.values():
+        assert i["total"] is None or i["done"] == i["total"]
+    files = [i for i in last.values() if i["label"] == "files"]
+    assert files[-1]["done"] == len(list(release_dir.iterdir()))
+
+
 def test_pull_resumes_an_interrupted_download(release_dir, hub_env, tmp_path):
     repo = Repo.from_dir(release_dir)
     size = len(repo.files["model.safetensors"])
