@@ -26,34 +26,9 @@ from typing import Any
 from eqat_cli.errors import BadInputError, MissingDependencyError
 from eqat_cli.formats.detect import TensorMeta, layout_of, quantized_layer_names, read_safetensors_header  # noqa: F401
 from eqat_cli.formats.meta import CheckpointMeta
-from eqat_cli.model_files import read_model_config
-from eqat_cli.readers import check_gguf, read_json, reading
+from eqat_cli.model_files import INDEX_FILE, read_index, read_model_config, shard_files  # noqa: F401 (re-exported)
+from eqat_cli.readers import check_gguf, reading
 from eqat_cli.scheme import QuantScheme
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def shard_files(path: Path, index: dict | None = None) -> list[Path]:
-    """The weight shards of a model directory: those its index lists (checked to stay inside the
-    directory and to exist), else ``model.safetensors``, else every ``*.safetensors``."""
-    path = Path(path)
-    if index is not None:
-        idx_file = path / INDEX_FILE
-        wm = index.get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise BadInputError(f"{idx_file}: safetensors index has no weight_map of tensor -> file")
-        files = []
-        for name in sorted(set(wm.values())):
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise BadInputError(f"{idx_file}: shard name {name!r} points outside the model directory")
-            if not (path / name).exists():
-                raise BadInputError(f"{idx_file}: lists shard {name}, which is missing")
-            files.append(path / name)
-        return files
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    return sorted(path.glob("*.safetensors"))
-
 
 @dataclass
 class Checkpoint:
@@ -75,7 +50,7 @@ class Checkpoint:
         if config and not (p / "config.json").exists():
             raise BadInputError(f"{path} has no config.json")
         config = read_model_config(p) if config else {}
-        index = read_json(p / INDEX_FILE, "safetensors index") if (p / INDEX_FILE).exists() else None
+        index = read_index(p)
         files = shard_files(p, index)
         if not files and require_weights:
             raise BadInputError(f"{p} holds no .safetensors weights")
