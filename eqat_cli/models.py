@@ -309,13 +309,13 @@ def resolve(
     else:
         arch = registry.find_architecture(model.config.model_type)
     if head_bits is not None:
-        from eqat_cli.quantize import quantize_head
+        from eqat_cli.quantize import head_scheme, quantize_head
 
         if head_bits not in (4, 8):
             raise BadInputError(f"the embedding and lm_head quantize to 8 or 4 bits, not {head_bits}")
         if arch is None:
             raise BadInputError("quantizing the embedding and lm_head needs the model's architecture plugin")
-        quant["head"] = quantize_head(model, arch, head_bits)
+        quant["head"] = quantize_head(model, arch, head_scheme(head_bits))
     model.to(dev)
     model.eval()
     if quant:

@@ -18,7 +18,7 @@ from eqat_cli.scheme import QuantScheme
 
 def _quantized(bits=4, group=32):
     model = build(tiny_llama_config())
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), bits, group)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(bits, group))
     return model
 
 

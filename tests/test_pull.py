@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from conftest import REPO, build, tiny_llama_config
 from hubserver import FakeHub, Repo, unused_port_url
 
+from eqat_cli.scheme import QuantScheme
+
 REPO_ID = "ChenMnZ/tiny-llama-EfficientQAT-w2g32"
 runner = CliRunner()
 
@@ -33,7 +35,7 @@ def release_dir(tmp_path_factory):
     from eqat_cli.registry import get_registry
 
     model = build(tiny_llama_config(num_hidden_layers=1))
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), 2, 32)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(2, 32))
     out = tmp_path_factory.mktemp("release") / "w2g32"
     out.mkdir()
     save_native(model, None, out, None)

@@ -147,11 +147,11 @@ def bench_model(
         t0 = time.perf_counter()
         with PeakRSS() as peak:
             with torch.no_grad():
-                rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
+                rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.scheme)
                 if cfg.head_bits:
-                    from eqat_cli.quantize import quantize_head
+                    from eqat_cli.quantize import head_scheme, quantize_head
 
-                    quantize_head(lm.model, lm.arch, cfg.head_bits)
+                    quantize_head(lm.model, lm.arch, head_scheme(cfg.head_bits))
             lm.model.to(device)
             why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type,
                                  cfg.group, arch=lm.arch)

@@ -112,7 +112,7 @@ def run(p: Plan, progress: Progress = no_progress) -> dict:
         count(progress, "shapes", p.shapes.name, i, len(p.shapes.shapes))
         layers.append(
             bench_layer(
-                shape, cfg.bits, cfg.group, p.kernel, cfg.batches, cfg.layer_repeats,
+                shape, cfg.scheme, p.kernel, cfg.batches, cfg.layer_repeats,
                 cfg.warmup, p.device, p.dtype, seed=cfg.seed + i, progress=progress,
                 extra_kernels={name: (k, cfg.layer_repeats) for name, k in p.compare.items()},
             )

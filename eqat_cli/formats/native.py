@@ -285,7 +285,7 @@ def install_packed_layers(
         if int(zeros.min()) < 0 or int(zeros.max()) > 2**bits - 1:
             raise BadInputError(f"{name}: zero points out of range after offset {zero_offset}")
         layer = PackedLinear.from_codes(
-            codes.t(), scales.t().float(), zeros.t(), bits, group, bias=bias, scales_dtype=torch.float16
+            codes.t(), scales.t().float(), zeros.t(), QuantScheme(bits, group), bias=bias, scales_dtype=torch.float16
         )
         set_submodule(model, name, layer)
         found[name] = (bits, group)

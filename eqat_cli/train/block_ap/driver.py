@@ -300,7 +300,7 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     model, arch, cfg, device, fwd_batch = src.model, src.arch, src.cfg, src.device, src.fwd_batch
     q_in, fp_out, q_in_v, fp_out_v = acts.q_in, acts.fp_out, acts.q_in_v, acts.fp_out_v
     # Channel scales, and GPTQ Hessians, from the quantized chain's inputs, as the block will see them.
-    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, cfg.bits, cfg.group_size) \
+    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, cfg.scheme) \
         if cfg.resolved_channel_scale else []
     quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
     block.to(device)
