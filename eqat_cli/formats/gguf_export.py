@@ -39,7 +39,7 @@ from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.formats.checkpoint import GGUFFile
-from eqat_cli.formats.gptq import uniform_bits_group
+from eqat_cli.formats.gptq import uniform_scheme
 from eqat_cli.model_files import hf_load
 from eqat_cli.quant.linear import PackedLinear
 
@@ -218,7 +218,7 @@ def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
             )
 
     try:
-        _, group = uniform_bits_group(layers, "GGUF")
+        group = uniform_scheme(layers, "GGUF").group_size
     except UnsupportedError:  # mixed (compatible) group sizes are fine: every 32-block has its own d
         group = None
     if tokenizer is not None:
