@@ -140,6 +140,12 @@ class Registry:
         ``bits`` and ``group_size`` are one value or all of a model's (``group_size=None``
         leaves groups out); with ``trains`` (e.g. ``("scales",)``) a backend must also
         differentiate those tensors. Each backend answers from its kernel's ``KernelCaps``.
+
+        Ints, not :class:`~eqat_cli.scheme.QuantScheme`: the question is over the *sets* of bit
+        widths and group sizes of a model's layers (mixed models included), or over bits alone
+        (``eqat plugins --bits``), and it is answered by ``KernelCaps``, which plugins declare in
+        :mod:`eqat_cli.specs` (imports nothing of eqat). A caller with schemes passes
+        ``[s.bits for s in schemes]`` and ``[s.group_size for s in schemes]``.
         """
         trains = tuple(trains)
         rows = []

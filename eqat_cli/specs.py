@@ -249,7 +249,8 @@ class KernelCaps:
     ) -> str | None:
         """Why this kernel cannot run (``trains`` empty) or train layers of these bit widths and
         group sizes on ``device``; ``None`` when it can. ``group_size=None`` leaves groups out of
-        the question."""
+        the question. Plain ints (one or a model's set): this module imports nothing of eqat, so
+        it does not know :class:`eqat_cli.scheme.QuantScheme`."""
         if device not in self.devices:
             return f"runs on {_join(self.devices)}, not {device}"
         for b in _ints(bits):
