@@ -32,6 +32,7 @@ from eqat_cli.model_files import (
 from eqat_cli.model_files import load_tokenizer as read_tokenizer
 from eqat_cli.readers import check_gguf
 from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -331,9 +332,11 @@ def resolve(
     return LoadedModel(model, tok, arch, source, fmt, quant, path)
 
 
-def summarize_layers(layers: dict[str, tuple[int, int]]) -> dict:
-    bits = sorted({b for b, _ in layers.values()})
-    groups = sorted({g for _, g in layers.values()})
+def summarize_layers(layers: dict[str, QuantScheme]) -> dict:
+    """The ``quant`` summary of a packed model's layer schemes: one bits / group size, or the
+    sorted lists of a model that mixes them."""
+    bits = sorted({s.bits for s in layers.values()})
+    groups = sorted({s.group_size for s in layers.values()})
     return {
         "bits": bits[0] if len(bits) == 1 else bits,
         "group_size": groups[0] if len(groups) == 1 else groups,

@@ -109,7 +109,7 @@ def test_load_reads_bits_and_group_from_the_metadata_first(tmp_path, monkeypatch
 
     monkeypatch.setattr(detect, "group_from_rows", no_guessing)
     _, layers = load_packed_model(d)
-    assert set(layers.values()) == {(4, 32)}
+    assert set(layers.values()) == {QuantScheme(4, 32)}
     # A foreign checkpoint (no eqat section) is inferred from shapes.
     cfg = json.loads((d / "config.json").read_text())
     del cfg["eqat"]

@@ -32,7 +32,7 @@ def test_round_trip_same_logits(tmp_path, cfg, bits, group):
     _save(model, tmp_path / "q", {"bits": bits, "group_size": group, "architecture": arch.name})
     loaded, layers = load_packed_model(tmp_path / "q")
     assert len(layers) == len(arch.layers(model)) * len(arch.linear_names)
-    assert set(layers.values()) == {(bits, group)}
+    assert set(layers.values()) == {QuantScheme(bits, group)}
     ids = torch.randint(0, 200, (1, 16))
     with torch.no_grad():
         a = model(input_ids=ids).logits
@@ -55,7 +55,7 @@ def test_release_without_eqat_section_detected_from_shapes(tmp_path):
     from eqat_cli.formats.native import load_packed_model
 
     _, layers = load_packed_model(tmp_path / "rel")
-    assert set(layers.values()) == {(2, 32)}
+    assert set(layers.values()) == {QuantScheme(2, 32)}
 
 
 def test_tied_embeddings_stored_once(tmp_path):

@@ -172,7 +172,7 @@ def test_gptq_v1_converts_back_to_native(tiny_src, tmp_path):
     res = invoke("pack", tmp_path / "v1", "-f", "eqat", "-o", tmp_path / "back")
     assert res.exit_code == 0, res.output
     back, layers = load_packed_model(tmp_path / "back")
-    assert set(layers.values()) == {(4, 32)}
+    assert set(layers.values()) == {QuantScheme(4, 32)}
     sec = json.loads((tmp_path / "back" / "config.json").read_text())["eqat"]
     assert sec["source_format"] == "gptq" and "quantization_config" not in json.loads(
         (tmp_path / "back" / "config.json").read_text())

@@ -247,13 +247,13 @@ def build_skeleton(config: Any) -> nn.Module:
 def install_packed_layers(
     model: nn.Module, sd: dict[str, torch.Tensor], zero_offset: int = 0, gptq3: bool = False,
     declared: QuantScheme | None = None,
-) -> dict[str, tuple[int, int]]:
+) -> dict[str, QuantScheme]:
     """Replace every ``nn.Linear`` that has a ``qweight`` in ``sd`` by a loaded PackedLinear.
 
     ``zero_offset`` is added to stored zeros (GPTQ v1 stores ``z - 1``); ``gptq3`` reads GPTQ's
     3-bit packing; ``declared`` is the scheme the checkpoint records (checked against each layer's
     shapes; without it they are inferred). Consumes the quantized tensors from ``sd``. Returns
-    ``{name: (bits, group)}``.
+    ``{name: its QuantScheme}``.
     """
     found = {}
     for name in quantized_layer_names(sd.keys()):
@@ -285,10 +285,10 @@ def install_packed_layers(
         if int(zeros.min()) < 0 or int(zeros.max()) > 2**bits - 1:
             raise BadInputError(f"{name}: zero points out of range after offset {zero_offset}")
         layer = PackedLinear.from_codes(
-            codes.t(), scales.t().float(), zeros.t(), QuantScheme(bits, group), bias=bias, scales_dtype=torch.float16
+            codes.t(), scales.t().float(), zeros.t(), lq.scheme, bias=bias, scales_dtype=torch.float16
         )
         set_submodule(model, name, layer)
-        found[name] = (bits, group)
+        found[name] = lq.scheme
     return found
 
 
