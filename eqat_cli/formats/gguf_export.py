@@ -254,7 +254,8 @@ def unpermute_rows(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -
 def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> np.ndarray:
     """Codes ``[out, in]`` (0..15), step ``[out, n_groups]`` (fp16), zeros ``[out, n_groups]`` ->
     Q4_1 bytes ``[out, in / 32 * 20]`` (``d``, ``m`` as fp16, then 16 bytes of nibbles: element
-    ``j`` in the low nibble of byte ``j``, element ``j + 16`` in its high nibble)."""
+    ``j`` in the low nibble of byte ``j``, element ``j + 16`` in its high nibble). A byte-layout
+    kernel: the group length as an int (the bit width is fixed by the block type)."""
     out_f, in_f = codes.shape
     nb = in_f // QK
     g = in_f if group == -1 else group

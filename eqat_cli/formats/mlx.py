@@ -162,7 +162,9 @@ def check(model: nn.Module, tokenizer: Any = None) -> MLXPlan:
 
 def pack_weight(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes ``[out, in]`` (0 .. 2^bits - 1) -> mlx's uint32 ``[out, in * bits / 32]`` (each row a
-    little-endian bit stream, code ``j`` at bit ``bits * j``)."""
+    little-endian bit stream, code ``j`` at bit ``bits * j``). Like the functions below, a numpy
+    kernel of the layout: plain ``bits`` / ``group`` ints, not a ``QuantScheme`` (``check`` and
+    ``write`` work from the model's layers and their schemes)."""
     out_f, in_f = codes.shape
     c = codes.astype(np.uint64)
     if 32 % bits == 0:
