@@ -18,13 +18,17 @@ Torch is imported inside the functions: importing this module is cheap.
 
 from __future__ import annotations
 
+import inspect
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.progress import Progress, count
+from eqat_cli.memory import peak_rss_bytes
+from eqat_cli.models import resolve
+from eqat_cli.progress import Progress, count, no_progress
 
 TextCallback = Callable[[str], None]
 SESSION_EXIT = ("/exit", "/quit", "/bye")
@@ -47,8 +51,6 @@ class SamplingConfig:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def validate(self) -> "SamplingConfig":
-        import math
-
         def finite(name: str, v: float) -> None:
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BadInputError(f"{name} must be a finite number, got {v!r}")
@@ -310,8 +312,6 @@ class Generator:
         ``cfg.seed``."""
         import torch
 
-        from eqat_cli.memory import peak_rss_bytes
-
         cfg.validate()
         self.check_fits(len(ids), cfg.max_new_tokens)
         seed = None
@@ -395,8 +395,6 @@ def _cache_of(out: Any) -> Any:
 
 
 def _accepts(model: Any, name: str) -> bool:
-    import inspect
-
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -418,8 +416,6 @@ def load_generator(
     included) with the registry's backend for packed layers; ``head_bits`` (8 or 4) also
     quantizes the token embedding and lm_head. Progress: ``load`` 0/1, then 1/1."""
     import torch
-
-    from eqat_cli.models import resolve
 
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -489,3 +485,58 @@ def chat_session(
         turns.append(info)
         notify("turn", info)
     return {"seed": seed, "turns": turns, "messages": messages}
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def generate_from_spec(
+    spec: str,
+    cfg: SamplingConfig,
+    prompt: Optional[str] = None,
+    *,
+    chat: bool = False,
+    system: Optional[str] = None,
+    session: bool = False,
+    read_line: Optional[Callable[[], Optional[str]]] = None,
+    on_text: Optional[TextCallback] = None,
+    progress: Progress = no_progress,
+    device: str = "auto",
+    backend: str = "auto",
+    threads: Optional[int] = None,
+    head_bits: Optional[int] = None,
+) -> dict:
+    """``eqat generate``'s library entry: check the options, load ``spec``
+    (:func:`load_generator`), then answer ``prompt`` once, or with ``session`` run a multi-turn
+    chat over the lines ``read_line`` returns (:func:`chat_session`). Text streams through
+    ``on_text``.
+
+    Refused before the model loads: a ``prompt`` with ``session`` (a session reads its messages
+    from ``read_line``), an empty prompt. Progress: ``load`` 0/1 and 1/1; ``ready`` (``info``: the
+    model's description, once loaded and every refusal of the prompt done, before the first
+    token); per session turn ``turn`` (the turn's :class:`Generation` as a dict) and ``reset``.
+    Returns the model's description, ``sampling`` (the config) and the generation (one prompt:
+    the :class:`Generation` as a dict and ``chat``; a session: ``chat``, ``interactive``,
+    ``seed``, ``turns`` and ``messages``).
+    """
+    cfg.validate()
+    if session and prompt is not None:
+        raise BadInputError("--interactive reads the messages from stdin; drop --prompt")
+    if session and read_line is None:
+        raise BadInputError("a chat session needs a source of user messages")
+    if not session and (prompt is None or not prompt.strip()):
+        raise BadInputError("the prompt is empty", hint="pass --prompt TEXT or pipe text on stdin")
+    gen = load_generator(spec, device=device, backend=backend, threads=threads, progress=progress,
+                         head_bits=head_bits)
+    if session:
+        gen.require_chat_template()
+        progress("ready", dict(gen.info))
+        out = chat_session(gen, cfg, read_line, on_text, progress, system=system)
+        out = {"chat": True, "interactive": True, **{k: v for k, v in out.items() if k != "messages"},
+               "messages": out["messages"]}
+    else:
+        ids, text = gen.prepare(prompt, cfg, chat=chat, system=system)  # refusals before any output
+        progress("ready", dict(gen.info))
+        res = gen.generate(ids, cfg, on_text, prompt_text=text)
+        out = {**res.to_dict(), "chat": bool(chat or system)}
+    return {**gen.info, "sampling": asdict(cfg), **out}

@@ -5,16 +5,18 @@ Arch-agnostic: the linear layers come from the registry's :class:`ArchitectureSp
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from eqat_cli.quant.linear import PackedLinear, QuantLinear, replace_linears
+from eqat_cli.quant.linear import PackedEmbedding, PackedLinear, QuantLinear, replace_linears, set_submodule
 from eqat_cli.quant.rounding import RoundQuantLinear
+from eqat_cli.scheme import QuantScheme
 
 
-def fake_quantize_block(block: nn.Module, arch, bits: int, group: int) -> dict[str, QuantLinear]:
+def fake_quantize_block(block: nn.Module, arch, scheme: QuantScheme) -> dict[str, QuantLinear]:
     """Swap the block's linear layers for min-max initialised :class:`QuantLinear` (in place)."""
     return replace_linears(
-        block, list(arch.linear_names), lambda name, lin: QuantLinear(lin, bits, group)
+        block, list(arch.linear_names), lambda name, lin: QuantLinear(lin, scheme)
     )
 
 
@@ -31,10 +33,10 @@ def pack_block(block: nn.Module) -> dict[str, PackedLinear]:
     return out
 
 
-def rtn_quantize_model(model: nn.Module, arch, bits: int, group: int) -> nn.Module:
+def rtn_quantize_model(model: nn.Module, arch, scheme: QuantScheme) -> nn.Module:
     """Min-max (round-to-nearest) quantization of every decoder block, packed, in place."""
     for block in arch.layers(model):
-        fake_quantize_block(block, arch, bits, group)
+        fake_quantize_block(block, arch, scheme)
         pack_block(block)
     return model
 
@@ -42,29 +44,33 @@ def rtn_quantize_model(model: nn.Module, arch, bits: int, group: int) -> nn.Modu
 HEAD_GROUP = 64  # group size of a quantized embedding / lm_head (--quantize-head)
 
 
-def quantize_head(model: nn.Module, arch, bits: int, group: int = HEAD_GROUP) -> dict:
-    """Min-max quantize the token embedding and the lm_head to ``bits`` (8 or 4), in place.
+def head_scheme(bits: int) -> QuantScheme:
+    """The scheme of ``--quantize-head BITS``: 8 or 4 bits, groups of :data:`HEAD_GROUP`."""
+    if bits not in (4, 8):
+        raise ValueError(f"the embedding and lm_head quantize to 8 or 4 bits, not {bits}")
+    return QuantScheme(bits, HEAD_GROUP)
+
+
+def quantize_head(model: nn.Module, arch, scheme: QuantScheme) -> dict:
+    """Min-max quantize the token embedding and the lm_head to ``scheme`` (8 or 4 bits, see
+    :func:`head_scheme`), in place.
 
     The lm_head becomes a :class:`PackedLinear` (run by whatever kernel the backend attaches);
     the embedding a :class:`~eqat_cli.quant.linear.PackedEmbedding`. A tied pair (SmolLM2) stays
     tied: both use one packed layer, so the table is stored once. Returns what was quantized.
     """
-    import torch
-
-    from eqat_cli.quant.linear import PackedEmbedding, set_submodule
-
-    if bits not in (4, 8):
-        raise ValueError(f"the embedding and lm_head quantize to 8 or 4 bits, not {bits}")
+    if scheme.bits not in (4, 8):
+        raise ValueError(f"the embedding and lm_head quantize to 8 or 4 bits, not {scheme.bits}")
     embed, head = arch.embed(model), arch.lm_head(model)
     tied = (
         isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding)
         and head.weight.data_ptr() == embed.weight.data_ptr()
     )
-    done = {"bits": bits, "group": group, "tied": tied, "lm_head": False, "embedding": False}
+    done = {"bits": scheme.bits, "group": scheme.group_size, "tied": tied, "lm_head": False, "embedding": False}
     packed_head = None
     with torch.no_grad():
         if isinstance(head, nn.Linear):
-            packed_head = QuantLinear(head.float(), bits, group).to_packed()
+            packed_head = QuantLinear(head.float(), scheme).to_packed()
             if head.bias is None:
                 packed_head.bias = None
             set_submodule(model, arch.lm_head_path, packed_head)
@@ -76,7 +82,7 @@ def quantize_head(model: nn.Module, arch, bits: int, group: int = HEAD_GROUP) ->
             else:
                 lin = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False)
                 lin.weight.data = embed.weight.detach().float()
-                packed = QuantLinear(lin, bits, group).to_packed()
+                packed = QuantLinear(lin, scheme).to_packed()
             scale = getattr(embed, "embed_scale", None)
             if scale is not None and not torch.is_tensor(scale):
                 scale = torch.tensor(float(scale))

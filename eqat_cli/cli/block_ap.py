@@ -18,8 +18,8 @@ class _LiveProgress:
     """Renders Block-AP progress events with Rich: the lock, the calibration spinner, the run line
     once prepared, then blocks, steps, losses, elapsed/remaining."""
 
-    def __init__(self, cfg, bits: int, group: int):
-        self.cfg, self.bits, self.group = cfg, bits, group
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.progress = None
         self.status = None
         self.steps = None
@@ -44,7 +44,7 @@ class _LiveProgress:
         if event == "prepared":
             cfg = self.cfg
             console.print(
-                f"Block-AP w{self.bits}g{self.group} on {info['device']}: {info['train']} train / {info['val']} val "
+                f"Block-AP {self.cfg.scheme} on {info['device']}: {info['train']} train / {info['val']} val "
                 f"windows, recipe {cfg.recipe}: {info['steps']} steps of {cfg.batch_size} per block, "
                 f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
             )
@@ -142,7 +142,7 @@ def block_ap_cmd(
         max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
         gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, **{k: v for k, v in given.items() if v is not None},
     )
-    live = _LiveProgress(cfg, bits, group)
+    live = _LiveProgress(cfg)
     try:
         result = block_ap_from_spec(model, output, cfg, calib=calib, dataset=dataset, samples=samples,
                                     seqlen=seqlen, val_samples=val_samples, device=device, data_dir=data_dir,

@@ -8,6 +8,7 @@ third-party format would be. Nothing here imports torch: each writer imports its
 from __future__ import annotations
 
 from eqat_cli.format_spec import Format, WriteJob
+from eqat_cli.formats.meta import CheckpointMeta
 
 # -- eqat native (EfficientQAT layout) ----------------------------------------------------------
 
@@ -17,7 +18,6 @@ def _check_native(model, tokenizer=None) -> None:
 
 
 def _write_native(job: WriteJob) -> dict:
-    from eqat_cli.formats.meta import CheckpointMeta
     from eqat_cli.formats.native import save_native
 
     # A native source keeps its section (recipe, calibration, ...); the provenance is laid over it.

@@ -37,6 +37,7 @@ from eqat_cli.formats.native import (
 )
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear
+from eqat_cli.scheme import QuantScheme
 
 VERSIONS = ("gptq", "gptq_v2")
 # Group sizes GPTQ kernels/loaders accept (GPTQModel's TorchLinear; -1 = per-channel).
@@ -47,8 +48,8 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def uniform_bits_group(layers: dict[str, PackedLinear], what: str) -> tuple[int, int]:
-    """The model's single (bits, group size).
+def uniform_scheme(layers: dict[str, PackedLinear], what: str) -> QuantScheme:
+    """The model's single scheme (bits and group size).
 
     A layer whose row is one group (``in_features <= group``) reads back as per-channel (-1), so
     such layers agree with any group size at least their width.
@@ -68,19 +69,20 @@ def uniform_bits_group(layers: dict[str, PackedLinear], what: str) -> tuple[int,
             f"{what} needs one bit width and group size for every layer; this model mixes "
             + ", ".join(f"w{b}g{g}" for b, g in combos)
         )
-    return bits[0], group
+    return QuantScheme(bits[0], group)
 
 
 def fitting_group_sizes(in_features: list[int]) -> list[int]:
     return [g for g in GPTQ_GROUP_SIZES if all(i % g == 0 for i in in_features)]
 
 
-def check_gptq_compatible(model: nn.Module, version: str) -> tuple[int, int]:
-    """Raise a one-line error if the model cannot be written as ``version``; return (bits, group)."""
+def check_gptq_compatible(model: nn.Module, version: str) -> QuantScheme:
+    """Raise a one-line error if the model cannot be written as ``version``; return its scheme."""
     if version not in VERSIONS:
         raise BadInputError(f"unknown GPTQ version {version!r}; choose one of {', '.join(VERSIONS)}")
     layers = packed_layers(model)
-    bits, group = uniform_bits_group(layers, f"--format {version}")
+    scheme = uniform_scheme(layers, f"--format {version}")
+    bits, group = scheme.bits, scheme.group_size
     ins = sorted({m.in_features for m in layers.values()})
     if group != -1:
         for name, m in layers.items():
@@ -124,7 +126,7 @@ def check_gptq_compatible(model: nn.Module, version: str) -> tuple[int, int]:
                 hint="use --format gptq_v2, which stores z as-is and is lossless "
                 "(GPTQModel, and transformers through it, load v2)",
             )
-    return bits, group
+    return scheme
 
 
 def gptq_tensors(layer: PackedLinear, version: str) -> dict[str, torch.Tensor]:
@@ -147,7 +149,7 @@ def gptq_tensors(layer: PackedLinear, version: str) -> dict[str, torch.Tensor]:
     return {"qweight": qweight.contiguous(), "qzeros": qzeros.contiguous()}
 
 
-def quantization_config(bits: int, group: int, version: str, provenance: dict | None = None) -> dict:
+def quantization_config(scheme: QuantScheme, version: str, provenance: dict | None = None) -> dict:
     from eqat_cli import __version__
 
     meta: dict[str, Any] = {"quantizer": [f"eqat:{__version__}"]}
@@ -155,8 +157,8 @@ def quantization_config(bits: int, group: int, version: str, provenance: dict | 
         meta["eqat"] = provenance
     return {
         "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group,
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
         "sym": False,
         "desc_act": False,
         "static_groups": False,
@@ -176,14 +178,15 @@ def save_gptq(
     provenance: dict | None = None,
 ) -> dict:
     """Write ``model`` (packed) as a GPTQ ``version`` checkpoint into the empty dir ``out_dir``."""
-    bits, group = check_gptq_compatible(model, version)
+    scheme = check_gptq_compatible(model, version)
+    bits, group = scheme.bits, scheme.group_size
     out = Path(out_dir)
     sd = packed_state_dict(model)
     for name, layer in packed_layers(model).items():
         for k, v in gptq_tensors(layer, version).items():
             sd[f"{name}.{k}"] = v
     save_state_dict_sharded(sd, out)
-    qc = quantization_config(bits, group, version, provenance)
+    qc = quantization_config(scheme, version, provenance)
     cfg = config_dict_for_save(model.config, None)
     cfg["quantization_config"] = qc
     write_sidecars(model, tokenizer, out, cfg)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -53,7 +54,9 @@ from pathlib import Path
 import torch
 
 from eqat_cli.quant import packing
+from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import effective_group
+from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
 GEMV_ROWS = 4  # rows of x per pass of the GEMV over the packed weights
 DECODE_ROWS = 32  # up to this many rows: GEMV passes of 4 rows; more: dequantized panels + sgemm
@@ -89,7 +92,6 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    import platform
 
     return platform.machine()
 
@@ -284,8 +286,6 @@ class CpuKernel:
 
     def __init__(self, fallback=None):
         if fallback is None:
-            from eqat_cli.quant.torch_kernel import TORCH_KERNEL
-
             fallback = TORCH_KERNEL
         self.fallback = fallback
 
@@ -341,8 +341,6 @@ class CpuKernel:
         """Give the packed layers of each of ``arch``'s groups that read one input (q/k/v,
         gate/up) a shared :class:`FusedMemberKernel`; returns the number of groups fused.
         Layers of one group must agree in input width, bits and group size."""
-        from eqat_cli.quant.linear import PackedLinear
-
         fused = 0
         for block in arch.layers(model):
             for names in arch.linear_groups:

@@ -25,6 +25,7 @@ from torch import nn
 
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, clamp_ste, expand_groups, qmax, round_ste
+from eqat_cli.scheme import QuantScheme
 
 OFFSET_MAX = 0.5
 CLIP_LO = 0.5
@@ -64,11 +65,13 @@ class _GroupedRoundQuant(torch.autograd.Function):
 class RoundQuantLinear(nn.Module):
     """Fake-quant linear with a fixed weight and learned rounding offsets / clipping factors."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 group_size: int, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.bits, self.group_size = bits, group_size
+        self.scheme = scheme
+        self.bits, self.group_size = scheme.bits, scheme.group_size
+        bits = self.bits
         self.register_buffer("w0", weight.detach().float().clone())
         self.register_buffer("s0", scale.detach().float().clone())
         self.register_buffer("z0", zero.detach().float().round().clamp(0, qmax(bits)))
@@ -80,7 +83,7 @@ class RoundQuantLinear(nn.Module):
     @classmethod
     def from_quant_linear(cls, q: nn.Module) -> "RoundQuantLinear":
         """Start from a :class:`QuantLinear`'s current weight, step sizes and zero points."""
-        return cls(q.weight, q.quantizer.scale, q.quantizer.zero, q.bits, q.group_size, q.bias)
+        return cls(q.weight, q.quantizer.scale, q.quantizer.zero, q.scheme, q.bias)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Step sizes and (integer-valued, straight-through) zero points, ``[out, n_groups]``."""
@@ -126,7 +129,7 @@ class RoundQuantLinear(nn.Module):
         q, _, _ = self._codes_and_grid()
         s, z = self.grid()
         return PackedLinear.from_codes(
-            q.to(torch.int32), s.float(), z.to(torch.int32), bits=self.bits, group_size=self.group_size,
+            q.to(torch.int32), s.float(), z.to(torch.int32), self.scheme,
             bias=None if self.bias is None else self.bias.detach(),
         )
 

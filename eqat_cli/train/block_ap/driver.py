@@ -23,9 +23,19 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.memory import peak_rss_bytes, release_memory
-from eqat_cli.quantize import pack_block
+from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.formats.native import (
+    NativeWriter, build_skeleton, config_dict_for_save, install_packed_layers, packed_state_dict, shard_name,
+    write_shard,
+)
 from eqat_cli.formats.shards import ShardReader
+from eqat_cli.fsutil import replace_dir
+from eqat_cli.memory import peak_rss_bytes, release_memory
+from eqat_cli.model_files import load_config
+from eqat_cli.quantize import pack_block
+from eqat_cli.readers import load_safetensors
+from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start, scale_block_pairs
@@ -59,15 +69,11 @@ class BlockAPResult:
 
 
 def _block_file(i: int, n: int) -> str:
-    from eqat_cli.formats.native import shard_name
-
     return shard_name(i, n + 1)
 
 
 def _save_block(block: nn.Module, prefix: str, path: Path) -> None:
     """A finished block's shard, in the native layout, written atomically (resume relies on it)."""
-    from eqat_cli.formats.native import packed_state_dict, write_shard
-
     write_shard(path, {prefix + k: v for k, v in packed_state_dict(block).items()})
 
 
@@ -82,9 +88,6 @@ def _round_like_saved(block: nn.Module) -> None:
 
 def _packed_block_from_file(block: nn.Module, prefix: str, path: Path, dtype) -> nn.Module:
     """Rebuild a finished block (packed layers + fp params) from its saved shard."""
-    from eqat_cli.formats.native import install_packed_layers
-    from eqat_cli.readers import load_safetensors
-
     sd = {k[len(prefix):]: v for k, v in load_safetensors(path, "finished block file").items()}
     install_packed_layers(block, sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
@@ -166,10 +169,6 @@ class _Source:
 
 def _open_source(model_path: Path, cfg: BlockAPConfig, device: torch.device) -> _Source:
     """Read the config (refusing a quantized model), find the architecture, build the skeleton."""
-    from eqat_cli.formats.native import build_skeleton
-    from eqat_cli.model_files import load_config
-    from eqat_cli.registry import get_registry
-
     config = load_config(model_path)
     if getattr(config, "quantization_config", None) is not None:
         raise BadInputError(f"{model_path} is already quantized; Block-AP needs a full-precision model")
@@ -301,7 +300,7 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     model, arch, cfg, device, fwd_batch = src.model, src.arch, src.cfg, src.device, src.fwd_batch
     q_in, fp_out, q_in_v, fp_out_v = acts.q_in, acts.fp_out, acts.q_in_v, acts.fp_out_v
     # Channel scales, and GPTQ Hessians, from the quantized chain's inputs, as the block will see them.
-    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, cfg.bits, cfg.group_size) \
+    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, cfg.scheme) \
         if cfg.resolved_channel_scale else []
     quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
     block.to(device)
@@ -332,10 +331,6 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
     """Beside the block files, through the native writer: everything outside the decoder blocks,
     the shard index, config (with the ``eqat`` section), tokenizer, generation config and the
     per-block summary."""
-    from eqat_cli.formats.meta import CheckpointMeta
-    from eqat_cli.formats.native import NativeWriter, config_dict_for_save
-    from eqat_cli.scheme import QuantScheme
-
     arch, cfg, n_layers, model_path = src.arch, src.cfg, src.n_layers, src.path
     writer = NativeWriter(work.path)
     for i in range(n_layers):
@@ -354,8 +349,6 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
 def _move_into_place(work: _WorkDir, acts: _Activations, output: Path) -> None:
     """Drop the resume state and offloaded activations; the work directory becomes the output
     (an existing output, with --overwrite, is replaced as ``fsutil`` replaces directories)."""
-    from eqat_cli.fsutil import replace_dir
-
     work.state_path.unlink()
     if acts.disk is not None:
         shutil.rmtree(acts.disk, ignore_errors=True)
