@@ -45,6 +45,10 @@ _FLAG_SETS = (
     ["-O3", "-ffp-contract=off", "-pthread", "-shared", "-fPIC", "-std=c++17"],
 )
 ROUND, FREE = 0, 1
+# Weights per call below which the kernel runs on the calling thread only: a SmolLM2 layer is
+# about a millisecond of work, of the order of waking a helper, which costs far more when the
+# cores are shared (measured: 7 ms on two threads against 0.7 ms on one, under load).
+SINGLE_THREAD_WEIGHTS = 1 << 22
 
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -152,6 +156,10 @@ def applies(w: torch.Tensor) -> bool:
             and w.dim() == 2 and _load() is not None)
 
 
+def _threads(weights: int) -> int:
+    return 1 if weights < SINGLE_THREAD_WEIGHTS else torch.get_num_threads()
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
@@ -166,7 +174,7 @@ class _FusedFakeQuant(torch.autograd.Function):
         out = torch.empty_like(w)
         rows, cols = w.shape
         rc = _LIB.eqat_fq_forward(_ptr(w), _ptr(v), _ptr(s), _ptr(z), _ptr(out), rows, cols, group, float(m),
-                                  torch.get_num_threads())
+                                  _threads(w.numel()))
         if rc:
             raise RuntimeError(f"eqat_fq_forward failed ({rc})")
         ctx.save_for_backward(w, v, s, z)
@@ -183,7 +191,7 @@ class _FusedFakeQuant(torch.autograd.Function):
         ds, dz = torch.empty_like(s), torch.empty_like(z)
         rows, cols = w.shape
         rc = _LIB.eqat_fq_backward(_ptr(g), _ptr(w), _ptr(v), _ptr(s), _ptr(z), _ptr(d), _ptr(ds), _ptr(dz),
-                                   rows, cols, ctx.group, float(ctx.m), ctx.mode, torch.get_num_threads())
+                                   rows, cols, ctx.group, float(ctx.m), ctx.mode, _threads(w.numel()))
         if rc:
             raise RuntimeError(f"eqat_fq_backward failed ({rc})")
         need = ctx.needs_input_grad
