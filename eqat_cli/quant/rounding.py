@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eqat_cli.quant import fused_quant
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, clamp_ste, expand_groups, qmax, round_ste
 from eqat_cli.scheme import QuantScheme
@@ -105,6 +106,9 @@ class RoundQuantLinear(nn.Module):
         return q, se, ze
 
     def fake_weight(self) -> torch.Tensor:
+        if fused_quant.applies(self.w0):  # one C++ pass forward and backward, any group size
+            s, z = self.grid()
+            return fused_quant.round_fake_weight(self.w0, self.offset, s, z, qmax(self.bits), self.group_size)
         if self._grouped():  # the fast path: whole groups as a [out, groups, group] view
             s, z = self.grid()
             shape = (self.out_features, s.shape[1], -1)
