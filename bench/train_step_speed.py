@@ -88,6 +88,7 @@ def make_cases(model, arch, block, index, x, y, bits_list, params, impls, group)
     from eqat_cli.quant import fused_quant
     from eqat_cli.quant.rounding import RoundQuantLinear
     from eqat_cli.quantize import fake_quantize_block, pack_block
+    from eqat_cli.scheme import QuantScheme
     from eqat_cli.train.block_ap import BlockAPConfig, block_loss, quantize_block_start
     from eqat_cli.train.block_ap.train import make_optimizer, param_groups
     from eqat_cli.train.e2e_qp.student import trainable_layers, training_kernel
@@ -152,7 +153,7 @@ def make_cases(model, arch, block, index, x, y, bits_list, params, impls, group)
     def e2e(bits):
         def build():
             b = copy.deepcopy(block)
-            fake_quantize_block(b, arch, bits, group)
+            fake_quantize_block(b, arch, QuantScheme(bits, group))
             pack_block(b)
             for p in b.parameters():
                 p.requires_grad_(False)

@@ -13,6 +13,7 @@ from conftest import build, tiny_llama_config
 from eqat_cli.quant import fused_quant
 from eqat_cli.quant.linear import QuantLinear
 from eqat_cli.quant.rounding import RoundQuantLinear
+from eqat_cli.scheme import QuantScheme
 
 pytestmark = pytest.mark.skipif(not fused_quant.library_status()[0], reason="no C++ compiler for the fused kernel")
 
@@ -26,7 +27,7 @@ def quant_linear(in_f: int, group: int, bits: int, seed: int = 0) -> QuantLinear
     with torch.no_grad():
         lin.weight.copy_(torch.randn(24, in_f, generator=g) * 0.05)
         lin.weight[3, 5] = 0.4  # an outlier: other weights of its group sit at the grid's ends
-    q = QuantLinear(lin, bits, group)
+    q = QuantLinear(lin, QuantScheme(bits, group))
     with torch.no_grad():  # move the grid so that some codes clamp at 0 and at qmax
         q.quantizer.scale.mul_(0.6 + 0.5 * torch.rand(q.quantizer.scale.shape, generator=g))
         q.quantizer.zero.add_(torch.randn(q.quantizer.zero.shape, generator=g) * 0.7)
