@@ -30,6 +30,7 @@ def generate_cmd(
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     quantize_head: QuantizeHeadOpt = None,
+    decoder: Annotated[str, typer.Option("--decoder", help="How one-token steps run: int8 (a compact step with a static KV cache; packed layers multiply int8-rounded activations, as llama.cpp), fp32 (the compact step on the backend's exact fp32 kernels), hf (transformers' forward); auto = int8. Models the compact step does not describe use transformers' forward.")] = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -64,7 +65,7 @@ def generate_cmd(
 
         raise BadInputError("the prompt is empty", hint="pass --prompt TEXT or pipe text on stdin")
     stream_text = not (json_out is not None and str(json_out) == "-")
-    gen = _load(model, device, backend, threads, quantize_head)
+    gen = _load(model, device, backend, threads, quantize_head, decoder)
     if session:
         gen.require_chat_template()
         console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
@@ -87,14 +88,16 @@ def _stdin_is_tty() -> bool:
         return False
 
 
-def _load(model: str, device: str, backend: str, threads: Optional[int], head_bits: Optional[int] = None) -> Any:
+def _load(model: str, device: str, backend: str, threads: Optional[int], head_bits: Optional[int] = None,
+          decoder: str = "auto") -> Any:
     import transformers
 
     from eqat_cli.generate import load_generator
 
     transformers.utils.logging.disable_progress_bar()
     with console.status(f"loading {model}"):
-        return load_generator(model, device=device, backend=backend, threads=threads, head_bits=head_bits)
+        return load_generator(model, device=device, backend=backend, threads=threads, head_bits=head_bits,
+                              decoder=decoder)
 
 
 def _write(text: str) -> None:
@@ -143,7 +146,8 @@ def _sampling(cfg: Any) -> dict:
 def _describe(info: dict) -> str:
     q = info.get("quant") or {}
     what = f"w{q.get('bits')}g{q.get('group_size')} {info['format']}" if q else f"{info['format']} {info['dtype']}"
-    return f"{info['model']}: {what} · {info['device']} · {info['threads']} threads · {info['backend']}"
+    dec = f" · {info['decoder']}" if info.get("decoder") else ""
+    return f"{info['model']}: {what} · {info['device']} · {info['threads']} threads · {info['backend']}{dec}"
 
 
 def _stats(r: dict) -> None:
