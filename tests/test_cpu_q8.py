@@ -107,3 +107,17 @@ def test_unsupported_models_keep_transformers_forward():
 
     assert supported(build(tiny_mistral_config())) == "sliding-window attention"
     assert build_decoder(build(tiny_gemma3_config())) is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_head_packed_in_row_blocks_equals_whole_table(bits):
+    from torch import nn
+
+    from eqat_cli.quant.linear import QuantLinear
+    from eqat_cli.quantize import _pack_rows_chunked
+
+    lin = nn.Linear(96, 300, bias=False)
+    whole = QuantLinear(lin, bits, 64).to_packed()
+    blocks = _pack_rows_chunked(lin.weight.detach(), bits, 64, chunk=40)
+    for name in ("qweight", "qzeros", "scales"):
+        assert torch.equal(getattr(whole, name), getattr(blocks, name)), name
