@@ -30,7 +30,7 @@ def generate_cmd(
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     quantize_head: QuantizeHeadOpt = None,
-    decoder: Annotated[str, typer.Option("--decoder", help="How one-token steps run: int8 (a compact step with a static KV cache; packed layers multiply int8-rounded activations, as llama.cpp), fp32 (the compact step on the backend's exact fp32 kernels), hf (transformers' forward); auto = int8. Models the compact step does not describe use transformers' forward.")] = "auto",
+    decoder: Annotated[str, typer.Option("--decoder", help="How one-token steps run: int8 (a compact step with a static KV cache; packed layers multiply int8-rounded activations, as llama.cpp), fp32 (the compact step on the backend's exact fp32 kernels), hf (transformers' forward); auto = fp32 (greedy tokens equal to hf's; int8 is faster but its rounding changes greedy tokens). Models the compact step does not describe use transformers' forward.")] = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
