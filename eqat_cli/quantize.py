@@ -41,6 +41,25 @@ def rtn_quantize_model(model: nn.Module, arch, scheme: QuantScheme) -> nn.Module
     return model
 
 
+def _pack_rows_chunked(weight, scheme: QuantScheme, chunk: int = 4096) -> PackedLinear:
+    """Min-max quantize and pack ``weight [out, in]`` a block of output rows at a time: the
+    scratch of :class:`QuantLinear` (a clone of the weight, its codes) stays the size of one block
+    instead of several copies of a whole vocabulary-sized table (peak RSS)."""
+    out_f, in_f = weight.shape
+    packed = PackedLinear(in_f, out_f, scheme)
+    pf = scheme.pack_factor
+    chunk = max(pf, chunk // pf * pf)  # blocks start on a qzeros word
+    for r0 in range(0, out_f, chunk):
+        r1 = min(out_f, r0 + chunk)
+        lin = nn.Linear(in_f, r1 - r0, bias=False)
+        lin.weight.data = weight[r0:r1].float()
+        part = QuantLinear(lin, scheme).to_packed()
+        packed.qweight[:, r0:r1] = part.qweight
+        packed.scales.data[:, r0:r1] = part.scales.data
+        packed.qzeros[:, r0 // pf:r0 // pf + part.qzeros.shape[1]] = part.qzeros
+    return packed
+
+
 HEAD_GROUP = 64  # group size of a quantized embedding / lm_head (--quantize-head)
 
 
@@ -70,9 +89,9 @@ def quantize_head(model: nn.Module, arch, scheme: QuantScheme) -> dict:
     packed_head = None
     with torch.no_grad():
         if isinstance(head, nn.Linear):
-            packed_head = QuantLinear(head.float(), scheme).to_packed()
-            if head.bias is None:
-                packed_head.bias = None
+            packed_head = _pack_rows_chunked(head.weight.detach(), scheme)
+            if head.bias is not None:
+                packed_head.bias = nn.Parameter(head.bias.detach().float().clone(), requires_grad=False)
             set_submodule(model, arch.lm_head_path, packed_head)
             done["lm_head"] = True
         if isinstance(embed, nn.Embedding):

@@ -30,6 +30,7 @@ def generate_cmd(
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     quantize_head: QuantizeHeadOpt = None,
+    decoder: Annotated[str, typer.Option("--decoder", help="How one-token steps run: int8 (a compact step with a static KV cache; packed layers multiply int8-rounded activations, as llama.cpp), fp32 (the compact step on the backend's exact fp32 kernels), hf (transformers' forward); auto = fp32 (greedy tokens equal to hf's; int8 is faster but its rounding changes greedy tokens). Models the compact step does not describe use transformers' forward.")] = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -80,7 +81,7 @@ def generate_cmd(
         out = generate_from_spec(model, cfg, prompt, chat=chat, system=system, session=session,
                                  read_line=_line_reader(tty) if session else None, on_text=_writer(stream_text),
                                  progress=progress, device=device, backend=backend, threads=threads,
-                                 head_bits=quantize_head)
+                                 head_bits=quantize_head, decoder=decoder)
     finally:
         status.stop()
     if not session:
@@ -125,7 +126,8 @@ def _line_reader(tty: bool):
 def _describe(info: dict) -> str:
     q = info.get("quant") or {}
     what = f"w{q.get('bits')}g{q.get('group_size')} {info['format']}" if q else f"{info['format']} {info['dtype']}"
-    return f"{info['model']}: {what} · {info['device']} · {info['threads']} threads · {info['backend']}"
+    dec = f" · {info['decoder']}" if info.get("decoder") else ""
+    return f"{info['model']}: {what} · {info['device']} · {info['threads']} threads · {info['backend']}{dec}"
 
 
 def _stats(r: dict) -> None:

@@ -69,7 +69,7 @@ SINGLE_THREAD_WEIGHTS = 1 << 20
 def _threads(weights: int) -> int:
     return 1 if weights < SINGLE_THREAD_WEIGHTS else torch.get_num_threads()
 SOURCE = Path(__file__).with_name("csrc") / "packed_cpu.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 _FLAG_SETS = (
     ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"],
     ["-O3", "-pthread", "-shared", "-fPIC", "-std=c++17"],
@@ -162,6 +162,10 @@ def _load() -> ctypes.CDLL | None:
         lib.eqat_gemv_multi.restype = i
         lib.eqat_dequant_panel.argtypes = [p, p, p, i, p, i, i, i, i, i, i, i]
         lib.eqat_dequant_panel.restype = i
+        lib.eqat_q8_gemv.argtypes = [p, p, i, p, i, i, i, i, p, p, i, i]  # cpu_q8.py
+        lib.eqat_q8_gemv.restype = i
+        lib.eqat_q8_impl.argtypes = [i, i]
+        lib.eqat_q8_impl.restype = i
         _LIB, _STATUS = lib, ""
         return lib
 
