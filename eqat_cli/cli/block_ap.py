@@ -42,11 +42,11 @@ class _LiveProgress:
                 self.status = None
             return
         if event == "prepared":
-            cfg = self.cfg
+            cfg = info.get("config", self.cfg)  # param="auto" resolved by the steps per block
             console.print(
                 f"Block-AP w{self.bits}g{self.group} on {info['device']}: {info['train']} train / {info['val']} val "
                 f"windows, recipe {cfg.recipe}: {info['steps']} steps of {cfg.batch_size} per block, "
-                f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
+                f"{cfg.describe_param()} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
             )
             self.progress = progress_bars(eta=True, info=True)
             self.blocks = self.progress.add_task("blocks", total=None, info="")
@@ -149,7 +149,8 @@ def block_ap_cmd(
                                     progress=live, resume=resume, overwrite=overwrite, wait=wait)
     finally:
         live.close()
-    t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
+    cfg = result.config or cfg
+    t = Table(title=f"Block-AP summary ({result.seconds:.0f} s, {cfg.describe_param()} parameters)")
     for col in ("block", f"val {cfg.loss} before ({'RTN' if cfg.init == 'minmax' else 'GPTQ'})", f"val {cfg.loss} after", "time (s)"):
         t.add_column(col, justify="right")
     for b in result.blocks:

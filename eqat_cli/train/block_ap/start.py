@@ -109,6 +109,7 @@ def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.T
     from eqat_cli.quant.linear import set_submodule
     from eqat_cli.quant.rounding import RoundQuantLinear
 
+    cfg = cfg.resolve(len(inputs))
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
