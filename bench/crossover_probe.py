@@ -139,6 +139,21 @@ def run_main(a) -> None:
             tmp.replace(a.json)
 
 
+def table_main(a) -> None:
+    """A markdown table of held-out token-rel loss per (block, bits, budget): one column per method."""
+    rows = json.loads(a.json.read_text())["rows"]
+    methods = [m for m in ("round", "free", "hybrid") if any(r["method"] == m for r in rows)]
+    keys = sorted({(r["block"], r["bits"], r["budget"]) for r in rows})
+    print("| block | bits | steps | start (RTN) | " + " | ".join(methods) + " | best |")
+    print("|---|---|---|---|" + "---|" * len(methods) + "---|")
+    for k in keys:
+        got = {r["method"]: r for r in rows if (r["block"], r["bits"], r["budget"]) == k}
+        start = next(iter(got.values()))["val_token_rel_start"]
+        cells = [f"{got[m]['val_token_rel']:.4f}" if m in got else "" for m in methods]
+        best = min(got, key=lambda m: got[m]["val_token_rel"])
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {start:.4f} | " + " | ".join(cells) + f" | {best} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -160,8 +175,10 @@ def main() -> None:
     run.add_argument("--methods", default="round,free,hybrid")
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--json", type=Path, required=True)
+    tab = sub.add_parser("table")
+    tab.add_argument("--json", type=Path, required=True)
     a = ap.parse_args()
-    (io_main if a.cmd == "io" else run_main)(a)
+    {"io": io_main, "run": run_main, "table": table_main}[a.cmd](a)
 
 
 if __name__ == "__main__":
