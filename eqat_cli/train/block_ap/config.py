@@ -228,4 +228,6 @@ PAPER = dict(recipe="paper", param="free", optimizer="adamw", schedule="cosine",
 def legacy_defaults() -> dict:
     """Values of options missing from a run key written by an older eqat: every option added
     since was added with the paper's behaviour as its default."""
-    return BlockAPConfig.paper().to_json()
+    d = BlockAPConfig.paper().to_json()
+    d.pop("param_auto")  # how param was chosen is recorded, but not part of a run key
+    return d
