@@ -267,7 +267,9 @@ def test_block_ap_from_spec_is_the_command(llama_dir, tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["eqat"]["source_model"] == str(llama_dir)
     names = [e for e, _ in events]
     assert names.index("prepared") < names.index("block_start") and "calibration" not in names
-    assert events[names.index("prepared")][1] == {"device": "cpu", "train": (6, 32), "val": (2, 32), "steps": 3}
+    prepared = dict(events[names.index("prepared")][1])
+    assert prepared.pop("config") == cfg.resolve(6)  # what runs: param="auto" resolved (round at 3 steps)
+    assert prepared == {"device": "cpu", "train": (6, 32), "val": (2, 32), "steps": 3}
     with pytest.raises(BadInputError, match="exactly one of --calib"):
         block_ap_from_spec(str(llama_dir), tmp_path / "c", cfg)
     with pytest.raises(BadInputError, match="already exists"):

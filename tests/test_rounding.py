@@ -176,7 +176,7 @@ def test_recipes_and_bad_options():
         ("free", "adamw", "cosine", 2, 2, "minmax", "last")
     assert p.resolved_quant_lr() == 1e-4 and p.resolved_weight_lr() == 1e-5
     assert BlockAPConfig.paper(bits=2).resolved_weight_lr() == 2e-5
-    d = BlockAPConfig()
+    d = BlockAPConfig(param="round")
     assert d.resolved_weight_lr(50) == d.resolved_quant_lr(50) == 1 / 50
     assert BlockAPConfig.from_recipe("paper", bits=2) == BlockAPConfig.paper(bits=2)
     for bad in (dict(param="x"), dict(optimizer="sgd"), dict(best="x"), dict(steps=-1), dict(quant_lr=-1.0),

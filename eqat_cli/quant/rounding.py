@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eqat_cli.quant import fused_quant
-from eqat_cli.quant.linear import PackedLinear
+from eqat_cli.quant.linear import PackedLinear, QuantLinear
 from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, clamp_ste, expand_groups, qmax, round_ste
 from eqat_cli.scheme import QuantScheme
 
@@ -140,3 +140,30 @@ class RoundQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}")
+
+
+# How far inside its rounding cell :func:`round_to_free` places a weight (in steps from the cell's
+# centre): just short of the boundary, so float error in ``w / s`` cannot flip its code.
+FREE_FRAC_MAX = 0.49
+
+
+@torch.no_grad()
+def round_to_free(m: RoundQuantLinear) -> QuantLinear:
+    """The :class:`QuantLinear` (free weights, step sizes, zero points) that equals ``m`` now:
+    ``m``'s grid (clipped step sizes, integer zero points) and weights that fake-quantize to
+    exactly ``m``'s codes, each where ``w0 / s + v`` put it inside its cell (clipped to
+    ``FREE_FRAC_MAX`` of the centre), so free training continues from the rounded result with the
+    distances to the rounding boundaries it learned (the hybrid recipe of issue #28)."""
+    s, z = m.grid()
+    se = expand_groups(s, m.group_size, m.in_features)
+    x = m.w0 / se + m.offset
+    r = x.round()
+    w = (r + (x - r).clamp(-FREE_FRAC_MAX, FREE_FRAC_MAX)) * se
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.w0.device)
+    lin.weight.copy_(w)
+    if m.bias is not None:
+        lin.bias.copy_(m.bias)
+    q = QuantLinear(lin, m.scheme)
+    q.quantizer.scale.copy_(s)
+    q.quantizer.zero.copy_(z)
+    return q

@@ -66,6 +66,7 @@ class BlockAPResult:
     seconds: float = 0.0
     resumed_from: int = 0
     peak_rss_mb: float = 0.0
+    config: BlockAPConfig | None = None  # the recipe as it ran (param="auto" resolved)
 
 
 def _block_file(i: int, n: int) -> str:
@@ -116,6 +117,7 @@ def run_block_ap(
     output = Path(output)
     with run_lock(output, progress=progress):
         _check_inputs(cfg, calib_val, output, overwrite)
+        cfg = cfg.resolve(calib_train.shape[0])  # param="auto" -> round/free by the steps per block
         t0 = time.time()
         src = _open_source(model_path, cfg, device)
         work = _resume_or_start(work_dir_for(output), _run_key(cfg, model_path, calib_train, calib_val), resume)
@@ -124,7 +126,7 @@ def run_block_ap(
         _write_checkpoint(src, work, tokenizer, extra_meta)
         _move_into_place(work, acts, output)
     return BlockAPResult(output, work.state["blocks"], time.time() - t0, work.resumed_from,
-                         round(peak_rss_bytes() / 2**20, 1))
+                         round(peak_rss_bytes() / 2**20, 1), cfg)
 
 
 # ---------------------------------------------------------------------- the steps
@@ -179,7 +181,8 @@ def _open_source(model_path: Path, cfg: BlockAPConfig, device: torch.device) -> 
 
 def _run_key(cfg: BlockAPConfig, model_path: Path, calib_train: torch.Tensor, calib_val: torch.Tensor) -> dict:
     """What a work directory must match to be resumed: the recipe, the model and the windows."""
-    return {"config": cfg.to_json(), "model": str(model_path), "calib_shape": list(calib_train.shape),
+    config = {k: v for k, v in cfg.to_json().items() if k != "param_auto"}  # how it was chosen: same run
+    return {"config": config, "model": str(model_path), "calib_shape": list(calib_train.shape),
             "calib_sum": int(calib_train.sum()), "val_shape": list(calib_val.shape)}
 
 

@@ -67,7 +67,7 @@ def block_ap_from_spec(
         check_full_precision_model(path)
         dev = pick_device(device)
         progress("prepared", {"device": str(dev), "train": tuple(c.train.shape), "val": tuple(c.val.shape),
-                              "steps": cfg.total_steps(c.train.shape[0])})
+                              "steps": cfg.total_steps(c.train.shape[0]), "config": cfg.resolve(c.train.shape[0])})
         return run_block_ap(
             path, tok, c.train, c.val, cfg, output, dev,
             extra_meta={"calibration": c.meta, "source_model": model},

@@ -105,6 +105,7 @@ def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.T
     ``inputs`` (the inputs the block will train on). Returns the fake-quant modules by name:
     :class:`QuantLinear` (``param="free"``) or :class:`RoundQuantLinear` (``param="round"``), both
     at exactly that starting point."""
+    cfg = cfg.resolve(len(inputs))
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)

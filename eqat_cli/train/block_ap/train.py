@@ -91,6 +91,7 @@ def train_block(
     ``start_val``: the block's validation loss before training, if the caller has measured it
     (``best="val"`` needs it; otherwise it is measured here)."""
     n = len(q_in)
+    cfg = cfg.resolve(n)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.total_steps(n)
     groups, projected = param_groups(block, cfg, total)
