@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from eqat_cli.quant.linear import PackedLinear, QuantLinear, replace_linears
+from eqat_cli.quant.kquant import KQuantLinear, kquant_block
 from eqat_cli.quant.rounding import RoundQuantLinear
 
 
@@ -20,7 +21,7 @@ def fake_quantize_block(block: nn.Module, arch, bits: int, group: int) -> dict[s
 
 def pack_block(block: nn.Module) -> dict[str, PackedLinear]:
     """Freeze every :class:`QuantLinear` / :class:`RoundQuantLinear` in ``block`` to a :class:`PackedLinear` (in place)."""
-    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, RoundQuantLinear))]
+    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, RoundQuantLinear, KQuantLinear))]
     out = {}
     for name in names:
         parent, _, attr = name.rpartition(".")
@@ -35,6 +36,16 @@ def rtn_quantize_model(model: nn.Module, arch, bits: int, group: int) -> nn.Modu
     """Min-max (round-to-nearest) quantization of every decoder block, packed, in place."""
     for block in arch.layers(model):
         fake_quantize_block(block, arch, bits, group)
+        pack_block(block)
+    return model
+
+
+def rtn_kquant_model(model: nn.Module, arch, target: str) -> nn.Module:
+    """Every decoder block's linears on ``target``'s GGML grid (``Q2_K``/``Q3_K``/``Q4_K``, or the
+    width's fallback), started by the search of :func:`eqat_cli.quant.kquant.init_params`, packed as
+    GGUF blocks (:class:`~eqat_cli.quant.kquant.KQuantPacked`), in place."""
+    for block in arch.layers(model):
+        kquant_block(block, target, list(arch.linear_names))
         pack_block(block)
     return model
 

@@ -83,10 +83,12 @@ def _round_like_saved(block: nn.Module) -> None:
 def _packed_block_from_file(block: nn.Module, prefix: str, path: Path, dtype) -> nn.Module:
     """Rebuild a finished block (packed layers + fp params) from its saved shard."""
     from eqat_cli.formats.native import install_packed_layers
+    from eqat_cli.quant.kquant import install_kquant_layers
     from eqat_cli.readers import load_safetensors
 
     sd = {k[len(prefix):]: v for k, v in load_safetensors(path, "finished block file").items()}
     install_packed_layers(block, sd)
+    install_kquant_layers(block, sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     load_into(block, sd, f"finished block file {path.name}")
     return block
