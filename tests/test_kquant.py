@@ -164,23 +164,11 @@ def test_kquant_checkpoint_round_trips_through_eval(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     ppl = {}
     for what, spec in (("native", src), ("gguf", out)):
-        res = invoke("eval", spec, "--ppl-file", text, "--ctx", 64, "--json")
+        res = invoke("eval", spec, "--ppl", text, "--seqlen", "32", "--limit", "4", "--json", "-")
         assert res.exit_code == 0, res.output
-        ppl[what] = json.loads(res.output[res.output.index("{"):])
-    a, b = _ppl(ppl["native"]), _ppl(ppl["gguf"])
-    assert abs(a - b) / a < 0.02, (a, b)
-
-
-def _ppl(d):
-    for k, v in d.items():
-        if "ppl" in k and isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, dict):
-            try:
-                return _ppl(v)
-            except KeyError:
-                continue
-    raise KeyError("ppl")
+        (p,) = json.loads(res.stdout)["perplexity"].values()
+        ppl[what] = p["ppl"]
+    assert abs(ppl["native"] - ppl["gguf"]) / ppl["native"] < 0.02, ppl
 
 
 def test_kquant_refusals_leave_nothing(tmp_path):
@@ -194,3 +182,60 @@ def test_kquant_refusals_leave_nothing(tmp_path):
     res = invoke("pack", src, "--format", "gguf", "-o", tmp_path / "m.gguf")
     assert "GGML-grid layers with 1 uniform packed" in one_error_line(res)
     assert not list(tmp_path.glob("*.gguf")) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------- Block-AP --target
+
+
+def test_block_ap_target_trains_on_the_grid_and_exports_exactly(tmp_path):
+    import json
+
+    from conftest import save_tiny, tiny_tokenizer
+    from eqat_cli.formats.gguf_export import unpermute_rows
+    from eqat_cli.models import resolve
+    from eqat_cli.quant.kquant import KQuantPacked
+    from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
+    from test_block_ap import calib
+    from test_gguf_export import gguf_reader_tensors
+
+    config = TINY_CONFIGS["llama"](**{**MODELS["llama"], "intermediate_size": 320})  # down_proj: IQ4_NL
+    src = save_tiny(build(config), tmp_path / "fp")
+    c = calib()
+    cfg = BlockAPConfig(bits=2, group_size=64, target="gguf:q2_k", steps=4, batch_size=4)
+    res = run_block_ap(src, tiny_tokenizer(), c.train, c.val, cfg, tmp_path / "q", torch.device("cpu"))
+    for b in res.blocks:
+        assert b["loss_after"] <= b["loss_before"], b  # the best state (val) is never worse than the start
+    meta = json.loads((res.output / "config.json").read_text())["eqat"]
+    assert meta["target"] == "gguf:q2_k" and "bits" not in meta and meta["block_ap"]["target"] == "gguf:q2_k"
+    lm = resolve(str(res.output), device="cpu", dtype="fp32")
+    assert lm.quant["gguf_types"] == ["IQ4_NL", "Q2_K"]
+    out = tmp_path / "q.gguf"
+    r = invoke("pack", res.output, "--format", "gguf", "-o", out)
+    assert r.exit_code == 0, r.output
+    tensors = gguf_reader_tensors(out)
+    n = 0
+    for name, mod in lm.model.named_modules():
+        if isinstance(mod, KQuantPacked):
+            i, kind = name.split(".")[2], name.split(".")[-1]
+            ttype, w = tensors[f"blk.{i}.{GGUF_NAMES[kind]}.weight"]
+            assert ttype == ("IQ4_NL" if kind == "down_proj" else "Q2_K")
+            w = torch.from_numpy(w)
+            if kind in ("q_proj", "k_proj"):
+                w = unpermute_rows(w, config.num_attention_heads,
+                                   config.num_attention_heads if kind == "q_proj" else config.num_key_value_heads)
+            assert torch.equal(w, mod.weight), name
+            n += 1
+    assert n == 7 * config.num_hidden_layers
+
+
+def test_target_refuses_what_it_cannot_train():
+    from eqat_cli.errors import BadInputError
+    from eqat_cli.train.block_ap import BlockAPConfig
+
+    with pytest.raises(BadInputError, match="needs --param round and --init minmax"):
+        BlockAPConfig(target="gguf:q3_k", param="free")
+    with pytest.raises(BadInputError, match="needs --param round and --init minmax"):
+        BlockAPConfig(target="gguf:q3_k", init="gptq")
+    with pytest.raises(BadInputError, match="unknown --target"):
+        BlockAPConfig(target="gguf:q8_0")
+    assert BlockAPConfig(target="GGUF:Q4_K").target == "gguf:q4_k"

@@ -35,13 +35,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 import torch.nn.functional as F
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.quant.primitives import clamp_ste, round_ste
+from eqat_cli.quant.targets import FALLBACK, QK_K, TARGETS, parse_target  # noqa: F401 (re-exported)
 
-QK_K = 256
 IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 OFFSET_MAX = 0.5
 FACTOR_LO, FACTOR_HI = 0.5, 1.5
@@ -72,21 +74,6 @@ TYPES = {
     "Q5_0": GridType("Q5_0", 32, 32, "scale", 31, zero=16, block_bytes=22),
     "IQ4_NL": GridType("IQ4_NL", 32, 32, "codebook", 15, block_bytes=18),
 }
-# llama.cpp src/llama-quant.cpp, llama_tensor_get_type: rows that are not a multiple of QK_K
-FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0"}
-TARGETS = {"gguf:q2_k": "Q2_K", "gguf:q3_k": "Q3_K", "gguf:q4_k": "Q4_K"}
-
-
-def parse_target(text: str | None) -> str | None:
-    """``gguf:q2_k`` / ``gguf:q3_k`` / ``gguf:q4_k`` -> the GGML type name; ``None`` stays ``None``."""
-    if text is None or text == "":
-        return None
-    t = text.strip().lower()
-    if t not in TARGETS:
-        raise BadInputError(f"unknown --target {text!r}; choose one of {', '.join(TARGETS)}")
-    return TARGETS[t]
-
-
 def tensor_type(target: str, in_features: int, name: str = "layer") -> str:
     """The GGML type a linear of input width ``in_features`` gets under ``target`` (its fallback when
     the width is not a multiple of 256, as llama-quantize does); refuses widths no block fits."""
@@ -303,9 +290,6 @@ def encode(gt: GridType, g: dict[str, torch.Tensor], codes: torch.Tensor) -> np.
 def decode(type_name: str, blocks: np.ndarray, in_features: int) -> np.ndarray:
     """GGUF bytes ``[out, row_bytes]`` -> float32 ``[out, in_features]`` (gguf-py's dequantizer, the
     same one llama.cpp's arithmetic matches)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     w = dequantize(np.ascontiguousarray(blocks), getattr(GGMLQuantizationType, type_name))
     return np.asarray(w, dtype=np.float32).reshape(blocks.shape[0], in_features)
 
@@ -375,14 +359,10 @@ class KQuantLinear(nn.Module):
 
 
 def type_code(type_name: str) -> int:
-    from gguf import GGMLQuantizationType
-
     return int(getattr(GGMLQuantizationType, type_name))
 
 
 def type_from_code(code: int) -> str:
-    from gguf import GGMLQuantizationType
-
     name = GGMLQuantizationType(int(code)).name
     if name not in TYPES:
         raise BadInputError(f"GGML type {name} is not a grid eqat trains (one of {', '.join(TYPES)})")

@@ -345,7 +345,8 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
     # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
     writer.add(_block_file(n_layers, n_layers), src.reader.read("", torch.float16, exclude=arch.layers_path + "."))
     meta = CheckpointMeta(
-        scheme=QuantScheme(cfg.bits, cfg.group_size), architecture=arch.name,
+        scheme=None if cfg.target else QuantScheme(cfg.bits, cfg.group_size), architecture=arch.name,
+        target=cfg.target,
         method="block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"),
         block_ap=cfg.to_json(), source_model=str(model_path),
     ).updated(extra_meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from eqat_cli.quant.kquant import kquant_block
 from eqat_cli.quantize import fake_quantize_block
 from eqat_cli.train.block_ap.blockio import block_kwargs_cached
 from eqat_cli.train.block_ap.config import BlockAPConfig
@@ -109,6 +110,8 @@ def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.T
     from eqat_cli.quant.linear import set_submodule
     from eqat_cli.quant.rounding import RoundQuantLinear
 
+    if cfg.target_type is not None:  # the GGML grid's own start (quant/kquant.py init_params)
+        return kquant_block(block, cfg.target_type, list(arch.linear_names))
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)

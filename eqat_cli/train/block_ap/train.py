@@ -44,14 +44,16 @@ def param_groups(block: nn.Module, cfg: BlockAPConfig, total: int) -> tuple[list
     after each step. ``free``: weights (and norms, biases) at the weight lr, step sizes and zero
     points at the quant lr. ``round``: offsets at the weight lr, clipping factors at the quant lr;
     everything else stays as it is."""
+    from eqat_cli.quant.kquant import KQuantLinear
     from eqat_cli.quant.rounding import RoundQuantLinear
 
     for p in block.parameters():
         p.requires_grad_(False)
     if cfg.param == "round":
-        layers = [m for m in block.modules() if isinstance(m, RoundQuantLinear)]
+        layers = [m for m in block.modules() if isinstance(m, (RoundQuantLinear, KQuantLinear))]
         weight_params = [m.offset for m in layers]
-        quant_params = [p for m in layers for p in (m.clip_max, m.clip_min)]
+        quant_params = [p for m in layers for p in (
+            m.factors() if isinstance(m, KQuantLinear) else (m.clip_max, m.clip_min))]
     else:
         layers = []
         quant_params = [p for n, p in block.named_parameters() if n.endswith(("quantizer.scale", "quantizer.zero"))]
