@@ -131,20 +131,53 @@ def _codebook() -> torch.Tensor:
     return torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
 
 
+_SEG_LUT: dict = {}
+
+
+def _segments(x: torch.Tensor) -> torch.Tensor:
+    """Codebook segment ``i`` (0..14) with ``K[i] <= x < K[i+1]`` (ends clamped): the codebook values
+    are integers, so ``floor(x)`` decides it, through a 240-entry table (much faster than bucketize)."""
+    lut = _SEG_LUT.get(x.device)
+    if lut is None:
+        kv = torch.tensor(IQ4NL_VALUES)
+        ints = torch.arange(kv[0], kv[-1])
+        lut = _SEG_LUT[x.device] = (torch.bucketize(ints, kv[1:-1], right=True)).to(x.device)
+    return lut[(x.floor().clamp(IQ4NL_VALUES[0], IQ4NL_VALUES[-1] - 1) - IQ4NL_VALUES[0]).long()]
+
+
 def _codebook_position(x: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear position of ``x`` on the IQ4_NL codebook (integer i at value K[i]): rounding
     it picks the nearest value; clamped to [0, 15]."""
     kv = _codebook().to(x.device)
-    i = torch.bucketize(x.detach(), kv[1:-1])  # segment [K[i], K[i+1]], i in 0..14
+    i = _segments(x.detach())
     lo, hi = kv[i], kv[i + 1]
     return (i + (x - lo) / (hi - lo)).clamp(0, 15)
 
 
-def _codebook_value(pos: torch.Tensor) -> torch.Tensor:
-    """``K[pos]`` at integer ``pos``, linear between (the straight-through path of the codebook)."""
-    kv = _codebook().to(pos.device)
-    i = pos.detach().floor().clamp(0, 14).long()
-    return kv[i] + (pos - i) * (kv[i + 1] - kv[i])
+class _CodebookRound(torch.autograd.Function):
+    """``K[clamp(round(pos(x) + v), 0, 15)]`` with the straight-through gradient of the piecewise-
+    linear codebook: ``d/dv = K'(idx)``, ``d/dx = K'(idx) / K'(segment of x)`` (1 inside a segment
+    of the same length); returns the value and the index."""
+
+    @staticmethod
+    def forward(ctx, x, v):
+        kv = _codebook().to(x.device)
+        seg = _segments(x)
+        lo, hi = kv[seg], kv[seg + 1]
+        pos = (seg + (x - lo) / (hi - lo)).clamp_(0, 15)
+        idx = (pos + v).round_().clamp_(0, 15)
+        il = idx.long()
+        slope_idx = kv[il.clamp(max=14) + 1] - kv[il.clamp(max=14)]
+        inr = ((x >= kv[0]) & (x <= kv[-1])).float()
+        ctx.save_for_backward(slope_idx, (hi - lo), inr)
+        ctx.mark_non_differentiable(idx)
+        return kv[il], idx
+
+    @staticmethod
+    def backward(ctx, g, _gidx):
+        slope_idx, seglen, inr = ctx.saved_tensors
+        gv = g * slope_idx
+        return gv * inr / seglen, gv
 
 
 def expand(t: torch.Tensor, sub: int) -> torch.Tensor:
@@ -163,8 +196,8 @@ def grid_weight(gt: GridType, w0: torch.Tensor, g: dict[str, torch.Tensor],
         q = clamp_ste(round_ste((w0 + M) / _safe(S) + v), 0, gt.qmax)
         return S * q - M, q
     if gt.kind == "codebook":
-        pos = clamp_ste(round_ste(_codebook_position(w0 / _safe(S)) + v), 0, gt.qmax)
-        return S * _codebook_value(pos), pos
+        val, idx = _CodebookRound.apply(w0 / _safe(S), v if torch.is_tensor(v) else torch.zeros_like(w0))
+        return S * val, idx
     q = clamp_ste(round_ste(w0 / _safe(S) + v), -gt.zero, gt.qmax - gt.zero)
     return S * q, q + gt.zero
 
@@ -208,7 +241,7 @@ def init_params(gt: GridType, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     amax = x.gather(-1, idx).squeeze(-1)  # signed value of largest magnitude
     if gt.kind == "codebook":
         kv = _codebook()
-        for t in torch.linspace(0.8, 1.2, 17):
+        for t in torch.linspace(0.8, 1.2, 9):
             d = -amax / 127 * t
             pos = _codebook_position(x / _safe(d).unsqueeze(-1)).round().long()
             k = kv[pos]
