@@ -239,3 +239,14 @@ def test_target_refuses_what_it_cannot_train():
     with pytest.raises(BadInputError, match="unknown --target"):
         BlockAPConfig(target="gguf:q8_0")
     assert BlockAPConfig(target="GGUF:Q4_K").target == "gguf:q4_k"
+
+
+def test_e2e_qp_refuses_grid_checkpoints_in_one_line(tmp_path):
+    """E2E-QP trains uniform step sizes; a --target checkpoint is refused before anything is written."""
+    from eqat_cli.errors import UnsupportedError
+    from test_e2e_qp import ntp, train
+
+    src = save_native_dir(kquant_model("llama", "Q2_K"), byte_level_tokenizer(), tmp_path / "src")
+    with pytest.raises(UnsupportedError, match="does not train GGML-grid layers yet"):
+        train(src, tmp_path / "out", ntp())
+    assert not (tmp_path / "out").exists()
