@@ -11,11 +11,14 @@ from eqat_cli.quant.linear import PackedLinear, QuantLinear, replace_linears
 from eqat_cli.quant.rounding import RoundQuantLinear
 
 
-def fake_quantize_block(block: nn.Module, arch, bits: int, group: int) -> dict[str, QuantLinear]:
-    """Swap the block's linear layers for min-max initialised :class:`QuantLinear` (in place)."""
-    return replace_linears(
-        block, list(arch.linear_names), lambda name, lin: QuantLinear(lin, bits, group)
-    )
+def fake_quantize_block(block: nn.Module, arch, bits: int, group: int, schemes: dict | None = None) -> dict[str, QuantLinear]:
+    """Swap the block's linear layers for min-max initialised :class:`QuantLinear` (in place).
+    ``schemes`` (mixed precision): a ``QuantScheme`` per linear name, overriding ``bits``/``group``."""
+    def make(name, lin):
+        s = (schemes or {}).get(name)
+        return QuantLinear(lin, bits, group) if s is None else QuantLinear(lin, s.bits, s.group_size)
+
+    return replace_linears(block, list(arch.linear_names), make)
 
 
 def pack_block(block: nn.Module) -> dict[str, PackedLinear]:

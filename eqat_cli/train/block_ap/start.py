@@ -84,7 +84,7 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
     return out
 
 
-def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp: float) -> None:
+def gptq_init_block(quantized: dict, hessians: dict, bits: int | None, group: int | None, damp: float) -> None:
     """Set each :class:`QuantLinear` to its GPTQ solution: GPTQ's step sizes and zero points, and
     weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell
     where GPTQ rounded it (see :func:`gptq_quantize_with_residue`). Block-AP then trains all three
@@ -94,27 +94,30 @@ def gptq_init_block(quantized: dict, hessians: dict, bits: int, group: int, damp
 
     with torch.no_grad():
         for name, q in quantized.items():
-            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], bits, group, damp)
-            w = dequantize_codes(codes.float() + frac, scale, zero, group)
+            b, g = q.bits if bits is None else bits, q.group_size if group is None else group
+            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], b, g, damp)
+            w = dequantize_codes(codes.float() + frac, scale, zero, g)
             q.weight.copy_(w.to(device=q.weight.device, dtype=q.weight.dtype))
             q.quantizer.scale.copy_(scale.to(q.quantizer.scale.device))
             q.quantizer.zero.copy_(zero.to(q.quantizer.zero.device))
 
 
-def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device) -> dict:
+def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device,
+                         schemes: dict | None = None) -> dict:
     """Turn ``block`` into its fake-quantized starting point: min-max, or GPTQ with the Hessians of
     ``inputs`` (the inputs the block will train on). Returns the fake-quant modules by name:
     :class:`QuantLinear` (``param="free"``) or :class:`RoundQuantLinear` (``param="round"``), both
-    at exactly that starting point."""
+    at exactly that starting point. ``schemes`` (mixed precision): a ``QuantScheme`` per linear name
+    of the block, instead of the config's bits and group."""
     from eqat_cli.quant.linear import set_submodule
     from eqat_cli.quant.rounding import RoundQuantLinear
 
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
-    quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size)
+    quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size, schemes)
     if hessians is not None:
-        gptq_init_block(quantized, hessians, cfg.bits, cfg.group_size, cfg.gptq_damp)
+        gptq_init_block(quantized, hessians, None, None, cfg.gptq_damp)  # each layer's own bits and group
     if cfg.param == "round":
         quantized = {name: RoundQuantLinear.from_quant_linear(q) for name, q in quantized.items()}
         for name, q in quantized.items():
