@@ -8,6 +8,7 @@ third-party format would be. Nothing here imports torch: each writer imports its
 from __future__ import annotations
 
 from eqat_cli.format_spec import Format, WriteJob
+from eqat_cli.scheme import QuantScheme
 
 # -- eqat native (EfficientQAT layout) ----------------------------------------------------------
 
@@ -24,8 +25,6 @@ def _write_native(job: WriteJob) -> dict:
     meta = (job.source_meta or CheckpointMeta()).updated(job.provenance)
     layers = {n: (m.bits, m.group_size) for n, m in job.model.named_modules() if hasattr(m, "qweight") and hasattr(m, "bits")}
     if len(set(layers.values())) > 1:  # mixed precision (e.g. from GPTQ's dynamic): every layer's scheme recorded
-        from eqat_cli.scheme import QuantScheme
-
         meta = meta.updated(modules={n: QuantScheme(b, g) for n, (b, g) in layers.items()})
     save_native(job.model, job.tokenizer, job.target, meta)
     return {"bits": job.quant["bits"], "group_size": job.quant["group_size"]}
