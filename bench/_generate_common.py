@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from eqat_cli.scheme import QuantScheme
+
 REPO = Path(__file__).resolve().parents[1]
 TEXT = (
     "The history of computing is a story of making machines that follow instructions faster and with "
@@ -46,7 +48,7 @@ def rtn_checkpoint(bits: int, group: int, model: str = "smollm2") -> Path:
 
     lm = resolve(model, device="cpu", dtype="fp32")
     with torch.no_grad():
-        rtn_quantize_model(lm.model, lm.arch, bits, group)
+        rtn_quantize_model(lm.model, lm.arch, QuantScheme(bits, group))
     with atomic_dir(out, overwrite=True) as tmp:
         save_native(lm.model, lm.tokenizer, tmp, {"bits": bits, "group_size": group, "architecture": lm.arch.name,
                                                    "trained_with": "rtn", "source_model": model})

@@ -30,6 +30,7 @@ import torch
 from eqat_cli import benchmark as B
 from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 from eqat_cli.quant.linear import REFERENCE_KERNEL, PackedLinear
+from eqat_cli.scheme import QuantScheme
 
 LLAMA2_7B = ["4096x4096", "4096x11008", "11008x4096"]
 
@@ -82,7 +83,7 @@ def bench_model_decode(bits: int, group: int, new_tokens: int, repeats: int) -> 
           flush=True)
     arch = get_registry().architecture_for("llama")
     with torch.no_grad():
-        rtn_quantize_model(model, arch, bits, group)
+        rtn_quantize_model(model, arch, QuantScheme(bits, group))
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
             mod.set_kernel(TORCH_KERNEL)
@@ -122,7 +123,7 @@ def main(argv=None):
     results = {"machine": machine, "layers": []}
     for i, text in enumerate(args.shapes):
         entry = B.bench_layer(
-            parse_shape(text), args.bits, args.group, TORCH_KERNEL, sorted(set(args.tokens)),
+            parse_shape(text), QuantScheme(args.bits, args.group), TORCH_KERNEL, sorted(set(args.tokens)),
             args.repeats, seed=i, extra_kernels=extra,
         )
         for line in format_rows(entry):

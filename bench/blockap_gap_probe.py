@@ -20,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+from eqat_cli.scheme import QuantScheme
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +59,7 @@ def main() -> None:
         xv, yv = val[k]
         for n in args.sizes:
             blk = copy.deepcopy(arch.layers(model)[k])
-            fake_quantize_block(blk, arch, args.bits, args.group)
+            fake_quantize_block(blk, arch, QuantScheme(args.bits, args.group))
 
             def loss(a, b):
                 return eval_block_loss(blk, model, arch, a, b, 2, cpu, torch.float32, "token-rel")

@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from eqat_cli.scheme import QuantScheme
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +80,7 @@ def probe_block(args, model, arch, k, x, y, xv, yv, cpu) -> list[dict]:
 
     rows = []
     rtn = copy.deepcopy(arch.layers(model)[k])
-    fake_quantize_block(rtn, arch, args.bits, args.group)
+    fake_quantize_block(rtn, arch, QuantScheme(args.bits, args.group))
     rtn_loss = eval_block_loss(rtn, model, arch, xv, yv, 2, cpu, torch.float32, "token-rel")
     del rtn
     for setting in args.settings:

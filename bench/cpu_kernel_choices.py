@@ -32,6 +32,7 @@ from eqat_cli.benchmark.layer import quantized_random_layer
 from eqat_cli.quant import cpu_kernel as ck
 from eqat_cli.quant.linear import REFERENCE_KERNEL
 from eqat_cli.quant.primitives import effective_group
+from eqat_cli.scheme import QuantScheme
 from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
 
@@ -126,7 +127,7 @@ def main() -> None:
     cases = [("decode", args.decode_shape, 1), ("prefill", args.prefill_shape, args.prefill_tokens)]
     for kind, shape, m in cases:
         k, n = (int(v) for v in shape.split("x"))
-        weight, layer = quantized_random_layer(k, n, args.bits, args.group)
+        weight, layer = quantized_random_layer(k, n, QuantScheme(args.bits, args.group))
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             ref = REFERENCE_KERNEL.forward(layer, x)

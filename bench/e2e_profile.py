@@ -17,6 +17,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from eqat_cli.scheme import QuantScheme
+
 MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
 
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     lm = resolve(a.model, device="cpu")
     fp = lm.model.float()
-    packed = rtn_quantize_model(copy.deepcopy(fp), lm.arch, a.bits, a.group)
+    packed = rtn_quantize_model(copy.deepcopy(fp), lm.arch, QuantScheme(a.bits, a.group))
     prepare_student(packed, train_zeros=False, checkpointing=False)
     packed.train()
     fp.train()

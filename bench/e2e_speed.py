@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from eqat_cli.scheme import QuantScheme
+
 
 def _interleaved(fns: dict, steps: int) -> tuple[dict, dict]:
     """Median wall and CPU seconds per call of each function, calls interleaved (A B C A B C ...)
@@ -82,7 +84,7 @@ def run(spec: str, bits: int, group: int, seqlen: int, batch: int, steps: int, c
     labels = ids.clone()
     tokens = batch * seqlen
 
-    packed = rtn_quantize_model(copy.deepcopy(fp), lm.arch, bits, group)
+    packed = rtn_quantize_model(copy.deepcopy(fp), lm.arch, QuantScheme(bits, group))
     params = prepare_student(packed, train_zeros=False, checkpointing=checkpointing)
     opt = torch.optim.AdamW(params, lr=1e-5)
     packed.train()

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from eqat_cli.scheme import QuantScheme
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -198,7 +200,7 @@ def check_tiny(args, work: Path) -> list[dict]:
                 kw["use_sliding_window"] = False  # llama.cpp's qwen2/qwen3 have no sliding window
             config = TINY_CONFIGS[key](**kw)
             model = rtn_quantize_model(build(config, seed=3), get_registry().architecture_for(config.model_type),
-                                       bits, 32)
+                                       QuantScheme(bits, 32))
             src = work / f"tiny-{key}-w{bits}"
             import shutil
 

@@ -68,11 +68,12 @@ def main() -> None:
 
     # eqat first, interleaved; then llama.cpp on both files in one invocation
     prompt = prompt_of(args.prompt_tokens)
-    eqat_models = {"packed": str(native), "fp32": "smollm2"}
+    eqat_models = {"packed": str(native), "fp32": "smollm2", "packed-head8": str(native), "packed-hf": str(native)}
+    extra = {"packed-head8": ("--quantize-head", "8"), "packed-hf": ("--decoder", "hf")}
     runs: dict[str, list[dict]] = {k: [] for k in eqat_models}
     for r in range(args.eqat_repeats):
         for name, model in eqat_models.items():
-            d = run_generate(model, prompt, args.new_tokens, args.threads)
+            d = run_generate(model, prompt, args.new_tokens, args.threads, *extra.get(name, ()))
             runs[name].append(d)
             print(f"eqat run {r + 1}/{args.eqat_repeats} {name}: prefill {d['prefill_tokens_per_s']:.1f} tok/s, "
                   f"decode {d['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr, flush=True)
@@ -97,7 +98,7 @@ def main() -> None:
                 "decode_runs": [d["decode_tokens_per_s"] for d in rs],
                 "prefill_runs": [d["prefill_tokens_per_s"] for d in rs],
                 "peak_rss_bytes": statistics.median(d["peak_rss_bytes"] for d in rs),
-                "text": rs[0]["text"]}
+                "text": rs[0]["text"], "decoder": rs[0].get("decoder"), "token_ids": rs[0].get("token_ids")}
 
     w = f"w{args.bits}g{args.group}"
     rows = [
@@ -105,7 +106,13 @@ def main() -> None:
         {**lb_row(fp_gguf), "runtime": "llama.cpp", "model": "shipped SmolLM2 Q4_1 GGUF (FP model file)", "bits": 4},
         {**eqat_row("packed"), "runtime": "eqat", "model": f"{w} RTN, packed (eqat native)", "bits": args.bits},
         {**eqat_row("fp32"), "runtime": "eqat", "model": "SmolLM2 FP (shipped GGUF dequantized), fp32", "bits": 32},
+        {**eqat_row("packed-head8"), "runtime": "eqat", "model": f"{w} RTN, packed, --quantize-head 8", "bits": args.bits},
+        {**eqat_row("packed-hf"), "runtime": "eqat", "model": f"{w} RTN, packed, --decoder hf (before)", "bits": args.bits},
     ]
+    for r in rows[4:]:
+        r["ratio_vs"] = rows[2]["ratio_vs"]
+        r["decode_ratio_eqat_over_llamacpp"] = r["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+        r["prefill_ratio_eqat_over_llamacpp"] = r["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]
     rows[2]["ratio_vs"] = "llama.cpp on eqat's GGUF export (same model, same bits)"
     rows[2]["decode_ratio_eqat_over_llamacpp"] = rows[2]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     rows[2]["prefill_ratio_eqat_over_llamacpp"] = rows[2]["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]

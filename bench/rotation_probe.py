@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from peer_compare import METHODS, measure  # noqa: E402
 
+from eqat_cli.scheme import QuantScheme
+
 MODEL = "smollm2"
 LOCK = "/work/bench.lock"
 EVALS = {
@@ -139,7 +141,7 @@ def rtn_and_save(src: str, out: Path, bits: int) -> None:
         for prm in model.parameters():
             if id(prm) not in blocks:
                 prm.copy_(prm.half().float())
-    rtn_quantize_model(model, arch, bits, 64)
+    rtn_quantize_model(model, arch, QuantScheme(bits, 64))
     with atomic_dir(out, overwrite=True) as tmp:
         save_native(model, tok, tmp, {"bits": bits, "group_size": 64, "architecture": arch.name, "method": "rtn",
                                       "source_model": src})

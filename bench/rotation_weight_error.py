@@ -16,6 +16,8 @@ import json
 
 import torch
 
+from eqat_cli.scheme import QuantScheme
+
 
 def rel_err(w: torch.Tensor, bits: int, group: int = 64) -> float:
     from eqat_cli.quant.linear import QuantLinear
@@ -23,7 +25,7 @@ def rel_err(w: torch.Tensor, bits: int, group: int = 64) -> float:
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = w.float().clone()
     with torch.no_grad():
-        deq = QuantLinear(lin, bits, group).to_packed().dequantize()
+        deq = QuantLinear(lin, QuantScheme(bits, group)).to_packed().dequantize()
     return ((deq.float() - w.float()).norm() / w.float().norm()).item()
 
 

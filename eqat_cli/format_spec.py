@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from eqat_cli.errors import BadInputError
+from eqat_cli.errors import BadInputError, EqatError
 
 
 def normalize(name: str) -> str:
@@ -140,8 +140,6 @@ class FormatTable:
             self.add(f)
 
     def add(self, fmt: Format, plugin: str = "") -> None:
-        from eqat_cli.errors import EqatError
-
         for n in fmt.names:
             if n in self._names:
                 raise EqatError(

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from eqat_cli.errors import BadInputError, DiskFullError
+from eqat_cli.errors import BadInputError, DiskFullError, OutputBusyError
 
 
 def check_output(target: str | os.PathLike, overwrite: bool = False, kind: str = "directory") -> Path:
@@ -216,8 +216,6 @@ def _remove_empty(dirs: list[Path]) -> None:
 def _acquire(path: Path, target, wait: bool, note) -> int:
     """Open and ``flock`` the lock file; return its descriptor."""
     import fcntl
-
-    from eqat_cli.errors import OutputBusyError
 
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -15,12 +15,16 @@ Imports nothing of eqat but ``errors``; huggingface_hub is imported inside the f
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import re
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from eqat_cli.errors import BadInputError, EqatError
 
@@ -43,8 +47,6 @@ def hub_offline_reason(datasets: bool = False) -> str | None:
         return "offline mode is on (HF_DATASETS_OFFLINE)"
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     if endpoint not in _hub_probe:
-        import socket
-        from urllib.parse import urlsplit
 
         u = urlsplit(endpoint)
         port = u.port or (443 if u.scheme == "https" else 80)
@@ -64,7 +66,6 @@ def hub_access(datasets: bool = False) -> Iterator[str | None]:
     if reason is None:
         yield None
         return
-    import sys
 
     from huggingface_hub import constants
 
@@ -193,8 +194,6 @@ def verify_download(repo_id: str, root: Path, files: list[RemoteFile], confine: 
     and hash: the sha256 for LFS files, the git blob id for the others. A mismatching file is
     removed (a re-run downloads it again) and reported in one line.
     """
-    import fnmatch
-
     for p in sorted(root.rglob("*")):
         if p.is_symlink() and not _inside(p, confine):
             raise BadInputError(

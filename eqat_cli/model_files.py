@@ -320,31 +320,47 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> Any:
     return tok
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_index(path: str | os.PathLike) -> dict | None:
+    """A model directory's safetensors index (``model.safetensors.index.json``) as JSON, or None."""
+    index = Path(path) / INDEX_FILE
+    return read_json(index, "safetensors index") if index.exists() else None
+
+
+def shard_files(path: str | os.PathLike, index: dict | None = None) -> list[Path]:
+    """The weight shards of a model directory: those its ``index`` (the parsed index file, see
+    :func:`read_index`) lists, each checked to be a name inside the directory and an existing
+    file; else ``model.safetensors``; else every ``*.safetensors``. The one home of these checks
+    (:func:`check_model_weights` and :class:`eqat_cli.formats.checkpoint.Checkpoint` use it)."""
+    p = Path(path)
+    if index is None:
+        if (p / "model.safetensors").exists():
+            return [p / "model.safetensors"]
+        return sorted(p.glob("*.safetensors"))
+    idx_file = p / INDEX_FILE
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise BadInputError(f"{idx_file}: safetensors index has no weight_map of tensor -> file")
+    files = []
+    for name in sorted(set(wm.values())):
+        f = p / name
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BadInputError(f"{idx_file}: shard name {name!r} points outside the model directory")
+        if len(name) > 4096 or any(len(part.encode()) > 255 for part in Path(name).parts):
+            raise BadInputError(f"{idx_file}: shard name {name[:60]!r}... is too long for a file name")
+        with reading(idx_file, "safetensors index"):
+            exists = f.is_file()
+        if not exists:
+            raise BadInputError(f"{idx_file}: lists shard {name[:200]}, which is missing")
+        files.append(f)
+    return files
+
+
 def check_model_weights(path: str | os.PathLike) -> list[Path]:
     """Validate the index (if any) and every safetensors shard header of a model directory."""
-    p = Path(path)
-    index = p / "model.safetensors.index.json"
-    if index.exists():
-        idx = read_json(index, "safetensors index")
-        wm = idx.get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise BadInputError(f"{index}: safetensors index has no weight_map of tensor -> file")
-        files = []
-        for name in sorted(set(wm.values())):
-            f = (p / name)
-            if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-                raise BadInputError(f"{index}: shard name {name!r} points outside the model directory")
-            if len(name) > 4096 or any(len(part.encode()) > 255 for part in Path(name).parts):
-                raise BadInputError(f"{index}: shard name {name[:60]!r}... is too long for a file name")
-            with reading(index, "safetensors index"):
-                exists = f.is_file()
-            if not exists:
-                raise BadInputError(f"{index}: lists shard {name[:200]}, which is missing")
-            files.append(f)
-    elif (p / "model.safetensors").exists():
-        files = [p / "model.safetensors"]
-    else:
-        files = sorted(p.glob("*.safetensors"))
+    files = shard_files(path, read_index(path))
     for f in files:
         check_safetensors(f, "safetensors weight shard")
     return files

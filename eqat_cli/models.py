@@ -32,6 +32,7 @@ from eqat_cli.model_files import (
 from eqat_cli.model_files import load_tokenizer as read_tokenizer
 from eqat_cli.readers import check_gguf
 from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -176,8 +177,8 @@ def download(
     checked against the recorded sha256 (LFS) or git blob id. Offline, the cached copy is used
     as is.
 
-    ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull`` passes a
-    Rich-backed one). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
+    ``tqdm_class`` (optional) replaces huggingface_hub's progress bars (``eqat pull``'s entry
+    passes one that reports progress events). Interrupted files are resumed by huggingface_hub within a call (HTTP Range);
     files finished by an earlier, interrupted call are not downloaded again.
     """
     from huggingface_hub import constants as hf_constants
@@ -309,14 +310,13 @@ def resolve(
     else:
         arch = registry.find_architecture(model.config.model_type)
     if head_bits is not None:
-        from eqat_cli.errors import BadInputError
-        from eqat_cli.quantize import quantize_head
+        from eqat_cli.quantize import head_scheme, quantize_head
 
         if head_bits not in (4, 8):
             raise BadInputError(f"the embedding and lm_head quantize to 8 or 4 bits, not {head_bits}")
         if arch is None:
             raise BadInputError("quantizing the embedding and lm_head needs the model's architecture plugin")
-        quant["head"] = quantize_head(model, arch, head_bits)
+        quant["head"] = quantize_head(model, arch, head_scheme(head_bits))
     model.to(dev)
     model.eval()
     if quant:
@@ -332,9 +332,11 @@ def resolve(
     return LoadedModel(model, tok, arch, source, fmt, quant, path)
 
 
-def summarize_layers(layers: dict[str, tuple[int, int]]) -> dict:
-    bits = sorted({b for b, _ in layers.values()})
-    groups = sorted({g for _, g in layers.values()})
+def summarize_layers(layers: dict[str, QuantScheme]) -> dict:
+    """The ``quant`` summary of a packed model's layer schemes: one bits / group size, or the
+    sorted lists of a model that mixes them."""
+    bits = sorted({s.bits for s in layers.values()})
+    groups = sorted({s.group_size for s in layers.values()})
     return {
         "bits": bits[0] if len(bits) == 1 else bits,
         "group_size": groups[0] if len(groups) == 1 else groups,

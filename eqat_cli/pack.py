@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size
+from eqat_cli.format_spec import WriteJob
+from eqat_cli.formats.checkpoint import Checkpoint
+from eqat_cli.fsutil import atomic_dir, atomic_file, dir_size, output_lock
 from eqat_cli.models import preflight_model, resolve
 from eqat_cli.progress import Progress, count
+from eqat_cli.registry import get_registry
 
 
 def _registry():
-    from eqat_cli.registry import get_registry
-
     return get_registry()
 
 
@@ -52,9 +53,6 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
     form = reg.format(fmt)
     output = Path(output).expanduser()
     check_output(form.name, output, overwrite)
-
-    from eqat_cli.formats.checkpoint import Checkpoint
-    from eqat_cli.format_spec import WriteJob
 
     def refuse_full_precision():
         return BadInputError(
@@ -105,8 +103,6 @@ def pack_from_spec(spec: str, fmt: str, output: Path, overwrite: bool = False,
                    progress: Optional[Progress] = None, wait: bool = False) -> dict[str, Any]:
     """``eqat pack``'s library side: :func:`pack_model` while holding the output's lock (one writer
     per output; another process writing ``output`` is refused, or with ``wait`` waited for)."""
-    from eqat_cli.fsutil import output_lock
-
     fmt_name = normalize_format(fmt)
     output = Path(output).expanduser()
     check_output(fmt_name, output, overwrite)

@@ -24,6 +24,7 @@ directory's files, the remote-code gate and the Hugging Face loaders are in
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import json
@@ -135,8 +136,6 @@ def text_lines(path: str | os.PathLike, what: str = "text file", opener: Callabl
 
 def sniff_text(path: str | os.PathLike, what: str = "text file", size: int = 1 << 16) -> None:
     """Refuse a binary file cheaply: its first ``size`` bytes must be UTF-8 without NUL bytes."""
-    import codecs
-
     p = Path(path)
     _require_file(p, what)
     with reading(p, what):

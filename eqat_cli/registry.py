@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from eqat_cli.errors import EqatError, UnknownArchitectureError, UnsupportedError
-from eqat_cli.plugin_manager import get_plugin_manager
+from eqat_cli.format_spec import Format, FormatTable
+from eqat_cli.plugin_manager import get_plugin_manager, plugin_source
 from eqat_cli.specs import bits_label
 
 # Re-exported for plugins written against ``eqat_cli.registry`` (see the module docstring).
@@ -47,7 +48,6 @@ class Registry:
             ("register_backends", BackendSpec, self.backends),
             ("register_datasets", DatasetSpec, self.datasets),
         ]
-        from eqat_cli.format_spec import Format, FormatTable
 
         hooks.append(("register_formats", Format, self.formats))
         for hook_name, cls, table in hooks:
@@ -140,6 +140,12 @@ class Registry:
         ``bits`` and ``group_size`` are one value or all of a model's (``group_size=None``
         leaves groups out); with ``trains`` (e.g. ``("scales",)``) a backend must also
         differentiate those tensors. Each backend answers from its kernel's ``KernelCaps``.
+
+        Ints, not :class:`~eqat_cli.scheme.QuantScheme`: the question is over the *sets* of bit
+        widths and group sizes of a model's layers (mixed models included), or over bits alone
+        (``eqat plugins --bits``), and it is answered by ``KernelCaps``, which plugins declare in
+        :mod:`eqat_cli.specs` (imports nothing of eqat). A caller with schemes passes
+        ``[s.bits for s in schemes]`` and ``[s.group_size for s in schemes]``.
         """
         trains = tuple(trains)
         rows = []
@@ -229,3 +235,41 @@ def reset_registry(reload_plugins: bool = False) -> None:
     if reload_plugins:
         get_plugin_manager.cache_clear()
     _REGISTRY = None
+
+
+def plugins_report(device: str = "auto", bits: int = 2) -> dict:
+    """``eqat plugins``' library entry: every registered architecture, backend (with why it can
+    or cannot run ``bits`` on ``device``, and which one ``auto`` selects) and data set, and where
+    each plugin came from. ``device`` ``auto`` is the device eqat would pick here."""
+    if device == "auto":
+        from eqat_cli.device import pick_device  # torch: the registry is imported by `eqat --help`
+
+        device = pick_device("auto").type
+    reg = get_registry()
+    pm = reg.pm
+    src = {pm.get_name(p): plugin_source(pm, p) for p in pm.get_plugins()}
+    out: dict = {"device": device, "bits": bits, "architectures": [], "backends": [], "datasets": [],
+                 "plugins": src}
+    for name, r in reg.architectures.items():
+        out["architectures"].append({"name": name, "model_types": list(r.spec.model_types), "plugin": r.plugin,
+                                     "source": src.get(r.plugin), "description": r.spec.description})
+    chosen = None
+    try:
+        chosen, why = reg.select_backend("auto", bits, device)
+    except Exception as e:  # noqa: BLE001 - reported as the reason, like every other refusal here
+        why = str(e)
+    for spec, ok, reason in reg.explain_backends(bits, device):
+        plugin = reg.backends[spec.name].plugin
+        caps = spec.caps
+        out["backends"].append(
+            {"name": spec.name, "priority": spec.priority, "devices": list(spec.devices), "bits": list(spec.bits),
+             "group_sizes": None if caps.group_sizes is None else list(caps.group_sizes),
+             "backward": list(caps.backward), "usable": ok, "reason": reason, "plugin": plugin,
+             "source": src.get(plugin)}
+        )
+    out["auto"] = {"backend": chosen.name if chosen else None, "why": why}
+    for name, r in reg.datasets.items():
+        s = r.spec
+        out["datasets"].append({"name": name, "kind": s.kind, "hub": s.hub_path, "hub_name": s.hub_name,
+                                "local_files": s.local_files, "plugin": r.plugin})
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -62,8 +63,6 @@ class ArchitectureSpec:
     rotation_blocker: str | None = None
 
     def module_key(self, checkpoint_key: str) -> str:
-        import re
-
         for pattern, repl in self.checkpoint_renames:
             new = re.sub(pattern, repl, checkpoint_key)
             if new != checkpoint_key:
@@ -250,7 +249,8 @@ class KernelCaps:
     ) -> str | None:
         """Why this kernel cannot run (``trains`` empty) or train layers of these bit widths and
         group sizes on ``device``; ``None`` when it can. ``group_size=None`` leaves groups out of
-        the question."""
+        the question. Plain ints (one or a model's set): this module imports nothing of eqat, so
+        it does not know :class:`eqat_cli.scheme.QuantScheme`."""
         if device not in self.devices:
             return f"runs on {_join(self.devices)}, not {device}"
         for b in _ints(bits):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from eqat_cli.scheme import QuantScheme
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -135,7 +137,7 @@ def random_packed_layer(k, n, bits, group, bias=False, seed=0, scales_dtype=torc
     scale = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
     zero = torch.randint(0, 2**bits, (n, ng), generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    return PackedLinear.from_codes(codes, scale, zero, bits, group, bias=b, scales_dtype=scales_dtype)
+    return PackedLinear.from_codes(codes, scale, zero, QuantScheme(bits, group), bias=b, scales_dtype=scales_dtype)
 
 
 def build(config, seed: int = 0):

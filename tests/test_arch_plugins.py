@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_CONFIGS, build, save_tiny, tiny_tokenizer
 from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 
 NEW = ["qwen2", "qwen3", "gemma3"]
 REL = 2e-3  # x max|logit|: fp16 storage of embeddings, norms and scales
@@ -101,7 +102,7 @@ def test_qwen2_keeps_qkv_biases_through_packing():
     model = build(TINY_CONFIGS["qwen2"]())
     arch = get_registry().architecture_for("qwen2")
     biases = {n: arch.layers(model)[0].get_submodule(n).bias.clone() for n in arch.linear_groups[0]}
-    rtn_quantize_model(model, arch, 4, 32)
+    rtn_quantize_model(model, arch, QuantScheme(4, 32))
     for n, b in biases.items():
         layer = arch.layers(model)[0].get_submodule(n)
         assert isinstance(layer, PackedLinear) and torch.equal(layer.bias, b)
@@ -133,7 +134,7 @@ def test_rtn_block_ap_equals_per_layer_fake_quant(rtn_run):
     got = {}
     for f in sorted(out.glob("*.safetensors")):
         got.update(load_file(str(f)))
-    ref = rtn_quantize_model(build(TINY_CONFIGS[name]()), arch, 4, 32)
+    ref = rtn_quantize_model(build(TINY_CONFIGS[name]()), arch, QuantScheme(4, 32))
     want = packed_state_dict(ref)
     assert set(got) == set(want)
     for k in want:
@@ -141,7 +142,7 @@ def test_rtn_block_ap_equals_per_layer_fake_quant(rtn_run):
     # The packed model computes what the model with every linear fake-quantized computes.
     fake = build(TINY_CONFIGS[name]())
     for block in arch.layers(fake):
-        replace_linears(block, list(arch.linear_names), lambda n, lin: QuantLinear(lin, 4, 32))
+        replace_linears(block, list(arch.linear_names), lambda n, lin: QuantLinear(lin, QuantScheme(4, 32)))
     packed, layers = load_packed_model(out)
     assert len(layers) == len(arch.layers(fake)) * len(arch.linear_names)
     ids = torch.randint(0, 200, (1, 20))

@@ -24,6 +24,8 @@ from typer.testing import CliRunner
 
 from conftest import REPO, build, save_tiny, tiny_llama_config, tiny_tokenizer
 
+from eqat_cli.scheme import QuantScheme
+
 TEXT = "\n\n".join(
     " ".join(["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn"][i % 3] for _ in range(40))
     for i in range(30)
@@ -45,7 +47,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     fp = save_tiny(build(tiny_llama_config()), root / "fp")
     q = root / "q4"
     q.mkdir()
-    model = rtn_quantize_model(build(tiny_llama_config(), seed=1), get_registry().architecture_for("llama"), 4, 32)
+    model = rtn_quantize_model(build(tiny_llama_config(), seed=1), get_registry().architecture_for("llama"), QuantScheme(4, 32))
     save_native(model, tiny_tokenizer(), q, {"bits": 4, "group_size": 32, "architecture": "llama"})
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT)

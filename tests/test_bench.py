@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from conftest import build, save_tiny, tiny_llama_config, tiny_tokenizer
 from eqat_cli.cli.app import build_app
 from eqat_cli.quant.linear import PackedLinear
+from eqat_cli.scheme import QuantScheme
 
 FAST = ["--repeats", "2", "--prefill-tokens", "8", "--new-tokens", "4"]
 
@@ -27,7 +28,7 @@ def invoke(*args):
 
 def expected_packed_bytes(k: int, n: int, bits: int, group: int) -> int:
     """qweight + qzeros + scales + g_idx of a PackedLinear of this shape (its own buffers)."""
-    layer = PackedLinear(k, n, bits, group)
+    layer = PackedLinear(k, n, QuantScheme(bits, group))
     return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx))
 
 
@@ -180,7 +181,7 @@ def _save_quantized(tmp_path, meta_source: str | None):
 
     model = build(tiny_llama_config())
     fp_dir = save_tiny(model, tmp_path / "fp")
-    rtn_quantize_model(model, get_registry().architecture("llama"), 4, 32)
+    rtn_quantize_model(model, get_registry().architecture("llama"), QuantScheme(4, 32))
     q_dir = tmp_path / "q"
     q_dir.mkdir()
     meta = {"bits": 4, "group_size": 32}

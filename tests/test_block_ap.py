@@ -11,6 +11,7 @@ from conftest import build, save_tiny, tiny_llama_config, tiny_llava_config, tin
 from eqat_cli.errors import BadInputError
 from eqat_cli.train.block_ap import BlockAPConfig, NonFiniteLossError, run_block_ap
 from eqat_cli.train.calib import build_windows, check_tokenizer, load_calibration, save_calibration
+from eqat_cli.scheme import QuantScheme
 
 TEXT = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(60)) for i in range(40)]
 
@@ -44,7 +45,7 @@ def test_epochs0_is_exactly_rtn(llama_dir, tmp_path):
     res = run(llama_dir, tmp_path / "rtn", BlockAPConfig.paper(bits=2, group_size=32, epochs=0))
     got = tensors(res.output)
     ref = build(tiny_llama_config())
-    rtn_quantize_model(ref, get_registry().architecture_for("llama"), 2, 32)
+    rtn_quantize_model(ref, get_registry().architecture_for("llama"), QuantScheme(2, 32))
     want = packed_state_dict(ref)
     assert set(got) == set(want)
     for k in want:
@@ -82,7 +83,7 @@ def test_training_data_flow_and_loss_drop(llama_dir, tmp_path):
         h_q = arch.layers(qmodel)[0](h_q, **arch.block_kwargs(qmodel, h_q, 0))
         rtn1 = build(tiny_llama_config())
         b1 = arch.layers(rtn1)[1]
-        fake_quantize_block(b1, arch, 2, 32)
+        fake_quantize_block(b1, arch, QuantScheme(2, 32))
         start = b1(h_q, **arch.block_kwargs(rtn1, h_q, b1))
     expected = float(torch.nn.functional.mse_loss(start, target))
     assert blocks[1]["loss_before"] == pytest.approx(expected, rel=1e-4)
@@ -119,7 +120,7 @@ def test_token_rel_training_uses_its_loss_throughout(llama_dir, tmp_path):
         target = arch.layers(fp)[0](h, **arch.block_kwargs(fp, h, 0))
         b0 = build(tiny_llama_config())
         blk = arch.layers(b0)[0]
-        fake_quantize_block(blk, arch, 2, 32)
+        fake_quantize_block(blk, arch, QuantScheme(2, 32))
         start = blk(h, **arch.block_kwargs(b0, h, blk))
     assert res.blocks[0]["loss_before"] == pytest.approx(float(block_loss(start, target, "token-rel")), rel=1e-4)
     assert json.loads((res.output / "config.json").read_text())["eqat"]["block_ap"]["loss"] == "token-rel"
@@ -266,7 +267,9 @@ def test_block_ap_from_spec_is_the_command(llama_dir, tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["eqat"]["source_model"] == str(llama_dir)
     names = [e for e, _ in events]
     assert names.index("prepared") < names.index("block_start") and "calibration" not in names
-    assert events[names.index("prepared")][1] == {"device": "cpu", "train": (6, 32), "val": (2, 32), "steps": 3}
+    prepared = dict(events[names.index("prepared")][1])
+    assert prepared.pop("config") == cfg.resolve(6)  # what runs: param="auto" resolved (round at 3 steps)
+    assert prepared == {"device": "cpu", "train": (6, 32), "val": (2, 32), "steps": 3}
     with pytest.raises(BadInputError, match="exactly one of --calib"):
         block_ap_from_spec(str(llama_dir), tmp_path / "c", cfg)
     with pytest.raises(BadInputError, match="already exists"):

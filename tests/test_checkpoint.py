@@ -18,7 +18,7 @@ from eqat_cli.scheme import QuantScheme
 
 def _quantized(bits=4, group=32):
     model = build(tiny_llama_config())
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), bits, group)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(bits, group))
     return model
 
 
@@ -109,7 +109,7 @@ def test_load_reads_bits_and_group_from_the_metadata_first(tmp_path, monkeypatch
 
     monkeypatch.setattr(detect, "group_from_rows", no_guessing)
     _, layers = load_packed_model(d)
-    assert set(layers.values()) == {(4, 32)}
+    assert set(layers.values()) == {QuantScheme(4, 32)}
     # A foreign checkpoint (no eqat section) is inferred from shapes.
     cfg = json.loads((d / "config.json").read_text())
     del cfg["eqat"]
@@ -145,14 +145,19 @@ def test_each_shard_header_is_parsed_once_per_load(tmp_path, monkeypatch):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in packed_state_dict(model).values())
 
+    from eqat_cli import model_files
+    from eqat_cli.formats import checkpoint, detect
+
     parsed = []
     real = readers.safetensors_header
-    monkeypatch.setattr(readers, "safetensors_header", lambda p, *a, **k: parsed.append(p.name) or real(p, *a, **k))
+    counted = lambda p, *a, **k: parsed.append(p.name) or real(p, *a, **k)  # noqa: E731
+    for mod in (readers, detect, model_files):  # the function and every module-level binding of it
+        monkeypatch.setattr(mod, "safetensors_header", counted)
     config_reads = []
-    from eqat_cli import model_files
-
     real_cfg = model_files.read_model_config
-    monkeypatch.setattr(model_files, "read_model_config", lambda p: config_reads.append(p) or real_cfg(p))
+    counted_cfg = lambda p: config_reads.append(p) or real_cfg(p)  # noqa: E731
+    for mod in (model_files, checkpoint):
+        monkeypatch.setattr(mod, "read_model_config", counted_cfg)
     lm = resolve(str(d), device="cpu")
     assert sorted(parsed) == sorted(w.shards)  # once each
     assert len(config_reads) == 1

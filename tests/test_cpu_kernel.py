@@ -15,6 +15,7 @@ from eqat_cli.quant.caps import CPU_KERNEL_CAPS
 from eqat_cli.quant.linear import REFERENCE_KERNEL, PackedLinear
 from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 
@@ -171,7 +172,7 @@ def test_fused_groups_equal_separate_layers(config):
 
     model = build(config())
     arch = get_registry().architecture_for(model.config.model_type)
-    rtn_quantize_model(model, arch, 4, 32)
+    rtn_quantize_model(model, arch, QuantScheme(4, 32))
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         attach_backend(model, "reference", 4, "cpu", 32)
@@ -226,14 +227,14 @@ def test_quantize_head_tied(bits):
     head is a PackedLinear on the selected kernel, and the logits stay close to full precision."""
     from eqat_cli.models import attach_backend
     from eqat_cli.quant.linear import PackedEmbedding
-    from eqat_cli.quantize import quantize_head
+    from eqat_cli.quantize import head_scheme, quantize_head
 
     model = build(tiny_llama_config(tie_word_embeddings=True))
     arch = get_registry().architecture_for("llama")
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fp = model(ids).logits
-        done = quantize_head(model, arch, bits)
+        done = quantize_head(model, arch, head_scheme(bits))
         assert done == {"bits": bits, "group": 64, "tied": True, "lm_head": True, "embedding": True}
         emb, head = model.model.embed_tokens, model.lm_head
         assert isinstance(emb, PackedEmbedding) and isinstance(head, PackedLinear)

@@ -8,6 +8,7 @@ import torch
 from conftest import build, tiny_llama_config, tiny_tokenizer
 from eqat_cli.errors import BadInputError
 from eqat_cli.formats.detect import Layout, gptq_version, layer_quant, layout_of
+from eqat_cli.scheme import QuantScheme
 
 
 def test_layer_quant_cases():
@@ -66,7 +67,7 @@ def test_gptq_v2_with_the_legacy_format_key_loads_as_v2_everywhere(tmp_path):
     from eqat_cli.quantize import rtn_quantize_model
     from eqat_cli.registry import get_registry
 
-    model = rtn_quantize_model(build(tiny_llama_config()), get_registry().architecture("llama"), 4, 32)
+    model = rtn_quantize_model(build(tiny_llama_config()), get_registry().architecture("llama"), QuantScheme(4, 32))
     out = tmp_path / "v2"
     out.mkdir()
     save_gptq(model, tiny_tokenizer(), out, "gptq_v2")

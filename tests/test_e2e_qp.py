@@ -23,6 +23,7 @@ from eqat_cli.train.amp import Amp
 from eqat_cli.train.calib import build_windows
 from eqat_cli.train.e2e_qp import E2EConfig, evaluate_loss, loss_sums, run_e2e_qp
 from eqat_cli.train.sft_data import IGNORE, Examples, from_windows, load_instruct
+from eqat_cli.scheme import QuantScheme
 
 TEXT = [f"Story {i}: " + " ".join(f"tok{(i * 3 + j) % 17}" for j in range(80)) for i in range(60)]
 
@@ -35,7 +36,7 @@ def fp_dir(tmp_path):
 @pytest.fixture
 def quant_dir(tmp_path, fp_dir):
     model = build(tiny_llama_config())  # the same weights as fp_dir
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), 2, 32)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(2, 32))
     d = tmp_path / "q"
     d.mkdir()
     save_native(model, tiny_tokenizer(), d, {"bits": 2, "group_size": 32, "architecture": "llama",

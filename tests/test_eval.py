@@ -18,6 +18,8 @@ import torch
 
 from conftest import build, tiny_llama_config
 
+from eqat_cli.scheme import QuantScheme
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB = 320
@@ -442,7 +444,7 @@ def packed_dir(tmp_path, tokenizer):
     from eqat_cli.registry import get_registry
 
     m = build(tiny_llama_config(vocab_size=VOCAB, initializer_range=0.1), seed=2)
-    rtn_quantize_model(m, get_registry().architecture("llama"), bits=4, group=32)
+    rtn_quantize_model(m, get_registry().architecture("llama"), QuantScheme(4, 32))
     d = tmp_path / "tiny-w4g32"
     d.mkdir()
     save_native(m, tokenizer, d, {"bits": 4, "group_size": 32, "method": "rtn (test)"})

@@ -25,6 +25,8 @@ from typer.testing import CliRunner
 
 from conftest import REPO, build, save_tiny, tiny_llama_config, tiny_tokenizer
 
+from eqat_cli.scheme import QuantScheme
+
 TEXT = "\n\n".join(
     " ".join(["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn"][i % 3] for _ in range(40))
     for i in range(30)
@@ -75,7 +77,7 @@ def inputs(tmp_path_factory):
     save_calibration(build_windows(TEXT.split("\n\n"), tiny_tokenizer(), 4, 16, 1, 0, "corpus"), calib)
     q = root / "q4"
     q.mkdir()
-    model = rtn_quantize_model(build(tiny_llama_config(), seed=1), get_registry().architecture_for("llama"), 4, 32)
+    model = rtn_quantize_model(build(tiny_llama_config(), seed=1), get_registry().architecture_for("llama"), QuantScheme(4, 32))
     save_native(model, tiny_tokenizer(), q, {"bits": 4, "group_size": 32, "architecture": "llama"})
     w = {"fp": fp, "calib": calib, "q": q, "root": root}
     res = invoke(*block_ap_args(w, root / "bap-ref"))

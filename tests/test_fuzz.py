@@ -117,16 +117,25 @@ def test_quantization_config_not_an_object(tmp_path, value):
         detect_layout(d)
 
 
-def test_index_shard_name_too_long(tmp_path):
+@pytest.mark.parametrize("weight_map, message", [
+    ({"lm_head.weight": "y" * 5000}, r"shard name 'y+'... is too long for a file name"),
+    ({"lm_head.weight": "../x.safetensors"}, r"shard name '../x.safetensors' points outside the model directory"),
+    ({"lm_head.weight": "model-2.safetensors"}, r"lists shard model-2.safetensors, which is missing"),
+    ([1], r"safetensors index has no weight_map of tensor -> file"),
+])
+def test_index_checks_are_the_same_for_every_reader(tmp_path, weight_map, message):
     """Found by fuzzing: a shard name longer than the file system allows raised OSError
-    (ENAMETOOLONG) from ``Path.exists``."""
+    (ENAMETOOLONG) from ``Path.exists``. The index has one home (``model_files.shard_files``):
+    the preflight check and the :class:`Checkpoint` reader refuse a bad index alike."""
+    from eqat_cli.formats.checkpoint import Checkpoint
     from eqat_cli.model_files import check_model_weights
 
     files = ft._valid_model_files()
-    files["model.safetensors.index.json"] = json.dumps({"weight_map": {"lm_head.weight": "y" * 5000}}).encode()
+    files["model.safetensors.index.json"] = json.dumps({"weight_map": weight_map}).encode()
     d = ft._model_dir(tmp_path, files)
-    with pytest.raises(BadInputError, match=r"model.safetensors.index.json: shard name 'y+'... is too long for a file name"):
-        check_model_weights(d)
+    for read in (check_model_weights, Checkpoint.open):
+        with pytest.raises(BadInputError, match=r"model.safetensors.index.json: " + message):
+            read(d)
 
 
 @pytest.mark.parametrize("record", ['{"instruction": "a", "output": 5}', '{"instruction": ["a"], "output": "b"}',

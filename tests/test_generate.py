@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from conftest import TINY_CONFIGS, build, save_tiny, tiny_llama_config
 from test_pack import byte_level_tokenizer, save_native_dir, sentencepiece_style_tokenizer
 
+from eqat_cli.scheme import QuantScheme
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
@@ -41,7 +43,7 @@ def gguf_exact_rtn(bits=4, group=32, seed=0):
     from eqat_cli.registry import get_registry
 
     model = build(tiny_llama_config(vocab_size=320), seed=seed)
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), bits, group)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(bits, group))
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, PackedLinear):

@@ -21,6 +21,8 @@ import torch
 from conftest import TINY_CONFIGS, build
 from test_pack import byte_level_tokenizer, invoke, quantized_tiny, save_native_dir
 
+from eqat_cli.scheme import QuantScheme
+
 ARCHS = {  # TINY_CONFIGS key -> (llama.cpp arch, q/k rows permuted)
     "llama": ("llama", True),
     "mistral": ("llama", True),
@@ -38,7 +40,7 @@ def quantized_arch(key, bits, group=32, seed=0):
 
     config = TINY_CONFIGS[key](vocab_size=320)
     model = build(config, seed=seed)
-    return rtn_quantize_model(model, get_registry().architecture_for(config.model_type), bits, group)
+    return rtn_quantize_model(model, get_registry().architecture_for(config.model_type), QuantScheme(bits, group))
 
 
 def gguf_reader_tensors(path):

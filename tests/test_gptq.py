@@ -14,6 +14,8 @@ from eqat_cli.train.block_ap import BlockAPConfig
 
 from test_block_ap import calib, run, tensors
 
+from eqat_cli.scheme import QuantScheme
+
 
 def reference_gptq(w, h, bits, group, damp=0.01):
     """Algorithm 1 of the GPTQ paper without its tricks: quantize column j, push its error onto the
@@ -64,7 +66,7 @@ def test_matches_textbook_obs_recursion(bits, group, width):
     acc.add(x[100:].reshape(-1, 2, width))  # any leading shape; the running mean equals the batch one
     want_h = 2.0 / len(x) * x.double().T @ x.double()
     assert torch.allclose(acc.h, want_h, rtol=1e-5, atol=1e-5 * want_h.abs().max())
-    codes, scale, zero = gptq_quantize(w, acc.h, bits, group)
+    codes, scale, zero = gptq_quantize(w, acc.h, QuantScheme(bits, group))
     ref_codes, ref_scale, ref_zero = reference_gptq(w, acc.h, bits, group)
     assert torch.equal(codes, ref_codes)
     assert torch.allclose(scale, ref_scale, rtol=1e-6) and torch.equal(zero, ref_zero)
@@ -74,7 +76,7 @@ def test_matches_textbook_obs_recursion(bits, group, width):
 def test_diagonal_hessian_is_round_to_nearest():
     """With uncorrelated, equally scaled inputs there is no error to spread: GPTQ is RTN."""
     w = torch.randn(10, 40, generator=torch.Generator().manual_seed(1))
-    codes, scale, zero = gptq_quantize(w, torch.eye(40) * 3.0, 3, 8)
+    codes, scale, zero = gptq_quantize(w, torch.eye(40) * 3.0, QuantScheme(3, 8))
     s, z = minmax_init(w, 3, 8)
     assert torch.equal(codes, quantize_codes(w, s, z, 3, 8))
     assert torch.allclose(scale, s) and torch.equal(zero, z)
@@ -86,7 +88,7 @@ def test_lower_output_error_than_rtn(bits):
     x = correlated_inputs(512, 64)
     acc = HessianAccumulator(64)
     acc.add(x)
-    codes, scale, zero = gptq_quantize(w, acc.h, bits, 16)
+    codes, scale, zero = gptq_quantize(w, acc.h, QuantScheme(bits, 16))
     wq = dequantize_codes(codes, scale, zero, 16)
     s, z = minmax_init(w, bits, 16)
     wr = dequantize_codes(quantize_codes(w, s, z, bits, 16), s, z, 16)
@@ -101,11 +103,11 @@ def test_dead_inputs_and_bad_shapes():
     x[:, 3] = 0.0  # an input that is never active
     acc = HessianAccumulator(16)
     acc.add(x)
-    codes, scale, zero = gptq_quantize(w, acc.h, 4, 8)
+    codes, scale, zero = gptq_quantize(w, acc.h, QuantScheme(4, 8))
     wq = dequantize_codes(codes, scale, zero, 8)
     assert torch.isfinite(wq).all() and torch.all(wq[:, 3] == 0)
     with pytest.raises(ValueError, match="does not match"):
-        gptq_quantize(w, torch.eye(8), 4, 8)
+        gptq_quantize(w, torch.eye(8), QuantScheme(4, 8))
 
 
 # ---------------------------------------------------------------------- inside Block-AP
@@ -141,7 +143,7 @@ def test_block_ap_gptq_init_uses_the_blocks_inputs(llama_dir, tmp_path):
         hk.remove()
     model, _ = load_packed_model(res.output)
     for name in arch.linear_names:
-        want, _, want_zero = gptq_quantize(layer0.get_submodule(name).weight, accs[name].h, 2, 32)
+        want, _, want_zero = gptq_quantize(layer0.get_submodule(name).weight, accs[name].h, QuantScheme(2, 32))
         q = arch.layers(model)[0].get_submodule(name)
         assert torch.equal(q.codes().t(), want), name  # checkpoint layout is [in, out]
         assert torch.equal(q.zero_points().t().float(), want_zero), name

@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO, random_packed_layer
 from test_pack import byte_level_tokenizer, invoke, quantized_tiny, save_native_dir
 
+from eqat_cli.scheme import QuantScheme
+
 
 @pytest.mark.parametrize("version", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -24,7 +26,7 @@ def test_transformers_gptq_config_reads_what_eqat_writes(bits, version):
 
     from eqat_cli.formats.gptq import quantization_config
 
-    qc = quantization_config(bits, 64, version, {"source": "x"})
+    qc = quantization_config(QuantScheme(bits, 64), version, {"source": "x"})
     cfg = GPTQConfig.from_dict(qc)
     assert (cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act) == (bits, 64, False, False)
     assert cfg.format == version  # transformers keeps checkpoint_format as `format`
@@ -36,7 +38,7 @@ def test_gptqmodel_quantize_config_reads_what_eqat_writes(tmp_path):
     """In a subprocess: importing gptqmodel changes process-wide settings."""
     from eqat_cli.formats.gptq import quantization_config
 
-    cases = {f"{b}-{v}": quantization_config(b, 32, v) for b in (2, 3, 4) for v in ("gptq", "gptq_v2")}
+    cases = {f"{b}-{v}": quantization_config(QuantScheme(b, 32), v) for b in (2, 3, 4) for v in ("gptq", "gptq_v2")}
     code = (
         "import json, sys\n"
         "from gptqmodel.quantization.config import QuantizeConfig\n"

@@ -29,6 +29,8 @@ import torch
 from conftest import REPO
 from test_pack import byte_level_tokenizer, quantized_tiny
 
+from eqat_cli.scheme import QuantScheme
+
 INSTALL = "pip install gptqmodel==7.6.0 optimum==2.3.0"
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gptqmodel") is None,
@@ -104,7 +106,7 @@ def _smollm2_case(smollm2_dir, root) -> tuple[list[dict], dict]:
     from eqat_cli.registry import get_registry
     from test_pack import smollm2_truncated
 
-    model = rtn_quantize_model(smollm2_truncated(smollm2_dir, 2), get_registry().architecture_for("llama"), 4, 64)
+    model = rtn_quantize_model(smollm2_truncated(smollm2_dir, 2), get_registry().architecture_for("llama"), QuantScheme(4, 64))
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     ids = torch.tensor([tok("The capital of France is Paris, and the capital of Italy is Rome.")["input_ids"]])
     path = root / "smollm2-w4g64-v2"

@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from conftest import REPO
 
 PKG = REPO / "eqat_cli"
@@ -40,14 +39,16 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"formats", "model_files", "readers", "hub", "registry", "device", "fsutil", "quant", "quantize"},
     "formats": {"quant", "model_files", "readers", "registry", "format_spec", "fsutil"},
     "quantize": {"quant"},
-    "generate": {"models", "memory"},
+    "generate": {"models", "memory", "decode"},
+    "pull": {"models", "formats", "fsutil"},
+    "decode": {"quant"},
     "rotate": {"quant"},
     "quant": {"specs"},
     "data": {"readers", "hub", "registry"},
     "model_files": {"readers", "registry"},
     "readers": set(),
     "hub": set(),
-    "registry": {"specs", "format_spec", "plugin_manager"},
+    "registry": {"specs", "format_spec", "plugin_manager", "device"},
     "plugin_manager": {"hookspecs"},
     "hookspecs": {"specs", "format_spec"},
     "plugins": {"hookspecs", "specs", "quant", "formats"},
@@ -68,34 +69,10 @@ NO_FOUNDATION = {"specs", "errors", "progress", "eqat_cli"}
 HEAVY = {"torch", "transformers", "datasets", "lm_eval", "triton", "accelerate", "numpy", "gguf", "pyarrow"}
 
 # importer -> (the modules it may import lazily, why): lazy imports in library rooms that are
-# neither cli/ nor plugins and do not keep a heavy module out of a light one.
-_H25F = "formats/ is being rebuilt on branch h25f (Format registry, Checkpoint reader): move these " \
-        "to module level after that merge, not in a conflicting edit"
-_H25T = "train/ is being rebuilt on branch h25t (one resumable-run skeleton, E2E-QP package): move " \
-        "these to module level after that merge"
-_H26 = "benchmark/ is being changed on branches h26g/h26k (generation, CPU kernels): move these to " \
-       "module level after those merges"
-LAZY_EXCEPTIONS: dict[str, tuple[set[str], str]] = {
-    "eqat_cli.formats.detect": ({"eqat_cli.model_files", "eqat_cli.readers", "eqat_cli.registry"}, _H25F),
-    "eqat_cli.formats.gguf_export": ({"eqat_cli.formats.gptq", "eqat_cli.model_files"}, _H25F),
-    "eqat_cli.formats.native": ({"eqat_cli.model_files", "eqat_cli.readers"}, _H25F),
-    "eqat_cli.formats.shards": ({"eqat_cli.model_files", "eqat_cli.readers"}, _H25F),
-    "eqat_cli.train.amp": ({"eqat_cli.device"}, _H25T),
-    "eqat_cli.train.block_ap.driver": ({"eqat_cli.formats.native", "eqat_cli.fsutil", "eqat_cli.model_files",
-                                        "eqat_cli.readers", "eqat_cli.registry"}, _H25T),
-    "eqat_cli.train.block_ap.start": ({"eqat_cli.quant.gptq", "eqat_cli.quant.linear", "eqat_cli.quant.primitives",
-                                       "eqat_cli.quant.rounding", "eqat_cli.quant.scaling"}, _H25T),
-    "eqat_cli.train.block_ap.train": ({"eqat_cli.quant.rounding", "eqat_cli.train.amp"}, _H25T),
-    "eqat_cli.train.calib": ({"eqat_cli.data", "eqat_cli.fsutil", "eqat_cli.models", "eqat_cli.readers"}, _H25T),
-    "eqat_cli.train.e2e_qp": ({"eqat_cli.formats.native", "eqat_cli.fsutil", "eqat_cli.registry"}, _H25T),
-    "eqat_cli.train.e2e_qp_runner": ({"eqat_cli.errors", "eqat_cli.formats.native", "eqat_cli.fsutil",
-                                      "eqat_cli.models", "eqat_cli.readers", "eqat_cli.train.e2e_qp",
-                                      "eqat_cli.train.sft_data"}, _H25T),
-    "eqat_cli.train.sft_data": ({"eqat_cli.data", "eqat_cli.readers", "eqat_cli.train.calib"}, _H25T),
-    "eqat_cli.benchmark.generation": ({"eqat_cli.errors", "eqat_cli.formats.detect", "eqat_cli.models"}, _H26),
-    "eqat_cli.benchmark.runner": ({"eqat_cli.registry"}, _H26),
-    "eqat_cli.benchmark.shapes": ({"eqat_cli.model_files", "eqat_cli.models", "eqat_cli.registry"}, _H26),
-}
+# neither cli/ nor plugins and do not keep a heavy module out of a light one. Empty: every such
+# import is at module level (issue #25). An entry needs a reason a reviewer can check, e.g. a cycle
+# that no move of code can break; prefer moving the code to the right room.
+LAZY_EXCEPTIONS: dict[str, tuple[set[str], str]] = {}
 
 
 @dataclass(frozen=True)
@@ -281,8 +258,6 @@ def test_no_import_cycle():
     assert not room_cycles, "cycles between rooms: " + "; ".join(" <-> ".join(c) for c in room_cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="issue #25 open: the lazy imports of the merged formats/ (h25f) and train/ "
-                   "(h25t) code are not yet moved to module level; see the failure list")
 def test_lazy_imports_only_where_start_up_needs_them():
     edges, external = graph()
     heavy = heavy_modules(edges, external)

@@ -97,7 +97,7 @@ def test_block_ap_avg_bits_records_every_layer_and_resumes(llama_dir, tmp_path):
     assert section["bits"] == sorted({s.bits for s in meta.modules.values()}) and section["group_size"] == 32
     assert section["block_ap"]["avg_bits"] == 3.0
     model, layers = load_packed_model(full.output)
-    assert {n: QuantScheme(b, g) for n, (b, g) in layers.items()} == meta.modules
+    assert layers == meta.modules
     params = {n: m.in_features * m.out_features for n, m in model.named_modules() if hasattr(m, "qweight")}
     assert sum(params[n] * s.bits for n, s in meta.modules.items()) <= 3.0 * sum(params.values()) + 1e-6
     # Each block's summary names its widths.
@@ -132,7 +132,7 @@ def minmax_packed_layer(k, n, bits, group, seed=0):
 
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=False)
-    return QuantLinear(lin, bits, group).to_packed()
+    return QuantLinear(lin, QuantScheme(bits, group)).to_packed()
 
 
 def symmetric_w8_layer(k, n, group, seed=0):
@@ -145,7 +145,7 @@ def symmetric_w8_layer(k, n, group, seed=0):
     codes = torch.randint(0, 256, (n, k), generator=g)
     codes = torch.minimum(codes, zero.repeat_interleave(group, 1)[:, :k] + 127)  # zero 127: q - z <= 127
     scale = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
-    return PackedLinear.from_codes(codes, scale, zero, 8, group)
+    return PackedLinear.from_codes(codes, scale, zero, QuantScheme(8, group))
 
 
 def mixed_tiny():
@@ -247,8 +247,8 @@ def test_gptqmodel_reads_the_dynamic_widths(tmp_path):
 
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.10.mlp.down_proj",
              "model.layers.1.self_attn.v_proj"]
-    qc = quantization_config(2, 64, "gptq_v2", dynamic={"model.layers.0.mlp.down_proj": 4,
-                                                       "model.layers.1.self_attn.v_proj": 8})
+    qc = quantization_config(QuantScheme(2, 64), "gptq_v2", dynamic={"model.layers.0.mlp.down_proj": QuantScheme(4, 64),
+                                                                    "model.layers.1.self_attn.v_proj": QuantScheme(8, 64)})
     code = (
         "import json, sys\n"
         "from gptqmodel.quantization.config import QuantizeConfig\n"

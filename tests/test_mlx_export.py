@@ -21,6 +21,8 @@ import torch
 from conftest import TINY_CONFIGS, build, random_packed_layer
 from test_pack import byte_level_tokenizer, invoke, quantized_tiny, save_native_dir
 
+from eqat_cli.scheme import QuantScheme
+
 
 def read_dir(path):
     from safetensors.numpy import load_file
@@ -93,7 +95,7 @@ def test_every_arch_via_pack_cli(tmp_path, key):
     from eqat_cli.registry import get_registry
 
     config = TINY_CONFIGS[key](vocab_size=320)
-    model = rtn_quantize_model(build(config), get_registry().architecture_for(config.model_type), 4, 32)
+    model = rtn_quantize_model(build(config), get_registry().architecture_for(config.model_type), QuantScheme(4, 32))
     src = save_native_dir(model, byte_level_tokenizer(), tmp_path / "src")
     res = invoke("pack", src, "--format", "mlx", "-o", tmp_path / "mlx")
     assert res.exit_code == 0, res.output

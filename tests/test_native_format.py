@@ -11,6 +11,7 @@ from eqat_cli.models import resolve
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quantize import rtn_quantize_model
 from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 
 
 def _save(model, path, meta):
@@ -27,11 +28,11 @@ def test_round_trip_same_logits(tmp_path, cfg, bits, group):
 
     model = build(cfg())
     arch = get_registry().architecture_for(model.config.model_type)
-    rtn_quantize_model(model, arch, bits, group)
+    rtn_quantize_model(model, arch, QuantScheme(bits, group))
     _save(model, tmp_path / "q", {"bits": bits, "group_size": group, "architecture": arch.name})
     loaded, layers = load_packed_model(tmp_path / "q")
     assert len(layers) == len(arch.layers(model)) * len(arch.linear_names)
-    assert set(layers.values()) == {(bits, group)}
+    assert set(layers.values()) == {QuantScheme(bits, group)}
     ids = torch.randint(0, 200, (1, 16))
     with torch.no_grad():
         a = model(input_ids=ids).logits
@@ -48,19 +49,19 @@ def test_round_trip_same_logits(tmp_path, cfg, bits, group):
 def test_release_without_eqat_section_detected_from_shapes(tmp_path):
     model = build(tiny_llama_config())
     arch = get_registry().architecture_for("llama")
-    rtn_quantize_model(model, arch, 2, 32)
+    rtn_quantize_model(model, arch, QuantScheme(2, 32))
     _save(model, tmp_path / "rel", None)
     assert "eqat" not in json.loads((tmp_path / "rel" / "config.json").read_text())
     from eqat_cli.formats.native import load_packed_model
 
     _, layers = load_packed_model(tmp_path / "rel")
-    assert set(layers.values()) == {(2, 32)}
+    assert set(layers.values()) == {QuantScheme(2, 32)}
 
 
 def test_tied_embeddings_stored_once(tmp_path):
     model = build(tiny_llama_config(tie_word_embeddings=True))
     arch = get_registry().architecture_for("llama")
-    rtn_quantize_model(model, arch, 4, 32)
+    rtn_quantize_model(model, arch, QuantScheme(4, 32))
     _save(model, tmp_path / "t", {"bits": 4})
     from safetensors import safe_open
 

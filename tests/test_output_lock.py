@@ -135,9 +135,9 @@ def _block_ap(out):
 
 
 def _pull(out):
-    from eqat_cli.cli.pull import pull
+    from eqat_cli.pull import pull_from_spec
 
-    pull("someone/some-model", local_dir=out, show_progress=False)
+    pull_from_spec("someone/some-model", local_dir=out)
 
 
 @pytest.mark.parametrize("entry", [_calibrate, _pack, _e2e, _block_ap, _pull])

@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 
 from conftest import build, tiny_llama_config
 
+from eqat_cli.scheme import QuantScheme
+
 runner = CliRunner()
 CORPUS = [
     "hello world, the quick brown fox jumps over the lazy dog.",
@@ -88,7 +90,7 @@ def quantized_tiny(bits=4, group=32, seed=0, vocab_size=320, **cfg):
     from eqat_cli.registry import get_registry
 
     model = build(tiny_llama_config(vocab_size=vocab_size, **cfg), seed=seed)
-    return rtn_quantize_model(model, get_registry().architecture_for("llama"), bits, group)
+    return rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(bits, group))
 
 
 def save_native_dir(model, tokenizer, path: Path, meta=None) -> Path:
@@ -170,7 +172,7 @@ def test_gptq_v1_converts_back_to_native(tiny_src, tmp_path):
     res = invoke("pack", tmp_path / "v1", "-f", "eqat", "-o", tmp_path / "back")
     assert res.exit_code == 0, res.output
     back, layers = load_packed_model(tmp_path / "back")
-    assert set(layers.values()) == {(4, 32)}
+    assert set(layers.values()) == {QuantScheme(4, 32)}
     sec = json.loads((tmp_path / "back" / "config.json").read_text())["eqat"]
     assert sec["source_format"] == "gptq" and "quantization_config" not in json.loads(
         (tmp_path / "back" / "config.json").read_text())
@@ -237,7 +239,7 @@ def model_with_zero_point_zero():
     with torch.no_grad():
         w = model.model.layers[1].mlp.up_proj.weight
         w[:, :32] = w[:, :32].abs()
-    return rtn_quantize_model(model, get_registry().architecture_for("llama"), 4, 32)
+    return rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(4, 32))
 
 
 def test_gptq_v1_refuses_zero_point_underflow_and_v2_is_lossless(tmp_path):
@@ -396,7 +398,7 @@ def test_gguf_mistral_is_written_as_llama_arch(tmp_path):
 
     tok = byte_level_tokenizer()
     model = build(tiny_mistral_config(vocab_size=320))
-    rtn_quantize_model(model, get_registry().architecture_for("mistral"), 4, 32)
+    rtn_quantize_model(model, get_registry().architecture_for("mistral"), QuantScheme(4, 32))
     info = save_gguf(model, tok, tmp_path / "mistral.gguf")
     assert any("sliding window" in n for n in info["notes"])
     gm, _ = load_gguf_model(tmp_path / "mistral.gguf")
@@ -448,7 +450,7 @@ def smollm2_src(smollm2_dir, tmp_path_factory):
     ids = torch.tensor([tok(text)["input_ids"][:32]])
     assert ids.shape[1] == 32
     model = smollm2_truncated(smollm2_dir, 2)
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), 4, 64)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(4, 64))
     src = save_native_dir(model, tok, tmp_path_factory.mktemp("smollm2") / "w4g64")
     return {"tok": tok, "ids": ids, "dir": src, "ref": logits(model, ids)}
 
@@ -495,7 +497,7 @@ def test_smollm2_g128_is_ragged_for_gptq_but_fine_for_gguf(smollm2_dir, tmp_path
     from eqat_cli.quantize import rtn_quantize_model
     from eqat_cli.registry import get_registry
 
-    model = rtn_quantize_model(smollm2_truncated(smollm2_dir, 1), get_registry().architecture_for("llama"), 4, 128)
+    model = rtn_quantize_model(smollm2_truncated(smollm2_dir, 1), get_registry().architecture_for("llama"), QuantScheme(4, 128))
     with pytest.raises(UnsupportedError) as e:
         check_gptq_compatible(model, "gptq_v2")
     assert "model.layers.0.self_attn.q_proj has in_features 576" in str(e.value)

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from conftest import REPO, build, tiny_llama_config
 from hubserver import FakeHub, Repo, unused_port_url
 
+from eqat_cli.scheme import QuantScheme
+
 REPO_ID = "ChenMnZ/tiny-llama-EfficientQAT-w2g32"
 runner = CliRunner()
 
@@ -33,7 +35,7 @@ def release_dir(tmp_path_factory):
     from eqat_cli.registry import get_registry
 
     model = build(tiny_llama_config(num_hidden_layers=1))
-    rtn_quantize_model(model, get_registry().architecture_for("llama"), 2, 32)
+    rtn_quantize_model(model, get_registry().architecture_for("llama"), QuantScheme(2, 32))
     out = tmp_path_factory.mktemp("release") / "w2g32"
     out.mkdir()
     save_native(model, None, out, None)
@@ -89,6 +91,26 @@ def test_pull_detects_efficientqat_release_from_shapes(release_dir, hub_env, tmp
         assert text in res.output
     # 2 bits + (16 + 2) / 32 = 2.56 bits per weight for w2g32 (FORMATS.md formula)
     assert info["bits_per_weight"] == pytest.approx(2 + 18 / 32, rel=0.02)
+
+
+def test_pull_library_entry_reports_the_download_as_counting_events(release_dir, hub_env, tmp_path):
+    """``eqat pull``'s library entry: the files and bytes bars arrive as ``download`` events that end
+    at their totals; the result describes the download; nothing is printed."""
+    from eqat_cli.pull import pull_from_spec
+
+    events = []
+    with FakeHub({REPO_ID: Repo.from_dir(release_dir)}) as hub:
+        hub_env(hub.url)
+        info = pull_from_spec(REPO_ID, local_dir=tmp_path / "dl", progress=lambda e, i: events.append((e, dict(i))))
+    assert (info.format, info.bits, info.group_size) == ("eqat", 2, 32)
+    assert {e for e, _ in events} == {"download"}
+    last = {i["bar"]: i for _, i in events}
+    labels = {i["label"] for i in last.values()}
+    assert "files" in labels
+    for i in last.values():
+        assert i["total"] is None or i["done"] == i["total"]
+    files = [i for i in last.values() if i["label"] == "files"]
+    assert files[-1]["done"] == len(list(release_dir.iterdir()))
 
 
 def test_pull_resumes_an_interrupted_download(release_dir, hub_env, tmp_path):

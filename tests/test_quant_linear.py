@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from eqat_cli.quant.linear import PackedLinear, QuantLinear
+from eqat_cli.scheme import QuantScheme
 
 EXACT_TOL = 1e-5
 FP16_SCALE_TOL = 2e-3
@@ -19,7 +20,7 @@ FP16_SCALE_TOL = 2e-3
 def _pair(inf, outf, bits, group, seed=0, bias=False):
     torch.manual_seed(seed)
     lin = nn.Linear(inf, outf, bias=bias)
-    q = QuantLinear(lin, bits, group)
+    q = QuantLinear(lin, QuantScheme(bits, group))
     return lin, q
 
 
@@ -65,7 +66,7 @@ def test_trained_zero_out_of_range_is_clamped_when_packing():
 def test_from_codes_rejects_bad_zero():
     codes = torch.zeros(4, 32, dtype=torch.int32)
     with pytest.raises(ValueError, match="zero points out of range"):
-        PackedLinear.from_codes(codes, torch.ones(4, 1), torch.full((4, 1), 4), bits=2, group_size=32)
+        PackedLinear.from_codes(codes, torch.ones(4, 1), torch.full((4, 1), 4), QuantScheme(2, 32))
 
 
 def test_packed_shapes_native_layout():

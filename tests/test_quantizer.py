@@ -8,6 +8,7 @@ from eqat_cli.quant.linear import UniformAffineQuantizer
 from eqat_cli.quant.primitives import (
     dequantize_codes, fake_quantize, minmax_init, n_groups, quantize_codes,
 )
+from eqat_cli.scheme import QuantScheme
 
 
 def reference_minmax_fakequant(w, bits, group):
@@ -55,7 +56,7 @@ def test_codes_and_dequant_agree_with_fake_quant():
 def test_straight_through_gradients():
     torch.manual_seed(0)
     w = torch.randn(4, 64, requires_grad=True)
-    quant = UniformAffineQuantizer(w.detach(), 2, 32)
+    quant = UniformAffineQuantizer(w.detach(), QuantScheme(2, 32))
     with torch.no_grad():  # a narrower grid clips some weights: only those move the zero point
         quant.scale.mul_(0.5)
     loss = (quant(w) - torch.randn(4, 64)).pow(2).sum()
@@ -66,7 +67,7 @@ def test_straight_through_gradients():
     # Identity gradient through rounding inside the clamp range: d(fq)/dw = 1 there.
     w2 = torch.zeros(1, 32, requires_grad=True)
     w_init = torch.linspace(-1, 1, 32).view(1, 32)
-    q2 = UniformAffineQuantizer(w_init, 4, 32)
+    q2 = UniformAffineQuantizer(w_init, QuantScheme(4, 32))
     with torch.no_grad():
         w2.copy_(w_init * 0.5)
     q2(w2).sum().backward()

@@ -13,6 +13,7 @@ from eqat_cli.plugin_manager import build_plugin_manager, get_plugin_manager
 from eqat_cli.registry import ArchitectureSpec, BackendSpec, DatasetSpec, Registry, get_registry, reset_registry
 from eqat_cli.specs import KernelCaps
 from eqat_cli.plugins.llama import LLAMA
+from eqat_cli.scheme import QuantScheme
 
 # What ``auto`` picks on a CPU: the C++ kernel's backend wherever a compiler can build it.
 CPU_AUTO = "cpu" if shutil.which("g++") else "torch"
@@ -131,7 +132,7 @@ def test_hook_register_formats(registered, tmp_path):
     assert reg.format("TOY-FMT").name == "toy" and reg.formats["toy"].plugin == "my-format"
     assert "toy" in reg.format_names() and reg.format_name("native") == "eqat"
     model = build(tiny_llama_config())
-    rtn_quantize_model(model, reg.architecture_for("llama"), 4, 32)
+    rtn_quantize_model(model, reg.architecture_for("llama"), QuantScheme(4, 32))
     (tmp_path / "q").mkdir()
     save_native(model, tiny_tokenizer(), tmp_path / "q", {"bits": 4, "group_size": 32, "architecture": "llama"})
     with pytest.raises(EqatError, match="ending in .toy"):

@@ -11,6 +11,7 @@ from eqat_cli.errors import UnsupportedError
 from eqat_cli.quant.rotation import hadamard, rotation_matrix
 from eqat_cli.registry import get_registry
 from eqat_cli.rotate import rotate_model
+from eqat_cli.scheme import QuantScheme
 
 ROTATABLE = [name for name in TINY_CONFIGS if name != "gemma3"]
 
@@ -149,7 +150,7 @@ def test_quantized_model_refused(tiny_llama):
     from eqat_cli.quantize import rtn_quantize_model
 
     arch = get_registry().architecture_for("llama")
-    rtn_quantize_model(tiny_llama, arch, 4, 32)
+    rtn_quantize_model(tiny_llama, arch, QuantScheme(4, 32))
     with pytest.raises(UnsupportedError, match="full-precision"):
         rotate_model(tiny_llama, arch)
 
@@ -182,7 +183,7 @@ def test_rotated_model_quantizes_packs_and_round_trips(tmp_path, tie):
     info = rotate_model(model, arch, seed=0, untie=True)
     assert info.untied == tie
     assert _rel(logits(model, ids).double(), fp.double()) < 1e-4
-    rtn_quantize_model(model, arch, 4, 32)
+    rtn_quantize_model(model, arch, QuantScheme(4, 32))
     ref = logits(model, ids)
     src = save_native_dir(model, tok, tmp_path / "src",
                           {"bits": 4, "group_size": 32, "architecture": "llama", "trained_with": "rtn"})

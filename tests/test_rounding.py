@@ -12,6 +12,7 @@ from eqat_cli.quant.gptq import gptq_quantize
 from eqat_cli.quant.linear import QuantLinear
 from eqat_cli.quant.primitives import expand_groups, qmax
 from eqat_cli.quant.rounding import CLIP_LO, OFFSET_MAX, RoundQuantLinear
+from eqat_cli.scheme import QuantScheme
 from eqat_cli.train.block_ap import BlockAPConfig, SignSGD
 
 
@@ -26,7 +27,7 @@ def linear(out_f=24, in_f=80, seed=0, bias=True):
 @pytest.mark.parametrize("bits,group", [(2, 16), (3, 32), (4, 64), (4, -1), (2, 32)])
 def test_starts_exactly_at_rtn_and_packs_the_same(bits, group):
     """In 80 columns, group 32 and 64 leave ragged last groups."""
-    q = QuantLinear(linear(), bits, group)
+    q = QuantLinear(linear(), QuantScheme(bits, group))
     r = RoundQuantLinear.from_quant_linear(q)
     with torch.no_grad():
         assert torch.equal(r.fake_weight(), q.quantizer(q.weight))
@@ -44,10 +45,10 @@ def test_starts_exactly_at_gptq():
     lin = linear(bias=False)
     x = torch.randn(256, 80) * torch.linspace(0.2, 3, 80)
     h = 2 * x.T @ x / len(x)
-    q = QuantLinear(lin, 2, 16)
-    gptq_init_block({"l": q}, {"l": h}, 2, 16, 0.01)
+    q = QuantLinear(lin, QuantScheme(2, 16))
+    gptq_init_block({"l": q}, {"l": h}, QuantScheme(2, 16), 0.01)
     r = RoundQuantLinear.from_quant_linear(q)
-    codes, scale, zero = gptq_quantize(lin.weight, h, 2, 16, 0.01)
+    codes, scale, zero = gptq_quantize(lin.weight, h, QuantScheme(2, 16), 0.01)
     p = r.to_packed()
     assert torch.equal(p.codes().t(), codes)
     assert torch.equal(p.zero_points().t(), zero.to(torch.int32))
@@ -56,7 +57,7 @@ def test_starts_exactly_at_gptq():
 
 def test_training_keeps_codes_in_the_grid_and_packs_bit_exactly():
     bits, group = 2, 16
-    r = RoundQuantLinear.from_quant_linear(QuantLinear(linear(), bits, group))
+    r = RoundQuantLinear.from_quant_linear(QuantLinear(linear(), QuantScheme(bits, group)))
     start = r.to_packed().codes()
     opt = SignSGD([{"params": [r.offset, r.clip_max, r.clip_min], "lr": 0.3}], lr=0.3)  # far too large
     x, y = torch.randn(32, 80), torch.randn(32, 24)
@@ -175,7 +176,7 @@ def test_recipes_and_bad_options():
         ("free", "adamw", "cosine", 2, 2, "minmax", "last")
     assert p.resolved_quant_lr() == 1e-4 and p.resolved_weight_lr() == 1e-5
     assert BlockAPConfig.paper(bits=2).resolved_weight_lr() == 2e-5
-    d = BlockAPConfig()
+    d = BlockAPConfig(param="round")
     assert d.resolved_weight_lr(50) == d.resolved_quant_lr(50) == 1 / 50
     assert BlockAPConfig.from_recipe("paper", bits=2) == BlockAPConfig.paper(bits=2)
     for bad in (dict(param="x"), dict(optimizer="sgd"), dict(best="x"), dict(steps=-1), dict(quant_lr=-1.0),

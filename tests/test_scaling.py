@@ -12,6 +12,8 @@ from eqat_cli.train.block_ap import BlockAPConfig, run_block_ap
 from eqat_cli.train.block_ap.start import scale_block_pairs
 from test_block_ap import calib, tiny_tokenizer
 
+from eqat_cli.scheme import QuantScheme
+
 
 def massive_inputs(tokens=512, channels=128, big=(5, 77), seed=0):
     """Inputs like SmolLM2's block-11 down_proj: two channels ~1000x the others on some tokens."""
@@ -24,7 +26,7 @@ def massive_inputs(tokens=512, channels=128, big=(5, 77), seed=0):
 
 def quant_error(w, x, s, bits, group):
     ref = x @ w.T
-    return float(((x / s) @ rtn(w * s, bits, group).T - ref).pow(2).mean() / ref.pow(2).mean())
+    return float(((x / s) @ rtn(w * s, QuantScheme(bits, group)).T - ref).pow(2).mean() / ref.pow(2).mean())
 
 
 def test_search_protects_massive_channels_and_never_loses_to_no_scaling():
@@ -32,7 +34,7 @@ def test_search_protects_massive_channels_and_never_loses_to_no_scaling():
     w = torch.randn(96, 128, generator=g) * 0.05
     x = massive_inputs()
     for bits in (2, 4):
-        s, choice = search_scales(w, x, x.abs().mean(0), bits, 32)
+        s, choice = search_scales(w, x, x.abs().mean(0), QuantScheme(bits, 32))
         assert choice.alpha > 0
         assert choice.error <= choice.error_unscaled / 4  # the massive columns dominate the unscaled error
         # the reported errors are what the scales give, measured independently
@@ -41,7 +43,7 @@ def test_search_protects_massive_channels_and_never_loses_to_no_scaling():
         assert s[5] > s.median() * 10 and s[77] > s.median() * 5
     # no channel stands out: every candidate is the identity, and alpha 0 is kept
     flat = torch.ones(128)
-    s, choice = search_scales(w, torch.randn(256, 128, generator=g), flat, 4, 32)
+    s, choice = search_scales(w, torch.randn(256, 128, generator=g), flat, QuantScheme(4, 32))
     assert choice.alpha == 0 and torch.equal(s, torch.ones(128))
 
 
@@ -54,13 +56,13 @@ def test_apply_scales_keeps_the_mlp_and_the_producers_quantization():
     x = torch.randn(2, 9, model.config.hidden_size)
     with torch.no_grad():
         before = mlp(x)
-        up_q = rtn(mlp.up_proj.weight, 4, 32)
+        up_q = rtn(mlp.up_proj.weight, QuantScheme(4, 32))
     s = torch.rand(mlp.up_proj.out_features) * 10 + 0.1
     apply_scales(mlp.up_proj, [mlp.down_proj], s)
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
         # min-max quantization of the producer is the same, row by row, up to the scale
-        torch.testing.assert_close(rtn(mlp.up_proj.weight, 4, 32) * s[:, None], up_q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rtn(mlp.up_proj.weight, QuantScheme(4, 32)) * s[:, None], up_q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -76,7 +78,7 @@ def test_every_architecture_declares_its_mlp_pair_and_scaling_keeps_the_block(na
     kw = arch.block_kwargs(model, x, block)
     with torch.no_grad():
         before = block(x, **kw)
-    rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), 4, 32)
+    rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), QuantScheme(4, 32))
     assert [r["pair"] for r in rec] == ["mlp.up_proj->mlp.down_proj"]
     assert rec[0]["alpha"] > 0 and rec[0]["error"] <= rec[0]["error_unscaled"]
     with torch.no_grad():
@@ -106,7 +108,7 @@ def test_norm_scale_pairs_keep_the_block(name):
     kw = arch.block_kwargs(model, x, block)
     with torch.no_grad():
         before = block(x, **kw)
-    rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), 4, 32)
+    rec = scale_block_pairs(block, model, arch, x, 2, torch.device("cpu"), QuantScheme(4, 32))
     assert len(rec) == 3 and all(r["error"] <= r["error_unscaled"] for r in rec)
     for (norm, _), r in zip(arch.scale_pairs[:2], rec):
         assert r["alpha"] > 0 and not torch.equal(block.get_submodule(norm).weight, gains[norm])

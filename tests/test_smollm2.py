@@ -5,6 +5,7 @@ import torch
 
 from eqat_cli.quant.linear import QuantLinear
 from eqat_cli.quant.primitives import n_groups
+from eqat_cli.scheme import QuantScheme
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def test_minmax_quantize_one_real_layer(smol, bits, group):
         model(ids)
     h.remove()
     x = captured["x"]
-    q = QuantLinear(lin, bits, group)
+    q = QuantLinear(lin, QuantScheme(bits, group))
     assert q.quantizer.scale.shape[1] == n_groups(576, group)
     with torch.no_grad():
         y_fp, y_fake = lin(x), q(x)

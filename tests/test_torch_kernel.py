@@ -24,6 +24,8 @@ KERNEL = TorchKernel()
 
 from conftest import random_packed_layer as make_layer  # noqa: E402
 
+from eqat_cli.scheme import QuantScheme
+
 
 def magnitude(layer):
     """``(q + z) * s`` in torch layout ``[out, in]``: what each product's size is bounded by."""
@@ -183,7 +185,7 @@ def test_inference_mode_then_no_grad_and_training():
     from eqat_cli.quant.linear import QuantLinear
 
     torch.manual_seed(0)
-    layer = QuantLinear(nn.Linear(4096 + 64, 80, bias=False), 2, 64).to_packed()  # fresh sizes
+    layer = QuantLinear(nn.Linear(4096 + 64, 80, bias=False), QuantScheme(2, 64)).to_packed()  # fresh sizes
     layer.set_kernel(TORCH_KERNEL)
     x = torch.randn(3, 4096 + 64)
     with torch.inference_mode():

@@ -33,6 +33,11 @@ class BenchConfig:
     head_bits: Optional[int] = None  # quantize the embedding and lm_head of the model (8 or 4)
 
     @property
+    def scheme(self) -> QuantScheme:
+        """``--bits`` and ``--group`` as one validated scheme."""
+        return QuantScheme(self.bits, self.group)
+
+    @property
     def layer_repeats(self) -> int:
         return self.repeats or LAYER_REPEATS
 

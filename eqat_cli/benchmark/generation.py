@@ -10,8 +10,10 @@ from eqat_cli.benchmark.config import BenchConfig, Progress, no_progress
 from eqat_cli.benchmark.rss import PeakRSS, own_weights
 from eqat_cli.benchmark.sizes import model_weight_bytes
 from eqat_cli.benchmark.timing import device_sync, summarize
-from eqat_cli.errors import BadInputError
+from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.formats.checkpoint import Checkpoint, detect_format
 from eqat_cli.memory import release_memory, rss_bytes
+from eqat_cli.models import attach_backend, resolve
 from eqat_cli.progress import count
 
 
@@ -69,8 +71,6 @@ def measure_generation(
 
 
 def _eqat_source(path: Path) -> str | None:
-    from eqat_cli.formats.checkpoint import Checkpoint
-
     try:
         meta = Checkpoint.open(path).meta
     except (OSError, ValueError, BadInputError):
@@ -92,9 +92,6 @@ def bench_model(
     variant too (:func:`eqat_cli.quantize.quantize_head`).
     """
     import torch
-
-    from eqat_cli.formats.checkpoint import detect_format
-    from eqat_cli.models import attach_backend, resolve
 
     notes: list[str] = []
     variants: dict[str, dict] = {}
@@ -150,11 +147,11 @@ def bench_model(
         t0 = time.perf_counter()
         with PeakRSS() as peak:
             with torch.no_grad():
-                rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.bits, cfg.group)
+                rtn_quantize_model(lm.model.cpu(), lm.arch, cfg.scheme)
                 if cfg.head_bits:
-                    from eqat_cli.quantize import quantize_head
+                    from eqat_cli.quantize import head_scheme, quantize_head
 
-                    quantize_head(lm.model, lm.arch, cfg.head_bits)
+                    quantize_head(lm.model, lm.arch, head_scheme(cfg.head_bits))
             lm.model.to(device)
             why = attach_backend(lm.model, cfg.backend, cfg.bits, torch.device(device).type,
                                  cfg.group, arch=lm.arch)
@@ -206,8 +203,6 @@ def bench_model(
                 "source model"
             )
         else:
-            from eqat_cli.errors import EqatError
-
             count(progress, "load", "full precision", 0, 1)
             baseline = rss_bytes()
             t0 = time.perf_counter()

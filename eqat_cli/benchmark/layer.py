@@ -9,9 +9,10 @@ from eqat_cli.benchmark.shapes import LayerShape
 from eqat_cli.benchmark.sizes import kernel_cache_bytes, packed_bytes, tensor_bytes
 from eqat_cli.benchmark.timing import device_sync, time_runs
 from eqat_cli.progress import count
+from eqat_cli.scheme import QuantScheme
 
 
-def quantized_random_layer(k: int, n: int, bits: int, group: int, seed: int = 0):
+def quantized_random_layer(k: int, n: int, scheme: QuantScheme, seed: int = 0):
     """``(dense_weight [n, k] fp32, PackedLinear)``: random weights, min-max quantized, packed."""
     import torch
     from torch import nn
@@ -23,14 +24,13 @@ def quantized_random_layer(k: int, n: int, bits: int, group: int, seed: int = 0)
     lin = nn.Linear(k, n, bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight)
-        packed = QuantLinear(lin, bits, group).to_packed()
+        packed = QuantLinear(lin, scheme).to_packed()
     return weight, packed
 
 
 def bench_layer(
     shape: LayerShape,
-    bits: int,
-    group: int,
+    scheme: QuantScheme,
     kernel: Any,
     batches: list[int],
     repeats: int,
@@ -51,7 +51,7 @@ def bench_layer(
 
     dtype = dtype or torch.float32
     k, n = shape.in_features, shape.out_features
-    weight, layer = quantized_random_layer(k, n, bits, group, seed)
+    weight, layer = quantized_random_layer(k, n, scheme, seed)
     layer = layer.to(device)
     layer.set_kernel(kernel)
     dense_w = weight.to(device=device, dtype=dtype)
@@ -63,8 +63,8 @@ def bench_layer(
         "label": shape.label,
         "in_features": k,
         "out_features": n,
-        "bits": bits,
-        "group": group,
+        "bits": scheme.bits,
+        "group": scheme.group_size,
         "dtype": str(dtype).replace("torch.", ""),
         "kernel": getattr(kernel, "name", type(kernel).__name__),
         "batches": [],

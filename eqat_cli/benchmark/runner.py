@@ -15,6 +15,7 @@ from eqat_cli.benchmark.layer import bench_layer
 from eqat_cli.benchmark.shapes import ShapeSet, resolve_shapes
 from eqat_cli.memory import release_memory
 from eqat_cli.progress import count
+from eqat_cli.registry import get_registry
 
 
 def machine_info() -> dict:
@@ -73,7 +74,6 @@ def plan(cfg: BenchConfig) -> Plan:
     import torch
 
     from eqat_cli.device import compute_dtype, pick_device
-    from eqat_cli.registry import get_registry
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -112,7 +112,7 @@ def run(p: Plan, progress: Progress = no_progress) -> dict:
         count(progress, "shapes", p.shapes.name, i, len(p.shapes.shapes))
         layers.append(
             bench_layer(
-                shape, cfg.bits, cfg.group, p.kernel, cfg.batches, cfg.layer_repeats,
+                shape, cfg.scheme, p.kernel, cfg.batches, cfg.layer_repeats,
                 cfg.warmup, p.device, p.dtype, seed=cfg.seed + i, progress=progress,
                 extra_kernels={name: (k, cfg.layer_repeats) for name, k in p.compare.items()},
             )

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.model_files import load_config
+from eqat_cli.models import ALIASES, classify, local_path
+from eqat_cli.registry import get_registry
 
 # Layer shapes come from model configs: a preset is the config of a published model.
 PRESETS: dict[str, dict] = {
@@ -67,7 +70,6 @@ def shapes_from_config(config: Any, name: str, source: str, path: Path | None = 
     import torch
 
     from eqat_cli.formats.native import model_class_for
-    from eqat_cli.registry import get_registry
 
     arch = get_registry().architecture_for(config.model_type)
     text = arch.text_config(config)
@@ -107,8 +109,6 @@ def resolve_shapes(spec: str) -> ShapeSet:
     if key in PRESETS or key in DEBUG_PRESETS:
         cfg = _preset_config(PRESETS.get(key) or DEBUG_PRESETS[key])
         return shapes_from_config(cfg, key, "preset")
-    from eqat_cli.models import ALIASES, classify, local_path
-
     try:
         source = classify(spec)
     except BadInputError:
@@ -118,7 +118,6 @@ def resolve_shapes(spec: str) -> ShapeSet:
             f"{', '.join(sorted(ALIASES))})"
         ) from None
     path = local_path(source)
-    from eqat_cli.model_files import load_config
 
     config = load_config(path)
     return shapes_from_config(config, spec, "model", path)

@@ -18,8 +18,8 @@ class _LiveProgress:
     """Renders Block-AP progress events with Rich: the lock, the calibration spinner, the run line
     once prepared, then blocks, steps, losses, elapsed/remaining."""
 
-    def __init__(self, cfg, bits: int, group: int):
-        self.cfg, self.bits, self.group = cfg, bits, group
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.progress = None
         self.status = None
         self.steps = None
@@ -56,12 +56,12 @@ class _LiveProgress:
                           f"(target {info['avg_bits']:g}): {hist} of the weights")
             return
         if event == "prepared":
-            cfg = self.cfg
-            width = f"avg {cfg.avg_bits:g} bits g{self.group}" if cfg.avg_bits is not None else f"w{self.bits}g{self.group}"
+            cfg = info.get("config", self.cfg)  # param="auto" resolved by the steps per block
+            width = f"avg {cfg.avg_bits:g} bits g{cfg.group_size}" if cfg.avg_bits is not None else str(self.cfg.scheme)
             console.print(
                 f"Block-AP {width} on {info['device']}: {info['train']} train / {info['val']} val "
                 f"windows, recipe {cfg.recipe}: {info['steps']} steps of {cfg.batch_size} per block, "
-                f"{cfg.param} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
+                f"{cfg.describe_param()} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
             )
             self.progress = progress_bars(eta=True, info=True)
             self.blocks = self.progress.add_task("blocks", total=None, info="")
@@ -102,13 +102,13 @@ def block_ap_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset)."), AT_LEAST_1] = 4096,
     seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (with --dataset)."), Range(ge=2)] = 2048,
     val_samples: Annotated[int, typer.Option("--val-samples", help="Validation windows (with --dataset)."), NON_NEGATIVE] = 64,
-    recipe: Annotated[str, typer.Option("--recipe", help="default: eqat's recipe (min-max start; learned rounding offsets and clipping factors; signed gradient descent, linear schedule; 2 epochs of batch 8, at least 32 steps; token-rel loss; each block ends at its best validation state); paper: EfficientQAT's Block-AP exactly as published (min-max start; weights, step sizes and zero points with AdamW; 2 epochs of batch 2; cosine). Options given below override the recipe's values.")] = "default",
+    recipe: Annotated[str, typer.Option("--recipe", help="default: eqat's recipe (min-max start; learned rounding offsets and clipping factors with signed gradient descent and a linear schedule, or from a measured number of steps per block the paper's free weights: --param auto; 2 epochs of batch 8, at least 32 steps; token-rel loss; each block ends at its best validation state); paper: EfficientQAT's Block-AP exactly as published (min-max start; weights, step sizes and zero points with AdamW; 2 epochs of batch 2; cosine). Options given below override the recipe's values.")] = "default",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs per block (default: 2, more if fewer than 32 steps; paper: 2); 0 with --steps 0 = the starting point only (RTN, or GPTQ with --init gptq; after channel scaling where it is on)."), NON_NEGATIVE] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per block, instead of --epochs (0 = use --epochs)."), NON_NEGATIVE] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows per step (default 8; paper 2)."), AT_LEAST_1] = None,
-    param: Annotated[Optional[str], typer.Option("--param", help="What trains: round (rounding offsets in [-0.5, 0.5] and per-group clipping factors; default) or free (weights, step sizes, zero points; paper).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sign (signed gradient descent; default) or adamw (paper).")] = None,
-    schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule: linear to 0 (default) or cosine to lr/--min-lr-factor (paper).")] = None,
+    param: Annotated[Optional[str], typer.Option("--param", help="What trains: auto (default recipe: round below a measured number of steps per block, free from there; the run says which), round (rounding offsets in [-0.5, 0.5] and per-group clipping factors) or free (weights, step sizes, zero points; paper).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sign (signed gradient descent; with round) or adamw (paper; with free). Default: the one that goes with --param.")] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule: linear to 0 (with round) or cosine to lr/--min-lr-factor (paper; with free). Default: the one that goes with --param.")] = None,
     quant_lr: Annotated[Optional[float], typer.Option("--quant-lr", help="Learning rate of step sizes and zero points (free; paper 1e-4) or clipping factors (round; default 1/steps)."), LEARNING_RATE] = None,
     weight_lr: Annotated[Optional[float], typer.Option("--weight-lr", help="Learning rate of weights (free; paper 2e-5 at 2 bits, else 1e-5) or rounding offsets (round; default 1/steps)."), LEARNING_RATE] = None,
     min_lr_factor: Annotated[float, typer.Option("--min-lr-factor", help="Cosine schedule ends at lr / this."), Range(ge=1)] = 20.0,
@@ -159,14 +159,15 @@ def block_ap_cmd(
         gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, avg_bits=avg_bits,
         **{k: v for k, v in given.items() if v is not None},
     )
-    live = _LiveProgress(cfg, bits, group)
+    live = _LiveProgress(cfg)
     try:
         result = block_ap_from_spec(model, output, cfg, calib=calib, dataset=dataset, samples=samples,
                                     seqlen=seqlen, val_samples=val_samples, device=device, data_dir=data_dir,
                                     progress=live, resume=resume, overwrite=overwrite, wait=wait)
     finally:
         live.close()
-    t = Table(title=f"Block-AP summary ({result.seconds:.0f} s)")
+    cfg = result.config or cfg
+    t = Table(title=f"Block-AP summary ({result.seconds:.0f} s, {cfg.describe_param()} parameters)")
     for col in ("block", f"val {cfg.loss} before ({'RTN' if cfg.init == 'minmax' else 'GPTQ'})", f"val {cfg.loss} after", "time (s)"):
         t.add_column(col, justify="right")
     for b in result.blocks:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -30,6 +30,7 @@ def generate_cmd(
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     quantize_head: QuantizeHeadOpt = None,
+    decoder: Annotated[str, typer.Option("--decoder", help="How one-token steps run: int8 (a compact step with a static KV cache; packed layers multiply int8-rounded activations, as llama.cpp), fp32 (the compact step on the backend's exact fp32 kernels), hf (transformers' forward); auto = fp32 (greedy tokens equal to hf's; int8 is faster but its rounding changes greedy tokens). Models the compact step does not describe use transformers' forward.")] = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = None,
 ):
@@ -46,38 +47,48 @@ def generate_cmd(
 
     Example: [bold]eqat generate smollm2 -i --system "You answer in one sentence."[/]
     """
-    from eqat_cli.generate import SamplingConfig
+    import transformers
+
+    from eqat_cli.generate import SamplingConfig, generate_from_spec
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                          repetition_penalty=repetition_penalty, seed=seed,
                          ignore_eos=ignore_eos).validate()
     tty = _stdin_is_tty()
-    if interactive and prompt is not None:
-        from eqat_cli.errors import BadInputError
-
-        raise BadInputError("--interactive reads the messages from stdin; drop --prompt")
     session = interactive or (prompt is None and tty)
     if not session and prompt is None:
         prompt = sys.stdin.read()
-    if not session and not prompt.strip():  # before the model loads
-        from eqat_cli.errors import BadInputError
-
-        raise BadInputError("the prompt is empty", hint="pass --prompt TEXT or pipe text on stdin")
     stream_text = not (json_out is not None and str(json_out) == "-")
-    gen = _load(model, device, backend, threads, quantize_head)
-    if session:
-        gen.require_chat_template()
-        console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
-        out = _session(gen, cfg, system, tty, stream_text)
-    else:
-        ids, text = gen.prepare(prompt, cfg, chat=chat, system=system)  # refusals before any output
-        console.print(f"[dim]{_describe(gen.info)}[/]", soft_wrap=True)
-        res = gen.generate(ids, cfg, _writer(stream_text), prompt_text=text)
+    transformers.utils.logging.disable_progress_bar()
+    status = console.status(f"loading {model}")
+
+    def progress(event: str, info: dict) -> None:
+        if event == "load":
+            status.stop() if info["done"] else status.start()
+        elif event == "ready":
+            console.print(f"[dim]{_describe(info)}[/]", soft_wrap=True)
+            if session:
+                console.print("[dim]chat: one message per line; /reset clears the history, an empty line or "
+                              "/exit ends[/]")
+        elif event == "turn":
+            if stream_text:
+                _write("\n")
+            _stats(info)
+        elif event == "reset":
+            console.print("[dim]history cleared[/]")
+
+    try:
+        out = generate_from_spec(model, cfg, prompt, chat=chat, system=system, session=session,
+                                 read_line=_line_reader(tty) if session else None, on_text=_writer(stream_text),
+                                 progress=progress, device=device, backend=backend, threads=threads,
+                                 head_bits=quantize_head, decoder=decoder)
+    finally:
+        status.stop()
+    if not session:
         if stream_text:
             _write("\n")
-        _stats(res.to_dict())
-        out = {**res.to_dict(), "chat": bool(chat or system)}
-    emit_json({**gen.info, "sampling": _sampling(cfg), **out}, json_out)
+        _stats(out)
+    emit_json(out, json_out)
 
 
 def _stdin_is_tty() -> bool:
@@ -85,16 +96,6 @@ def _stdin_is_tty() -> bool:
         return sys.stdin.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _load(model: str, device: str, backend: str, threads: Optional[int], head_bits: Optional[int] = None) -> Any:
-    import transformers
-
-    from eqat_cli.generate import load_generator
-
-    transformers.utils.logging.disable_progress_bar()
-    with console.status(f"loading {model}"):
-        return load_generator(model, device=device, backend=backend, threads=threads, head_bits=head_bits)
 
 
 def _write(text: str) -> None:
@@ -106,10 +107,8 @@ def _writer(enabled: bool):
     return _write if enabled else None
 
 
-def _session(gen: Any, cfg: Any, system: Optional[str], tty: bool, stream_text: bool) -> dict:
-    from eqat_cli.generate import chat_session
-
-    console.print("[dim]chat: one message per line; /reset clears the history, an empty line or /exit ends[/]")
+def _line_reader(tty: bool):
+    """The chat's user messages: ``input()`` on a terminal, else one line of stdin per message."""
 
     def read_line() -> Optional[str]:
         if tty:
@@ -121,29 +120,14 @@ def _session(gen: Any, cfg: Any, system: Optional[str], tty: bool, stream_text: 
         line = sys.stdin.readline()
         return None if line == "" else line
 
-    def on_event(event: str, info: dict) -> None:
-        if event == "turn":
-            if stream_text:
-                _write("\n")
-            _stats(info)
-        elif event == "reset":
-            console.print("[dim]history cleared[/]")
-
-    out = chat_session(gen, cfg, read_line, _writer(stream_text), on_event, system=system)
-    return {"chat": True, "interactive": True, **{k: v for k, v in out.items() if k != "messages"},
-            "messages": out["messages"]}
-
-
-def _sampling(cfg: Any) -> dict:
-    from dataclasses import asdict
-
-    return asdict(cfg)
+    return read_line
 
 
 def _describe(info: dict) -> str:
     q = info.get("quant") or {}
     what = f"w{q.get('bits')}g{q.get('group_size')} {info['format']}" if q else f"{info['format']} {info['dtype']}"
-    return f"{info['model']}: {what} · {info['device']} · {info['threads']} threads · {info['backend']}"
+    dec = f" · {info['decoder']}" if info.get("decoder") else ""
+    return f"{info['model']}: {what} · {info['device']} · {info['threads']} threads · {info['backend']}{dec}"
 
 
 def _stats(r: dict) -> None:

@@ -18,65 +18,35 @@ def plugins_cmd(
     """
     from rich.table import Table
 
-    from eqat_cli.plugin_manager import get_plugin_manager, plugin_source
-    from eqat_cli.registry import get_registry
+    from eqat_cli.registry import plugins_report
 
-    pm = get_plugin_manager()
-    reg = get_registry()
-    src = {pm.get_name(p): plugin_source(pm, p) for p in pm.get_plugins()}
-    if device == "auto":
-        from eqat_cli.device import pick_device
-
-        device = pick_device("auto").type
-    result = {"architectures": [], "backends": [], "datasets": [], "plugins": src}
-
+    r = plugins_report(device, bits)
     t = Table(title="Architectures")
     for col in ("name", "model_type", "plugin", "source", "description"):
         t.add_column(col)
-    for name, r in reg.architectures.items():
-        t.add_row(name, ", ".join(r.spec.model_types), r.plugin, src.get(r.plugin, "?"), r.spec.description)
-        result["architectures"].append(
-            {"name": name, "model_types": list(r.spec.model_types), "plugin": r.plugin, "source": src.get(r.plugin)}
-        )
+    for a in r["architectures"]:
+        t.add_row(a["name"], ", ".join(a["model_types"]), a["plugin"], a["source"] or "?", a["description"])
     console.print(t)
 
-    chosen = None
-    try:
-        chosen, why = reg.select_backend("auto", bits, device)
-    except Exception as e:
-        why = str(e)
-    t = Table(title=f"Kernel backends ({bits}-bit on {device})")
+    t = Table(title=f"Kernel backends ({r['bits']}-bit on {r['device']})")
     for col in ("name", "priority", "devices", "bits", "group sizes", "backward", "usable here", "why", "plugin"):
         t.add_column(col)
-    for spec, ok, reason in reg.explain_backends(bits, device):
-        plugin = reg.backends[spec.name].plugin
-        caps = spec.caps
+    for b in r["backends"]:
         t.add_row(
-            spec.name, str(spec.priority), ", ".join(spec.devices), ",".join(map(str, spec.bits)),
-            "any" if caps.group_sizes is None else ",".join(map(str, caps.group_sizes)),
-            ", ".join(caps.backward) or "none", "[green]yes[/]" if ok else "[red]no[/]", reason, plugin,
-        )
-        result["backends"].append(
-            {"name": spec.name, "priority": spec.priority, "devices": list(spec.devices),
-             "bits": list(spec.bits),
-             "group_sizes": None if caps.group_sizes is None else list(caps.group_sizes),
-             "backward": list(caps.backward), "usable": ok, "reason": reason, "plugin": plugin,
-             "source": src.get(plugin)}
+            b["name"], str(b["priority"]), ", ".join(b["devices"]), ",".join(map(str, b["bits"])),
+            "any" if b["group_sizes"] is None else ",".join(map(str, b["group_sizes"])),
+            ", ".join(b["backward"]) or "none", "[green]yes[/]" if b["usable"] else "[red]no[/]", b["reason"],
+            b["plugin"],
         )
     console.print(t)
-    console.print(f"auto selects: [bold]{chosen.name if chosen else 'none'}[/] - {why}")
-    result["auto"] = {"backend": chosen.name if chosen else None, "why": why}
+    console.print(f"auto selects: [bold]{r['auto']['backend'] or 'none'}[/] - {r['auto']['why']}")
 
     t = Table(title="Data sets")
     for col in ("name", "kind", "hub", "local copy (under --data-dir)", "plugin"):
         t.add_column(col)
-    for name, r in reg.datasets.items():
-        s = r.spec
-        hub = s.hub_path + (f" [{s.hub_name}]" if s.hub_name else "") if s.hub_path else "-"
-        local = ", ".join(f"{k}: {v}" for k, v in s.local_files.items()) or "-"
-        t.add_row(name, s.kind, hub, local, r.plugin)
-        result["datasets"].append(
-            {"name": name, "kind": s.kind, "hub": s.hub_path, "local_files": s.local_files, "plugin": r.plugin}
-        )
+    for d in r["datasets"]:
+        hub = d["hub"] + (f" [{d['hub_name']}]" if d["hub_name"] else "") if d["hub"] else "-"
+        local = ", ".join(f"{k}: {v}" for k, v in d["local_files"].items()) or "-"
+        t.add_row(d["name"], d["kind"], hub, local, d["plugin"])
     console.print(t)
-    emit_json(result, json_out)
+    emit_json(r, json_out)

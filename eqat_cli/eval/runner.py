@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ from eqat_cli.errors import BadInputError
 from eqat_cli.eval.ppl_text import check_ppl_set, perplexity_text
 from eqat_cli.eval.zeroshot import plan_tasks, zeroshot
 from eqat_cli.fsutil import dir_size
-from eqat_cli.models import resolve
+from eqat_cli.models import preflight_model, resolve
 from eqat_cli.progress import Progress, count
 from eqat_cli.readers import open_safetensors
 
@@ -151,8 +152,6 @@ def bits_per_weight(model: Any, arch: Any, path: Optional[Path]) -> dict:
 def eval_from_spec(cfg: EvalConfig, progress: Optional[Progress] = None) -> dict:
     """``eqat eval``'s library side: check the sets and tasks (:func:`validate`) and the model spec
     before anything is loaded, report ``progress("start", {"model"})``, then :func:`run_eval`."""
-    from eqat_cli.models import preflight_model
-
     plans = validate(cfg)  # fail fast, before loading the model
     preflight_model(cfg.model)
     if progress is not None:
@@ -221,8 +220,6 @@ def run_eval(cfg: EvalConfig, plans: Optional[list] = None, progress: Optional[P
 
 
 def _versions(eqat_version: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     v = {"eqat": eqat_version}
     for pkg in ("torch", "transformers", "lm_eval", "datasets"):
         try:

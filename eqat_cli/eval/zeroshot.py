@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,8 +92,6 @@ class TaskResult:
 
 
 def lm_eval_tasks_dir() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or spec.origin is None:
         raise MissingDependencyError("lm-eval", "zero-shot evaluation", "pip install lm-eval")
@@ -172,8 +171,6 @@ class quiet_lm_eval:
     """
 
     def __enter__(self):
-        import functools
-
         import lm_eval.api.task as task_mod
 
         self.logger = logging.getLogger("lm_eval")

@@ -8,7 +8,7 @@ third-party format would be. Nothing here imports torch: each writer imports its
 from __future__ import annotations
 
 from eqat_cli.format_spec import Format, WriteJob
-from eqat_cli.scheme import QuantScheme
+from eqat_cli.formats.meta import CheckpointMeta
 
 # -- eqat native (EfficientQAT layout) ----------------------------------------------------------
 
@@ -18,14 +18,13 @@ def _check_native(model, tokenizer=None) -> None:
 
 
 def _write_native(job: WriteJob) -> dict:
-    from eqat_cli.formats.meta import CheckpointMeta
     from eqat_cli.formats.native import save_native
 
     # A native source keeps its section (recipe, calibration, ...); the provenance is laid over it.
     meta = (job.source_meta or CheckpointMeta()).updated(job.provenance)
-    layers = {n: (m.bits, m.group_size) for n, m in job.model.named_modules() if hasattr(m, "qweight") and hasattr(m, "bits")}
+    layers = {n: m.scheme for n, m in job.model.named_modules() if hasattr(m, "qweight") and hasattr(m, "scheme")}
     if len(set(layers.values())) > 1:  # mixed precision (e.g. from GPTQ's dynamic): every layer's scheme recorded
-        meta = meta.updated(modules={n: QuantScheme(b, g) for n, (b, g) in layers.items()})
+        meta = meta.updated(modules=layers)
     save_native(job.model, job.tokenizer, job.target, meta)
     return {"bits": job.quant["bits"], "group_size": job.quant["group_size"]}
 

@@ -23,35 +23,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from eqat_cli.errors import BadInputError
+from eqat_cli.errors import BadInputError, MissingDependencyError
 from eqat_cli.formats.detect import TensorMeta, gptq_dynamic_bits, layout_of, quantized_layer_names, read_safetensors_header  # noqa: F401
 from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.model_files import INDEX_FILE, read_index, read_model_config, shard_files  # noqa: F401 (re-exported)
+from eqat_cli.readers import check_gguf, reading
 from eqat_cli.scheme import QuantScheme
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def shard_files(path: Path, index: dict | None = None) -> list[Path]:
-    """The weight shards of a model directory: those its index lists (checked to stay inside the
-    directory and to exist), else ``model.safetensors``, else every ``*.safetensors``."""
-    path = Path(path)
-    if index is not None:
-        idx_file = path / INDEX_FILE
-        wm = index.get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise BadInputError(f"{idx_file}: safetensors index has no weight_map of tensor -> file")
-        files = []
-        for name in sorted(set(wm.values())):
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise BadInputError(f"{idx_file}: shard name {name!r} points outside the model directory")
-            if not (path / name).exists():
-                raise BadInputError(f"{idx_file}: lists shard {name}, which is missing")
-            files.append(path / name)
-        return files
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    return sorted(path.glob("*.safetensors"))
-
 
 @dataclass
 class Checkpoint:
@@ -69,14 +46,11 @@ class Checkpoint:
         """Read ``path``'s description. A directory without safetensors files (e.g.
         ``pytorch_model.bin`` only) opens with no tensors unless ``require_weights``;
         ``config=False`` reads the weights' description only (no ``config.json`` needed)."""
-        from eqat_cli.model_files import read_model_config
-        from eqat_cli.readers import read_json
-
         p = Path(path)
         if config and not (p / "config.json").exists():
             raise BadInputError(f"{path} has no config.json")
         config = read_model_config(p) if config else {}
-        index = read_json(p / INDEX_FILE, "safetensors index") if (p / INDEX_FILE).exists() else None
+        index = read_index(p)
         files = shard_files(p, index)
         if not files and require_weights:
             raise BadInputError(f"{p} holds no .safetensors weights")
@@ -174,8 +148,6 @@ class GGUFFile:
     def check_header(cls, path: str | os.PathLike) -> tuple[int, int, int]:
         """Magic, version and the tensor and metadata counts, checked against the file's size
         before any parser trusts them. Returns ``(version, n_tensors, n_kv)``."""
-        from eqat_cli.readers import reading
-
         p = Path(path)
         with reading(p, "GGUF file"):
             size = p.stat().st_size
@@ -194,21 +166,17 @@ class GGUFFile:
                 f"{p}: damaged GGUF header: it claims {n_tensors} tensors and {n_kv} metadata entries, "
                 f"more than a file of {size} bytes can hold"
             )
-        from eqat_cli.readers import check_gguf
 
         check_gguf(p)  # every length and count of the metadata and tensor table bounded (fuzzed)
         return version, n_tensors, n_kv
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "GGUFFile":
-        from eqat_cli.readers import reading
-
         p = Path(path)
         cls.check_header(p)
         try:
             from gguf import GGUFReader
         except ImportError as e:  # pragma: no cover - gguf is a core dependency
-            from eqat_cli.errors import MissingDependencyError
 
             raise MissingDependencyError("gguf", "reading a .gguf file") from e
         try:

@@ -19,6 +19,8 @@ import os
 from eqat_cli.errors import BadInputError
 from eqat_cli.formats.checkpoint import Checkpoint, GGUFFile
 from eqat_cli.formats.detect import detect_layer
+from eqat_cli.registry import get_registry
+
 
 @dataclass
 class ModelInfo:
@@ -122,8 +124,6 @@ def _architecture_name(model_type: str | None) -> str | None:
     if not model_type:
         return None
     try:
-        from eqat_cli.registry import get_registry
-
         spec = get_registry().find_architecture(model_type)
     except Exception:  # a broken third-party plugin must not stop a description
         return None

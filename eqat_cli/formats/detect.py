@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.readers import safetensors_header
 from eqat_cli.scheme import SUPPORTED_BITS, QuantScheme
 
 FULL_PRECISION = "fp"  # the layout of an unquantized checkpoint (an alias of the dense format)
@@ -48,8 +49,6 @@ class TensorMeta:
 
 def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
     """Tensor name -> dtype/shape/offsets, from the validated JSON header only."""
-    from eqat_cli.readers import safetensors_header
-
     header, data_start = safetensors_header(file, "safetensors weight shard")
     header.pop("__metadata__", None)
     return {

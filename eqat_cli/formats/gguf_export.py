@@ -27,6 +27,7 @@ and a separate output head are F16, norms and biases F32, plus the ``tokenizer.g
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.formats.checkpoint import GGUFFile
+from eqat_cli.formats.gptq import uniform_scheme
+from eqat_cli.model_files import hf_load
 from eqat_cli.quant.linear import PackedLinear
 
 QK = 32  # Q4_1 block length
@@ -144,8 +148,6 @@ def llama3_rope_factors(config: Any) -> np.ndarray:
     """llama.cpp's ``rope_freqs`` for Llama-3 rope scaling: one divisor per frequency pair, so that
     ``base^(-2i/d) / factor_i`` equals transformers' llama3 inverse frequency (1 for short
     wavelengths, ``factor`` for long ones, a smooth blend between)."""
-    import math
-
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -214,14 +216,13 @@ def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
                 f"{name}: step sizes are not fp16 values, so the GGUF block scale d = s would round",
                 hint="save the model with `eqat pack --format eqat` first (fp16 step sizes), then export",
             )
-    from eqat_cli.formats.gptq import uniform_bits_group
 
     # The file's type and eqat.bits name the width of most weights (a mixed-precision model's other
     # layers have their own tensor types).
     weight = {b: sum(m.in_features * m.out_features for m in layers.values() if m.bits == b) for b in bits}
     main = max(bits, key=lambda b: weight[b])
     try:
-        _, group = uniform_bits_group({n: m for n, m in layers.items() if m.bits == main}, "GGUF")
+        group = uniform_scheme({n: m for n, m in layers.items() if m.bits == main}, "GGUF").group_size
     except UnsupportedError:  # mixed (compatible) group sizes are fine: every 32-block has its own d
         group = None
     if tokenizer is not None:
@@ -277,7 +278,8 @@ def unpermute_rows(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -
 def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> np.ndarray:
     """Codes ``[out, in]`` (0..15), step ``[out, n_groups]`` (fp16), zeros ``[out, n_groups]`` ->
     Q4_1 bytes ``[out, in / 32 * 20]`` (``d``, ``m`` as fp16, then 16 bytes of nibbles: element
-    ``j`` in the low nibble of byte ``j``, element ``j + 16`` in its high nibble)."""
+    ``j`` in the low nibble of byte ``j``, element ``j + 16`` in its high nibble). A byte-layout
+    kernel: the group length as an int (the bit width is fixed by the block type)."""
     out_f, in_f = codes.shape
     nb = in_f // QK
     g = in_f if group == -1 else group
@@ -647,15 +649,11 @@ def write_job(job: Any) -> dict:
 
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a GGUF file dequantized to float32, in numpy/torch layout ``[rows, cols]``."""
-    from eqat_cli.formats.checkpoint import GGUFFile
-
     return GGUFFile.open(path).tensors()
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Every metadata field of a GGUF file."""
-    from eqat_cli.formats.checkpoint import GGUFFile
-
     return GGUFFile.open(path).metadata
 
 
@@ -663,9 +661,6 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     """Load through transformers (``gguf_file=``), the way users will. The header is checked first
     (:meth:`GGUFFile.check_header`) and every failure names the file, not its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from eqat_cli.formats.checkpoint import GGUFFile
-    from eqat_cli.model_files import hf_load
 
     p = Path(path)
     GGUFFile.check_header(p)

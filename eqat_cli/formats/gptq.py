@@ -39,6 +39,7 @@ from eqat_cli.formats.native import (
 )
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear
+from eqat_cli.scheme import QuantScheme
 
 VERSIONS = ("gptq", "gptq_v2")
 # Group sizes GPTQ kernels/loaders accept (GPTQModel's TorchLinear; -1 = per-channel).
@@ -49,8 +50,8 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def uniform_bits_group(layers: dict[str, PackedLinear], what: str) -> tuple[int, int]:
-    """The model's single (bits, group size).
+def uniform_scheme(layers: dict[str, PackedLinear], what: str) -> QuantScheme:
+    """The model's single scheme (bits and group size).
 
     A layer whose row is one group (``in_features <= group``) reads back as per-channel (-1), so
     such layers agree with any group size at least their width.
@@ -70,27 +71,31 @@ def uniform_bits_group(layers: dict[str, PackedLinear], what: str) -> tuple[int,
             f"{what} needs one bit width and group size for every layer; this model mixes "
             + ", ".join(f"w{b}g{g}" for b, g in combos)
         )
-    return bits[0], group
+    return QuantScheme(bits[0], group)
 
 
-def base_bits_and_dynamic(layers: dict[str, PackedLinear]) -> tuple[int, dict[str, int]]:
-    """A mixed-width model in GPTQModel's terms: the top-level ``bits`` (the width of most weights)
-    and the layers of any other width (for ``quantization_config.dynamic``)."""
-    weight = {}
+def base_scheme_and_dynamic(layers: dict[str, PackedLinear], group: int) -> tuple[QuantScheme, dict[str, QuantScheme]]:
+    """A mixed-width model in GPTQModel's terms, at the model's one ``group`` size: the top-level
+    scheme (the width of most weights) and the layers of any other width (for
+    ``quantization_config.dynamic``)."""
+    weight: dict[int, int] = {}
     for m in layers.values():
         weight[m.bits] = weight.get(m.bits, 0) + m.in_features * m.out_features
     base = max(sorted(weight), key=lambda b: weight[b])
-    return base, {n: m.bits for n, m in layers.items() if m.bits != base}
+    return QuantScheme(base, group), {n: QuantScheme(m.bits, group) for n, m in layers.items() if m.bits != base}
 
 
-def dynamic_section(per_layer_bits: dict[str, int]) -> dict[str, dict[str, int]]:
+def dynamic_section(per_layer: dict[str, QuantScheme], base: QuantScheme) -> dict[str, dict[str, int]]:
     """GPTQModel's ``dynamic`` overrides: one exact-match pattern per layer (``+:^path$``, the
-    path's dots escaped), each giving that layer's ``bits``."""
-    return {f"+:^{re.escape(name)}$": {"bits": int(b)} for name, b in sorted(per_layer_bits.items())}
+    path's dots escaped), each giving that layer's ``bits`` (and ``group_size`` where it differs
+    from ``base``'s)."""
+    return {f"+:^{re.escape(name)}$": {"bits": s.bits,
+                                       **({"group_size": s.group_size} if s.group_size != base.group_size else {})}
+            for name, s in sorted(per_layer.items())}
 
 
 def _as_bits(m: PackedLinear, bits: int) -> SimpleNamespace:
-    """A layer's shape and group as :func:`uniform_bits_group` sees them, at ``bits`` (mixed widths
+    """A layer's shape and group as :func:`uniform_scheme` sees them, at ``bits`` (mixed widths
     share one group-size check)."""
     return SimpleNamespace(bits=bits, group_size=m.group_size, scales=m.scales, in_features=m.in_features)
 
@@ -99,8 +104,8 @@ def fitting_group_sizes(in_features: list[int]) -> list[int]:
     return [g for g in GPTQ_GROUP_SIZES if all(i % g == 0 for i in in_features)]
 
 
-def check_gptq_compatible(model: nn.Module, version: str) -> tuple[int, int]:
-    """Raise a one-line error if the model cannot be written as ``version``; return (bits, group)."""
+def check_gptq_compatible(model: nn.Module, version: str) -> QuantScheme:
+    """Raise a one-line error if the model cannot be written as ``version``; return its scheme."""
     if version not in VERSIONS:
         raise BadInputError(f"unknown GPTQ version {version!r}; choose one of {', '.join(VERSIONS)}")
     layers = packed_layers(model)
@@ -108,16 +113,17 @@ def check_gptq_compatible(model: nn.Module, version: str) -> tuple[int, int]:
     widths = sorted({m.bits for m in layers.values()})
     if len(widths) > 1:  # mixed precision: the widths go to `dynamic`; the group size is one for all
         try:
-            _, group = uniform_bits_group({n: _as_bits(m, widths[0]) for n, m in layers.items()}, what)
+            group = uniform_scheme({n: _as_bits(m, widths[0]) for n, m in layers.items()}, what).group_size
         except UnsupportedError:
             combos = sorted({(m.bits, m.group_size) for m in layers.values()})
             raise UnsupportedError(
                 f"{what} needs one group size for every layer (mixed widths are written as "
                 f"quantization_config.dynamic); this model mixes " + ", ".join(f"w{b}g{g}" for b, g in combos)
             ) from None
-        bits, _ = base_bits_and_dynamic(layers)
+        scheme = base_scheme_and_dynamic(layers, group)[0]
     else:
-        bits, group = uniform_bits_group(layers, what)
+        scheme = uniform_scheme(layers, what)
+    bits, group = scheme.bits, scheme.group_size
     ins = sorted({m.in_features for m in layers.values()})
     if group != -1:
         for name, m in layers.items():
@@ -161,7 +167,7 @@ def check_gptq_compatible(model: nn.Module, version: str) -> tuple[int, int]:
                 hint="use --format gptq_v2, which stores z as-is and is lossless "
                 "(GPTQModel, and transformers through it, load v2)",
             )
-    return bits, group
+    return scheme
 
 
 def gptq_tensors(layer: PackedLinear, version: str) -> dict[str, torch.Tensor]:
@@ -184,10 +190,10 @@ def gptq_tensors(layer: PackedLinear, version: str) -> dict[str, torch.Tensor]:
     return {"qweight": qweight.contiguous(), "qzeros": qzeros.contiguous()}
 
 
-def quantization_config(bits: int, group: int, version: str, provenance: dict | None = None,
-                        dynamic: dict[str, int] | None = None) -> dict:
-    """The GPTQ ``quantization_config``; ``dynamic`` (mixed precision: layer path -> bits for the
-    layers whose width is not ``bits``) becomes GPTQModel's per-module ``dynamic`` section."""
+def quantization_config(scheme: QuantScheme, version: str, provenance: dict | None = None,
+                        dynamic: dict[str, QuantScheme] | None = None) -> dict:
+    """The GPTQ ``quantization_config``; ``dynamic`` (mixed precision: layer path -> scheme for the
+    layers whose scheme is not ``scheme``) becomes GPTQModel's per-module ``dynamic`` section."""
     from eqat_cli import __version__
 
     meta: dict[str, Any] = {"quantizer": [f"eqat:{__version__}"]}
@@ -195,8 +201,8 @@ def quantization_config(bits: int, group: int, version: str, provenance: dict | 
         meta["eqat"] = provenance
     return {
         "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group,
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
         "sym": False,
         "desc_act": False,
         "static_groups": False,
@@ -205,7 +211,7 @@ def quantization_config(bits: int, group: int, version: str, provenance: dict | 
         "pack_dtype": "int32",
         "checkpoint_format": version,
         "meta": meta,
-        **({"dynamic": dynamic_section(dynamic)} if dynamic else {}),
+        **({"dynamic": dynamic_section(dynamic, scheme)} if dynamic else {}),
     }
 
 
@@ -217,15 +223,16 @@ def save_gptq(
     provenance: dict | None = None,
 ) -> dict:
     """Write ``model`` (packed) as a GPTQ ``version`` checkpoint into the empty dir ``out_dir``."""
-    bits, group = check_gptq_compatible(model, version)
+    scheme = check_gptq_compatible(model, version)
+    bits, group = scheme.bits, scheme.group_size
     out = Path(out_dir)
     sd = packed_state_dict(model)
     for name, layer in packed_layers(model).items():
         for k, v in gptq_tensors(layer, version).items():
             sd[f"{name}.{k}"] = v
     save_state_dict_sharded(sd, out)
-    _, dynamic = base_bits_and_dynamic(packed_layers(model))
-    qc = quantization_config(bits, group, version, provenance, dynamic)
+    _, dynamic = base_scheme_and_dynamic(packed_layers(model), group)
+    qc = quantization_config(scheme, version, provenance, dynamic)
     cfg = config_dict_for_save(model.config, None)
     cfg["quantization_config"] = qc
     write_sidecars(model, tokenizer, out, cfg)
@@ -234,7 +241,7 @@ def save_gptq(
     if dynamic:
         notes.append(f"mixed widths: {len(dynamic)} layers differ from the top-level {bits} bits, listed in "
                      "quantization_config.dynamic (GPTQModel reads it; loaders without it cannot load this file)")
-    if bits == 3 or 3 in dynamic.values():
+    if bits == 3 or any(d.bits == 3 for d in dynamic.values()):
         # T-MAC's converter derives bits from scales/qzeros widths (32 // (out / qzeros cols)),
         # which assumes 32 % bits == 0: it cannot read GPTQ's 3-bit layout (32 codes in 3 words).
         notes.append("T-MAC cannot read GPTQ's 3-bit layout (it assumes 32 // bits codes per word); "

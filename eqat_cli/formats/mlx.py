@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
+from eqat_cli.formats.native import config_dict_for_save, packed_state_dict, write_sidecars
 from eqat_cli.quant.linear import PackedLinear
 
 MLX_GROUPS = (32, 64, 128)  # mlx affine_quantize accepts these
@@ -161,7 +162,9 @@ def check(model: nn.Module, tokenizer: Any = None) -> MLXPlan:
 
 def pack_weight(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes ``[out, in]`` (0 .. 2^bits - 1) -> mlx's uint32 ``[out, in * bits / 32]`` (each row a
-    little-endian bit stream, code ``j`` at bit ``bits * j``)."""
+    little-endian bit stream, code ``j`` at bit ``bits * j``). Like the functions below, a numpy
+    kernel of the layout: plain ``bits`` / ``group`` ints, not a ``QuantScheme`` (``check`` and
+    ``write`` work from the model's layers and their schemes)."""
     out_f, in_f = codes.shape
     c = codes.astype(np.uint64)
     if 32 % bits == 0:
@@ -201,8 +204,6 @@ def dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
 
 def mlx_config(model: nn.Module, plan: MLXPlan) -> dict:
     """config.json: the Hugging Face config plus the keys mlx-lm reads."""
-    from eqat_cli.formats.native import config_dict_for_save
-
     config = model.config
     cfg = config_dict_for_save(config, None)
     rope = _rope_params(config)
@@ -227,8 +228,6 @@ def mlx_config(model: nn.Module, plan: MLXPlan) -> dict:
 
 def mlx_tensors(model: nn.Module, exact: bool = False) -> dict[str, np.ndarray]:
     """Every tensor in mlx-lm's layout, verified by unpacking each packed weight."""
-    from eqat_cli.formats.native import packed_state_dict
-
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     prefixes = tuple(n + "." for n in packed)
@@ -264,8 +263,6 @@ def write(
 ) -> dict:
     """Write ``model`` (packed) in mlx-lm's layout into the empty directory ``out_dir``."""
     from safetensors.numpy import save_file
-
-    from eqat_cli.formats.native import write_sidecars
 
     plan = check(model)
     for name, m in model.named_modules():

@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError, UnsupportedError
-from eqat_cli.formats.checkpoint import Checkpoint
+from eqat_cli.formats.checkpoint import Checkpoint, read_safetensors_header
 from eqat_cli.formats.detect import layer_quant, quantized_layer_names
 from eqat_cli.formats.meta import FORMAT_VERSION, CheckpointMeta  # noqa: F401 - FORMAT_VERSION re-exported
 from eqat_cli.formats.shards import write_index
+from eqat_cli.fsutil import atomic_file
+from eqat_cli.model_files import hf_load
 from eqat_cli.quant import packing
 from eqat_cli.quant.linear import PackedLinear, set_submodule
+from eqat_cli.readers import reading
 from eqat_cli.scheme import QuantScheme
 
 FORMAT_NAME = "eqat"
@@ -99,8 +102,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """One safetensors shard, atomically (a resumed run never sees half a file)."""
     from safetensors.torch import save_file
 
-    from eqat_cli.fsutil import atomic_file
-
     with atomic_file(path) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA)
 
@@ -129,8 +130,6 @@ class NativeWriter:
         self._record(name, {k: tensor_bytes({k: v}) for k, v in tensors.items()})
 
     def adopt(self, name: str) -> None:
-        from eqat_cli.formats.checkpoint import read_safetensors_header
-
         header = read_safetensors_header(self.dir / name)
         self._record(name, {k: t.nbytes for k, t in header.items()})
 
@@ -227,8 +226,6 @@ def load_state(path: Path | Checkpoint) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint's shards (the headers were validated when it was opened)."""
     from safetensors.torch import load_file
 
-    from eqat_cli.readers import reading
-
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     sd = {}
     for f in ckpt.weight_files():
@@ -251,15 +248,14 @@ def install_packed_layers(
     model: nn.Module, sd: dict[str, torch.Tensor], zero_offset: int = 0, gptq3: bool = False,
     declared: QuantScheme | None = None, modules: dict[str, QuantScheme] | None = None,
     gptq_layout: bool = False,
-) -> dict[str, tuple[int, int]]:
+) -> dict[str, QuantScheme]:
     """Replace every ``nn.Linear`` that has a ``qweight`` in ``sd`` by a loaded PackedLinear.
 
     ``zero_offset`` is added to stored zeros (GPTQ v1 stores ``z - 1``); ``gptq3`` reads GPTQ's
     3-bit packing; ``declared`` is the scheme the checkpoint records (checked against each layer's
     shapes; without it they are inferred); ``modules`` the per-layer schemes of a mixed-precision
     checkpoint (they override ``declared``; with ``gptq_layout`` a layer's 3-bit packing follows its
-    own width). Consumes the quantized tensors from ``sd``. Returns
-    ``{name: (bits, group)}``.
+    own width). Consumes the quantized tensors from ``sd``. Returns ``{name: its QuantScheme}``.
     """
     found = {}
     for name in quantized_layer_names(sd.keys()):
@@ -293,10 +289,10 @@ def install_packed_layers(
         if int(zeros.min()) < 0 or int(zeros.max()) > 2**bits - 1:
             raise BadInputError(f"{name}: zero points out of range after offset {zero_offset}")
         layer = PackedLinear.from_codes(
-            codes.t(), scales.t().float(), zeros.t(), bits, group, bias=bias, scales_dtype=torch.float16
+            codes.t(), scales.t().float(), zeros.t(), lq.scheme, bias=bias, scales_dtype=torch.float16
         )
         set_submodule(model, name, layer)
-        found[name] = (bits, group)
+        found[name] = lq.scheme
     return found
 
 
@@ -312,8 +308,6 @@ def load_packed_model(
     ``gptq3`` default to what its layout says. Bits and group size come from the ``eqat`` section
     when eqat wrote one, else from the tensor shapes."""
     from transformers import AutoConfig
-
-    from eqat_cli.model_files import hf_load
 
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     path = ckpt.path

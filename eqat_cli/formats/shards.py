@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from eqat_cli.formats.checkpoint import INDEX_FILE, Checkpoint
+from eqat_cli.readers import reading
 
 
 class ShardReader:
@@ -38,8 +39,6 @@ class ShardReader:
         Only the requested tensors are read from disk.
         """
         from safetensors import safe_open
-
-        from eqat_cli.readers import reading
 
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}

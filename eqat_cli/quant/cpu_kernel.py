@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -53,7 +54,9 @@ from pathlib import Path
 import torch
 
 from eqat_cli.quant import packing
+from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.quant.primitives import effective_group
+from eqat_cli.quant.torch_kernel import TORCH_KERNEL
 
 GEMV_ROWS = 4  # rows of x per pass of the GEMV over the packed weights
 DECODE_ROWS = 32  # up to this many rows: GEMV passes of 4 rows; more: dequantized panels + sgemm
@@ -66,7 +69,7 @@ SINGLE_THREAD_WEIGHTS = 1 << 20
 def _threads(weights: int) -> int:
     return 1 if weights < SINGLE_THREAD_WEIGHTS else torch.get_num_threads()
 SOURCE = Path(__file__).with_name("csrc") / "packed_cpu.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 _FLAG_SETS = (
     ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"],
     ["-O3", "-pthread", "-shared", "-fPIC", "-std=c++17"],
@@ -89,7 +92,6 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    import platform
 
     return platform.machine()
 
@@ -160,6 +162,10 @@ def _load() -> ctypes.CDLL | None:
         lib.eqat_gemv_multi.restype = i
         lib.eqat_dequant_panel.argtypes = [p, p, p, i, p, i, i, i, i, i, i, i]
         lib.eqat_dequant_panel.restype = i
+        lib.eqat_q8_gemv.argtypes = [p, p, i, p, i, i, i, i, p, p, i, i]  # cpu_q8.py
+        lib.eqat_q8_gemv.restype = i
+        lib.eqat_q8_impl.argtypes = [i, i]
+        lib.eqat_q8_impl.restype = i
         _LIB, _STATUS = lib, ""
         return lib
 
@@ -284,8 +290,6 @@ class CpuKernel:
 
     def __init__(self, fallback=None):
         if fallback is None:
-            from eqat_cli.quant.torch_kernel import TORCH_KERNEL
-
             fallback = TORCH_KERNEL
         self.fallback = fallback
 
@@ -341,8 +345,6 @@ class CpuKernel:
         """Give the packed layers of each of ``arch``'s groups that read one input (q/k/v,
         gate/up) a shared :class:`FusedMemberKernel`; returns the number of groups fused.
         Layers of one group must agree in input width, bits and group size."""
-        from eqat_cli.quant.linear import PackedLinear
-
         fused = 0
         for block in arch.layers(model):
             for names in arch.linear_groups:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, check_bits, effective_group, minmax_init, qmax
+from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, effective_group, minmax_init, qmax
+from eqat_cli.scheme import QuantScheme
 
 
 class HessianAccumulator:
@@ -72,7 +73,7 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp: float = 0.01
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes for ``weight [out, in]`` given the input Hessian ``[in, in]``.
 
@@ -80,12 +81,12 @@ def gptq_quantize(
     on eqat's grid: ``W_q = (codes - zero) * scale``, ``zero`` integer-valued and in range.
     ``damp`` is the fraction of the mean Hessian diagonal added to the diagonal.
     """
-    codes, scale, zero, _ = gptq_quantize_with_residue(weight, hessian, bits, group_size, damp)
+    codes, scale, zero, _ = gptq_quantize_with_residue(weight, hessian, scheme, damp)
     return codes, scale, zero
 
 
 def gptq_quantize_with_residue(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp: float = 0.01
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`gptq_quantize` plus ``frac [out, in]`` (float32): where each error-compensated weight
     sat inside its grid cell when it was rounded, ``w/s + z - code``, clipped to [-0.49, 0.49].
@@ -96,7 +97,7 @@ def gptq_quantize_with_residue(
     step-size gradient vanish (LSQ's ``round(w/s) - w/s`` is 0 on the grid) and every weight drift
     at Adam's fixed speed towards a boundary, so whole layers change codes in the same few steps.
     """
-    check_bits(bits)
+    bits, group_size = scheme.bits, scheme.group_size
     out_f, in_f = weight.shape
     g = effective_group(group_size, in_f)
     w, h = _prepare(weight, hessian, damp)

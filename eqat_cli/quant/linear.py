@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eqat_cli.quant import packing
+from eqat_cli.quant import fused_quant, packing
 from eqat_cli.quant.primitives import (
     SCALE_MAX,
     SCALE_MIN,
     clamp_ste,
     round_ste,
-    check_bits,
     dequantize_codes,
     effective_group,
     fake_quantize,
@@ -31,22 +30,32 @@ from eqat_cli.quant.primitives import (
     qmax,
     quantize_codes,
 )
+from eqat_cli.scheme import QuantScheme
+
+
+def _scheme(scheme: QuantScheme) -> QuantScheme:
+    if not isinstance(scheme, QuantScheme):
+        raise TypeError(f"expected a QuantScheme (bits and group size), got {scheme!r}")
+    return scheme
 
 
 class UniformAffineQuantizer(nn.Module):
-    """Per-group asymmetric quantizer with learnable step size ``scale`` and zero point ``zero``."""
+    """Per-group asymmetric quantizer with learnable step size ``scale`` and zero point ``zero``,
+    for one :class:`~eqat_cli.scheme.QuantScheme` (``bits`` and ``group_size`` are its values)."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int):
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme):
         super().__init__()
-        self.bits = check_bits(bits)
-        self.group_size = group_size
+        self.scheme = _scheme(scheme)
+        self.bits, self.group_size = self.scheme.bits, self.scheme.group_size
         self.in_features = weight.shape[1]
-        effective_group(group_size, self.in_features)  # validates
-        scale, zero = minmax_init(weight, bits, group_size)
+        effective_group(self.group_size, self.in_features)  # validates
+        scale, zero = minmax_init(weight, self.bits, self.group_size)
         self.scale = nn.Parameter(scale)
         self.zero = nn.Parameter(zero)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if fused_quant.applies(w):  # one C++ pass forward and backward (same result)
+            return fused_quant.free_fake_weight(w, self.scale, self.zero, self.bits, self.group_size)
         return fake_quantize(w, self.scale, self.zero, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
@@ -56,7 +65,7 @@ class UniformAffineQuantizer(nn.Module):
 class QuantLinear(nn.Module):
     """A linear layer whose weight is fake-quantized in every forward (Block-AP training)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -64,7 +73,11 @@ class QuantLinear(nn.Module):
         self.bias = (
             nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         )
-        self.quantizer = UniformAffineQuantizer(self.weight, bits, group_size)
+        self.quantizer = UniformAffineQuantizer(self.weight, scheme)
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.quantizer.scheme
 
     @property
     def bits(self) -> int:
@@ -87,8 +100,7 @@ class QuantLinear(nn.Module):
             codes,
             q.scale.detach().float().clamp(SCALE_MIN, SCALE_MAX),
             zeros,
-            bits=q.bits,
-            group_size=q.group_size,
+            q.scheme,
             bias=None if self.bias is None else self.bias.detach(),
         )
 
@@ -137,17 +149,17 @@ class PackedLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        bits: int,
-        group_size: int,
+        scheme: QuantScheme,
         bias: bool = False,
         scales_dtype: torch.dtype = torch.float16,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.bits = check_bits(bits)
-        self.group_size = group_size
-        pf = packing.pack_factor(bits)
+        self.scheme = _scheme(scheme)
+        self.bits, self.group_size = self.scheme.bits, self.scheme.group_size
+        group_size = self.group_size
+        pf = self.scheme.pack_factor
         g = n_groups(in_features, group_size)
         self.register_buffer(
             "qweight", torch.zeros(-(-in_features // pf), out_features, dtype=torch.int32)
@@ -169,12 +181,13 @@ class PackedLinear(nn.Module):
         codes: torch.Tensor,
         scale: torch.Tensor,
         zero: torch.Tensor,
-        bits: int,
-        group_size: int,
+        scheme: QuantScheme,
         bias: torch.Tensor | None = None,
         scales_dtype: torch.dtype = torch.float16,
     ) -> "PackedLinear":
         """From torch-layout codes ``[out, in]`` and group params ``[out, n_groups]``."""
+        scheme = _scheme(scheme)
+        bits = scheme.bits
         out_f, in_f = codes.shape
         zero = zero.to(torch.int32)
         if zero.numel() and (int(zero.min()) < 0 or int(zero.max()) > qmax(bits)):
@@ -182,7 +195,7 @@ class PackedLinear(nn.Module):
                 f"zero points out of range [0, {qmax(bits)}]: "
                 f"min {int(zero.min())}, max {int(zero.max())}"
             )
-        layer = cls(in_f, out_f, bits, group_size, bias=bias is not None, scales_dtype=scales_dtype)
+        layer = cls(in_f, out_f, scheme, bias=bias is not None, scales_dtype=scales_dtype)
         layer.qweight.copy_(packing.pack_rows(codes.t().contiguous(), bits))
         layer.qzeros.copy_(packing.pack_cols(zero.t().contiguous(), bits))
         layer.scales.data.copy_(scale.t().to(scales_dtype))

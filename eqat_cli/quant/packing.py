@@ -11,6 +11,9 @@ Native EfficientQAT / GPTQ layout (2, 3, 4, 8 bits), see ``docs/FORMATS.md``:
 
 GPTQ 3-bit layout (``gptq3``): 32 codes in 3 consecutive words (96 bits), codes straddling
 word boundaries, as GPTQ/AutoGPTQ/GPTQModel write it. Lengths must be multiples of 32.
+
+A numeric kernel: the functions take the code width ``bits`` as an int (packing knows nothing of
+groups, so a :class:`~eqat_cli.scheme.QuantScheme` would carry a value it never reads).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Conventions (shared by every room):
   group 128 gives groups of 128, 128, 128, 128 and 64.
 * Step sizes ``scale`` and zero points ``zero`` have shape ``[out_features, n_groups]``.
 * ``W ~= (clamp(round(W / s) + round(z), 0, 2^b - 1) - round(z)) * s``.
+
+These are the numeric kernels under the layers: they take plain ``bits`` / ``group_size`` ints
+(the two numbers the arithmetic uses, on hot paths such as every fake-quant forward), not a
+:class:`~eqat_cli.scheme.QuantScheme`. Everything above them (layers, configs, Block-AP's start,
+GPTQ, channel scaling, the benchmark) takes a ``QuantScheme`` and passes its numbers down here.
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eqat_cli.quant.linear import PackedLinear
+from eqat_cli.quant import fused_quant
+from eqat_cli.quant.linear import PackedLinear, QuantLinear
 from eqat_cli.quant.primitives import SCALE_MAX, SCALE_MIN, clamp_ste, expand_groups, qmax, round_ste
+from eqat_cli.scheme import QuantScheme
 
 OFFSET_MAX = 0.5
 CLIP_LO = 0.5
@@ -64,11 +66,13 @@ class _GroupedRoundQuant(torch.autograd.Function):
 class RoundQuantLinear(nn.Module):
     """Fake-quant linear with a fixed weight and learned rounding offsets / clipping factors."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 group_size: int, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.bits, self.group_size = bits, group_size
+        self.scheme = scheme
+        self.bits, self.group_size = scheme.bits, scheme.group_size
+        bits = self.bits
         self.register_buffer("w0", weight.detach().float().clone())
         self.register_buffer("s0", scale.detach().float().clone())
         self.register_buffer("z0", zero.detach().float().round().clamp(0, qmax(bits)))
@@ -80,7 +84,7 @@ class RoundQuantLinear(nn.Module):
     @classmethod
     def from_quant_linear(cls, q: nn.Module) -> "RoundQuantLinear":
         """Start from a :class:`QuantLinear`'s current weight, step sizes and zero points."""
-        return cls(q.weight, q.quantizer.scale, q.quantizer.zero, q.bits, q.group_size, q.bias)
+        return cls(q.weight, q.quantizer.scale, q.quantizer.zero, q.scheme, q.bias)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Step sizes and (integer-valued, straight-through) zero points, ``[out, n_groups]``."""
@@ -102,6 +106,9 @@ class RoundQuantLinear(nn.Module):
         return q, se, ze
 
     def fake_weight(self) -> torch.Tensor:
+        if fused_quant.applies(self.w0):  # one C++ pass forward and backward, any group size
+            s, z = self.grid()
+            return fused_quant.round_fake_weight(self.w0, self.offset, s, z, qmax(self.bits), self.group_size)
         if self._grouped():  # the fast path: whole groups as a [out, groups, group] view
             s, z = self.grid()
             shape = (self.out_features, s.shape[1], -1)
@@ -126,10 +133,37 @@ class RoundQuantLinear(nn.Module):
         q, _, _ = self._codes_and_grid()
         s, z = self.grid()
         return PackedLinear.from_codes(
-            q.to(torch.int32), s.float(), z.to(torch.int32), bits=self.bits, group_size=self.group_size,
+            q.to(torch.int32), s.float(), z.to(torch.int32), self.scheme,
             bias=None if self.bias is None else self.bias.detach(),
         )
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}")
+
+
+# How far inside its rounding cell :func:`round_to_free` places a weight (in steps from the cell's
+# centre): just short of the boundary, so float error in ``w / s`` cannot flip its code.
+FREE_FRAC_MAX = 0.49
+
+
+@torch.no_grad()
+def round_to_free(m: RoundQuantLinear) -> QuantLinear:
+    """The :class:`QuantLinear` (free weights, step sizes, zero points) that equals ``m`` now:
+    ``m``'s grid (clipped step sizes, integer zero points) and weights that fake-quantize to
+    exactly ``m``'s codes, each where ``w0 / s + v`` put it inside its cell (clipped to
+    ``FREE_FRAC_MAX`` of the centre), so free training continues from the rounded result with the
+    distances to the rounding boundaries it learned (the hybrid recipe of issue #28)."""
+    s, z = m.grid()
+    se = expand_groups(s, m.group_size, m.in_features)
+    x = m.w0 / se + m.offset
+    r = x.round()
+    w = (r + (x - r).clamp(-FREE_FRAC_MAX, FREE_FRAC_MAX)) * se
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.w0.device)
+    lin.weight.copy_(w)
+    if m.bias is not None:
+        lin.bias.copy_(m.bias)
+    q = QuantLinear(lin, m.scheme)
+    q.quantizer.scale.copy_(s)
+    q.quantizer.zero.copy_(z)
+    return q

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from eqat_cli.quant.primitives import fake_quantize, minmax_init
+from eqat_cli.scheme import QuantScheme
 
 GRID = 10  # alpha in {0, 1/GRID, ..., 1} (AWQ uses 20)
 MEAN_FLOOR = 1e-5  # channels that never fire are not scaled towards zero
@@ -44,11 +45,11 @@ class ScaleChoice:
     error_unscaled: float  # the same for alpha = 0
 
 
-def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def rtn(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Min-max (round-to-nearest) quantize-dequantize, as the quantized layers start."""
     w = weight.detach().float()
-    scale, zero = minmax_init(w, bits, group)
-    return fake_quantize(w, scale, zero, bits, group)
+    scale, zero = minmax_init(w, scheme.bits, scheme.group_size)
+    return fake_quantize(w, scale, zero, scheme.bits, scheme.group_size)
 
 
 def candidate_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ def candidate_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scales(weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, bits: int, group: int,
+def search_scales(weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, scheme: QuantScheme,
                   grid: int = GRID) -> tuple[torch.Tensor, ScaleChoice]:
     """The per-input-channel scales of ``weight`` (``[out, in]``) that best survive quantization on
     the inputs ``x`` (``[tokens, in]``); ``mean_abs``: mean ``|x|`` per channel (over more tokens).
@@ -71,7 +72,7 @@ def search_scales(weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor,
     for k in range(grid + 1):
         alpha = k / grid
         s = candidate_scales(mean_abs, alpha) if alpha else torch.ones_like(mean_abs, dtype=torch.float32)
-        out = (x / s) @ rtn(w * s, bits, group).T
+        out = (x / s) @ rtn(w * s, scheme).T
         err = float((out - ref).pow(2).mean() / norm)
         if alpha == 0:
             base = err

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eqat_cli.device import train_autocast_dtype
+
 
 @dataclass
 class Amp:
@@ -41,8 +43,6 @@ class Amp:
         """``precision`` ``auto``: bf16 where the device computes it natively (CUDA with bf16,
         CPUs with bf16 units), fp16 with a loss scaler on CUDA without bf16, else fp32; or
         ``fp32``/``bf16``/``fp16`` as given. ``bf16_supported`` overrides the CUDA check (tests)."""
-        from eqat_cli.device import train_autocast_dtype
-
         device = torch.device(device)
         if device.type == "cuda" and precision == "auto" and bf16_supported is not None:
             return cls("cuda", torch.bfloat16) if bf16_supported else cls.fp16(device)

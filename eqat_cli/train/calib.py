@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+from eqat_cli.data import read_corpus
 from eqat_cli.errors import BadInputError
+from eqat_cli.fsutil import atomic_file, check_output, output_lock
+from eqat_cli.models import classify, load_tokenizer, local_path, preflight_model
+from eqat_cli.readers import open_safetensors, reading
 
 FORMAT = "eqat-calibration"
 FORMAT_VERSION = 1
@@ -95,8 +99,6 @@ def build_windows(
 def save_calibration(calib: Calibration, path: str | Path) -> None:
     from safetensors.torch import save_file
 
-    from eqat_cli.fsutil import atomic_file
-
     meta = {k: str(v) for k, v in calib.meta.items()}
     meta["json"] = json.dumps(calib.meta)
     with atomic_file(path) as tmp:
@@ -108,8 +110,6 @@ def save_calibration(calib: Calibration, path: str | Path) -> None:
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    from eqat_cli.readers import open_safetensors, reading
-
     p = Path(path)
     if not p.is_file():
         raise BadInputError(f"calibration file not found: {path}")
@@ -158,9 +158,6 @@ def calibrate(
     """Calibration windows drawn on the fly: ``dataset`` (a named set or a text file) tokenized
     with ``model``'s tokenizer. ``eqat calibrate`` saves the result; ``eqat block-ap --dataset``
     trains on it. Returns (windows, tokenizer, local model directory)."""
-    from eqat_cli.data import read_corpus
-    from eqat_cli.models import classify, load_tokenizer, local_path
-
     path = local_path(classify(model))
     tok = load_tokenizer(path)
     docs = read_corpus(dataset, "train", data_dir)
@@ -186,9 +183,6 @@ def calibrate_to_file(
     output; refused, or with ``wait`` waited for), check the model, draw the windows
     (:func:`calibrate`, reported as ``progress("calibration", {"dataset", "done"})``), save them
     atomically. Returns the windows."""
-    from eqat_cli.fsutil import check_output, output_lock
-    from eqat_cli.models import preflight_model
-
     note = progress or (lambda event, info: None)
     check_output(output, overwrite, kind="file")
     with output_lock(output, wait=wait, progress=progress):
@@ -220,7 +214,6 @@ def calibration_for(
         if dataset is None:
             raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
         return calibrate(model, dataset, samples, seqlen, val_samples, seed, data_dir)
-    from eqat_cli.models import classify, load_tokenizer, local_path
 
     c = load_calibration(calib)
     path = local_path(classify(model))

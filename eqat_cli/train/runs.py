@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from eqat_cli.errors import BadInputError, EqatError
+from eqat_cli.fsutil import atomic_file, output_lock, write_json_atomic
+from eqat_cli.readers import read_json
 
 WORK_SUFFIX = ".partial"
 
@@ -47,8 +49,6 @@ def check_new_output(output: Path, overwrite: bool) -> None:
 def run_lock(output: Path, owner: bool = True, wait: bool = False, progress=None):
     """The output's lock for the run (re-entrant: a no-op inside a library entry that holds it);
     ``owner=False`` (the other ranks of a ``torchrun`` group) takes none."""
-    from eqat_cli.fsutil import output_lock
-
     return output_lock(output, wait=wait, progress=progress) if owner else contextlib.nullcontext()
 
 
@@ -89,8 +89,6 @@ class WorkDir:
 
     # -- atomic state writes -----------------------------------------------------------------
     def save_json(self, obj: Any) -> None:
-        from eqat_cli.fsutil import write_json_atomic
-
         write_json_atomic(self.state_path, obj)
 
     def save_tensors(self, meta: dict, tensors: dict, key: str) -> None:
@@ -98,16 +96,12 @@ class WorkDir:
         (nothing is unpickled on resume)."""
         from safetensors.torch import save_file
 
-        from eqat_cli.fsutil import atomic_file
-
         with atomic_file(self.state_path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                       metadata={key: json.dumps(meta)})
 
 
 def read_json_state(path: Path, what: str) -> dict:
-    from eqat_cli.readers import read_json
-
     return read_json(path, what)
 
 

@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
+from eqat_cli.data import read_corpus
 from eqat_cli.errors import BadInputError
+from eqat_cli.readers import read_jsonl
+from eqat_cli.train.calib import build_windows
 
 IGNORE = -100
 
@@ -165,8 +168,6 @@ def load_instruct(path: str | Path, tokenizer: Any, seqlen: int, limit: int | No
     if not p.is_file() or p.suffix not in (".jsonl", ".json"):
         raise BadInputError(f"instruction data must be a .jsonl file, got {path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    from eqat_cli.readers import read_jsonl
-
     ids, labels = [], []
     # One reader for every JSON-lines file: a damaged line is one error naming the file and line.
     for line_no, rec in read_jsonl(p, "instruction data file"):
@@ -199,9 +200,6 @@ def training_examples(
     ``samples + val_samples`` usable examples of the instruction file ``dataset``, the last
     ``val_samples`` of them (at most half) held out."""
     if data_format == "pt":
-        from eqat_cli.data import read_corpus
-        from eqat_cli.train.calib import build_windows
-
         docs = read_corpus(dataset, "train", data_dir)
         w = build_windows(docs, tokenizer, samples, seqlen, val_samples, seed, source=dataset)
         return from_windows(w.train, w.meta), from_windows(w.val, w.meta)

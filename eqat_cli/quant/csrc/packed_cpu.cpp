@@ -19,6 +19,7 @@
 //       transposed weight (prefill multiplies it with an sgemm, panel after panel).
 #include <atomic>
 #include <condition_variable>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -26,7 +27,7 @@
 #include <functional>
 #include <vector>
 #include <sched.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -316,7 +317,7 @@ void gemv_rows(const Geo& base, const Layer* layers, const std::vector<Tile>& ti
 
 extern "C" {
 
-int eqat_abi_version() { return 3; }
+int eqat_abi_version() { return 4; }
 
 // x [M, K] fp32 -> for each of the L layers (same K, bits, group and scale dtype) y_l [M, N_l]
 // fp32, in one parallel region over all their tiles: the layers of a group that reads the same
@@ -419,6 +420,278 @@ int eqat_dequant_panel(const int32_t* qweight, const uint8_t* zeros, const void*
           dst[t] = ((float)((row[t] >> shift) & mask) - (float)zr[t]) * sr[t];
       }
     }
+  });
+  return 0;
+}
+
+}  // extern "C"
+
+
+// ------------------------------------------------------------ int8-activation decode (q8)
+// The decode-friendly path (eqat_cli/quant/cpu_q8.py prepares the layout once per layer, or once
+// per fused group of layers concatenated along N):
+//   codes  [NS][nch][4][64] bytes: NS = NP/64 super-tiles of 64 outputs (N padded to NP with zero
+//          codes), nch chunks of CK = 4*F k-values (F = 8/sb codes per byte, sb = storage bits
+//          2, 4 or 8; 3-bit codes are stored in 4); within a chunk, tile t (16 outputs) is one
+//          64-byte vector: byte 4*n + b of it holds the codes of output 16t+n at k = c*CK + 4f + b
+//          in its field f (bits sb*f..). Each group of the weight is padded to a multiple of 16
+//          k-values with zero codes, so a chunk never straddles two groups.
+//   scales [NS][G][64] fp16 or fp32, zeros [NS][G][64] uint8.
+// The activation row is quantized once per call, per weight group: dx = max|x|/127,
+// xq = round_half_even(x * (127/max|x|)) in int8 (zero for padding), X = sum xq. Then
+//   y[n] = sum_g (s[g,n] * dx[g]) * (sum_k q[k,n] xq[k] - z[g,n] X[g])
+// with the inner sum and the zero-point correction in exact int32 arithmetic (u8 x s8 dot
+// products: AVX-512 VNNI vpdpbusd, or AVX-512BW / AVX2 vpmaddubsw + vpmaddwd for codes < 16; a
+// portable loop otherwise).
+namespace {
+
+struct Q8Geo {
+  int K, group, G, NP, sb, F, CK, nch;
+};
+
+struct Q8Act {
+  std::vector<int8_t> xq;
+  std::vector<float> dx;
+  std::vector<int32_t> xsum;
+  std::vector<int32_t> gch;  // [G + 1] first chunk of each group
+};
+
+void q8_quantize(const Q8Geo& g, const float* x, Q8Act& a) {
+  a.xq.assign((size_t)g.nch * g.CK, 0);
+  a.dx.resize(g.G);
+  a.xsum.resize(g.G);
+  a.gch.resize(g.G + 1);
+  int koff = 0;
+  for (int gi = 0; gi < g.G; gi++) {
+    const int lo = gi * g.group, hi = lo + g.group < g.K ? lo + g.group : g.K;
+    a.gch[gi] = koff / g.CK;
+    float amax = 0.f;
+    for (int i = lo; i < hi; i++) {
+      const float v = x[i] < 0 ? -x[i] : x[i];
+      amax = v > amax ? v : amax;
+    }
+    int32_t sum = 0;
+    if (amax > 0.f) {
+      const float inv = 127.f / amax;
+      for (int i = lo; i < hi; i++) {
+        float r = std::nearbyint(x[i] * inv);
+        r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+        a.xq[koff + i - lo] = (int8_t)r;
+        sum += (int32_t)r;
+      }
+      a.dx[gi] = amax / 127.f;
+    } else {
+      a.dx[gi] = 0.f;
+    }
+    a.xsum[gi] = sum;
+    koff += (hi - lo + 15) / 16 * 16;
+  }
+  a.gch[g.G] = koff / g.CK;
+}
+
+inline float q8_scale(const void* scales, int half, long idx) { return scale_at(scales, half, idx); }
+
+void q8_tile_portable(const Q8Geo& g, const uint8_t* codes, const void* scales, int half,
+                      const uint8_t* zeros, const Q8Act& a, float* y, int s) {
+  const int mask = (1 << g.sb) - 1;
+  float out[64];
+  for (int n = 0; n < 64; n++) out[n] = 0.f;
+  for (int gi = 0; gi < g.G; gi++) {
+    int32_t acc[64];
+    for (int n = 0; n < 64; n++) acc[n] = 0;
+    for (int c = a.gch[gi]; c < a.gch[gi + 1]; c++) {
+      const uint8_t* cp = codes + ((long)s * g.nch + c) * 256;
+      const int8_t* xc = a.xq.data() + (long)c * g.CK;
+      for (int t = 0; t < 4; t++)
+        for (int n = 0; n < 16; n++)
+          for (int f = 0; f < g.F; f++)
+            for (int b = 0; b < 4; b++)
+              acc[t * 16 + n] += ((cp[t * 64 + n * 4 + b] >> (g.sb * f)) & mask) * (int32_t)xc[4 * f + b];
+    }
+    const long base = ((long)s * g.G + gi) * 64;
+    for (int n = 0; n < 64; n++) {
+      const int32_t d = acc[n] - (int32_t)zeros[base + n] * a.xsum[gi];
+      out[n] += (q8_scale(scales, half, base + n) * a.dx[gi]) * (float)d;
+    }
+  }
+  for (int n = 0; n < 64; n++) y[(long)s * 64 + n] = out[n];
+}
+
+#if defined(__AVX512BW__)
+template <int SB, bool VNNI>
+inline __m512i q8_dot(__m512i acc, __m512i codes, __m512i x) {
+#if defined(__AVX512VNNI__)
+  if (VNNI) return _mm512_dpbusd_epi32(acc, codes, x);
+#endif
+  // codes < 16 (SB <= 4): the pairwise 16-bit sums cannot saturate (2 * 15 * 127)
+  const __m512i p = _mm512_maddubs_epi16(codes, x);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+
+template <int SB, bool VNNI>
+void q8_tile_avx512(const Q8Geo& g, const uint8_t* codes, const void* scales, int half,
+                    const uint8_t* zeros, const Q8Act& a, float* y, int s) {
+  constexpr int F = 8 / SB;
+  constexpr int CK = 4 * F;
+  const __m512i mask = _mm512_set1_epi8((char)((1 << SB) - 1));
+  __m512 out[4];
+  for (int t = 0; t < 4; t++) out[t] = _mm512_setzero_ps();
+  const uint8_t* cp = codes + (long)s * g.nch * 256;
+  for (int gi = 0; gi < g.G; gi++) {
+    __m512i acc[4];
+    for (int t = 0; t < 4; t++) acc[t] = _mm512_setzero_si512();
+    const int c1 = a.gch[gi + 1];
+    for (int c = a.gch[gi]; c < c1; c++) {
+      const uint8_t* p = cp + (long)c * 256;
+      const int8_t* xc = a.xq.data() + (long)c * CK;
+      __m512i v[4];
+      for (int t = 0; t < 4; t++) v[t] = _mm512_loadu_si512((const void*)(p + t * 64));
+#pragma GCC unroll 4
+      for (int f = 0; f < F; f++) {
+        int32_t xw;
+        std::memcpy(&xw, xc + 4 * f, 4);
+        const __m512i xb = _mm512_set1_epi32(xw);
+        for (int t = 0; t < 4; t++) {
+          __m512i field;
+          if (SB == 8) field = v[t];
+          else if (f == 0) field = _mm512_and_si512(v[t], mask);
+          else field = _mm512_and_si512(_mm512_srli_epi16(v[t], SB * f), mask);
+          acc[t] = q8_dot<SB, VNNI>(acc[t], field, xb);
+        }
+      }
+    }
+    const long base = ((long)s * g.G + gi) * 64;
+    const __m512i xs = _mm512_set1_epi32(a.xsum[gi]);
+    const __m512 dx = _mm512_set1_ps(a.dx[gi]);
+    for (int t = 0; t < 4; t++) {
+      const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zeros + base + 16 * t)));
+      const __m512i d = _mm512_sub_epi32(acc[t], _mm512_mullo_epi32(z, xs));
+      const __m512 sc = half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)scales + base + 16 * t)))
+                             : _mm512_loadu_ps((const float*)scales + base + 16 * t);
+      out[t] = _mm512_fmadd_ps(_mm512_mul_ps(sc, dx), _mm512_cvtepi32_ps(d), out[t]);
+    }
+  }
+  for (int t = 0; t < 4; t++) _mm512_storeu_ps(y + (long)s * 64 + 16 * t, out[t]);
+}
+#endif
+
+#if defined(__AVX2__)
+// AVX2: a 64-byte tile is two 256-bit halves (8 outputs each); codes < 16 only (see q8_dot).
+template <int SB>
+void q8_tile_avx2(const Q8Geo& g, const uint8_t* codes, const void* scales, int half,
+                  const uint8_t* zeros, const Q8Act& a, float* y, int s) {
+  constexpr int F = 8 / SB;
+  constexpr int CK = 4 * F;
+  const __m256i mask = _mm256_set1_epi8((char)((1 << SB) - 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 out[8];
+  for (int t = 0; t < 8; t++) out[t] = _mm256_setzero_ps();
+  const uint8_t* cp = codes + (long)s * g.nch * 256;
+  for (int gi = 0; gi < g.G; gi++) {
+    __m256i acc[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_si256();
+    for (int c = a.gch[gi]; c < a.gch[gi + 1]; c++) {
+      const uint8_t* p = cp + (long)c * 256;
+      const int8_t* xc = a.xq.data() + (long)c * CK;
+      for (int f = 0; f < F; f++) {
+        int32_t xw;
+        std::memcpy(&xw, xc + 4 * f, 4);
+        const __m256i xb = _mm256_set1_epi32(xw);
+        for (int t = 0; t < 8; t++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(p + t * 32));
+          const __m256i field = f == 0 ? _mm256_and_si256(v, mask)
+                                       : _mm256_and_si256(_mm256_srli_epi16(v, SB * f), mask);
+          acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(field, xb), ones));
+        }
+      }
+    }
+    const long base = ((long)s * g.G + gi) * 64;
+    const __m256i xs = _mm256_set1_epi32(a.xsum[gi]);
+    const __m256 dx = _mm256_set1_ps(a.dx[gi]);
+    for (int t = 0; t < 8; t++) {
+      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zeros + base + 8 * t)));
+      const __m256i d = _mm256_sub_epi32(acc[t], _mm256_mullo_epi32(z, xs));
+      __m256 sc;
+      if (half) sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)scales + base + 8 * t)));
+      else sc = _mm256_loadu_ps((const float*)scales + base + 8 * t);
+      out[t] = _mm256_fmadd_ps(_mm256_mul_ps(sc, dx), _mm256_cvtepi32_ps(d), out[t]);
+    }
+  }
+  for (int t = 0; t < 8; t++) _mm256_storeu_ps(y + (long)s * 64 + 8 * t, out[t]);
+}
+#endif
+
+typedef void (*Q8Tile)(const Q8Geo&, const uint8_t*, const void*, int, const uint8_t*, const Q8Act&,
+                       float*, int);
+
+// The best tile function for this storage width that the build targets (impl 0), or the portable
+// loop (impl 1); ``name`` says which.
+Q8Tile q8_pick(int sb, int impl, const char** name) {
+  if (impl == 0) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    *name = "avx512-vnni";
+    if (sb == 2) return q8_tile_avx512<2, true>;
+    if (sb == 4) return q8_tile_avx512<4, true>;
+    return q8_tile_avx512<8, true>;
+#elif defined(__AVX512BW__)
+    *name = "avx512bw";
+    if (sb == 2) return q8_tile_avx512<2, false>;
+    if (sb == 4) return q8_tile_avx512<4, false>;
+#elif defined(__AVX2__)
+    *name = "avx2";
+    if (sb == 2) return q8_tile_avx2<2>;
+    if (sb == 4) return q8_tile_avx2<4>;
+#endif
+  }
+  *name = "portable";
+  return q8_tile_portable;
+}
+
+thread_local Q8Act q8_act;
+
+}  // namespace
+
+extern "C" {
+
+// Which inner loop eqat_q8_gemv runs for storage bits ``sb`` (0: the best the build targets,
+// 1: portable): 0 portable, 1 avx2, 2 avx512bw, 3 avx512-vnni.
+int eqat_q8_impl(int sb, int impl) {
+  const char* name = "";
+  q8_pick(sb, impl, &name);
+  if (!std::strcmp(name, "avx2")) return 1;
+  if (!std::strcmp(name, "avx512bw")) return 2;
+  if (!std::strcmp(name, "avx512-vnni")) return 3;
+  return 0;
+}
+
+// y [NP] fp32 (only the first N outputs mean anything) for one row x [K] fp32, on the layout
+// above. impl: 0 the best the build has, 1 the portable loop (tests).
+int eqat_q8_gemv(const uint8_t* codes, const void* scales, int scales_half, const uint8_t* zeros,
+                 int K, int group, int NP, int sb, const float* x, float* y, int nthreads, int impl) {
+  if (K < 1 || NP < 64 || NP % 64) return 1;
+  if (!(sb == 2 || sb == 4 || sb == 8)) return 2;
+  Q8Geo g;
+  g.K = K;
+  g.group = (group <= 0 || group > K) ? K : group;
+  g.G = (K + g.group - 1) / g.group;
+  g.NP = NP; g.sb = sb; g.F = 8 / sb; g.CK = 4 * g.F;
+  long kp = 0;
+  for (int gi = 0; gi < g.G; gi++) {
+    const int lo = gi * g.group, hi = lo + g.group < K ? lo + g.group : K;
+    kp += (hi - lo + 15) / 16 * 16;
+  }
+  g.nch = (int)(kp / g.CK);
+  Q8Act& a = q8_act;
+  q8_quantize(g, x, a);
+  const char* name = "";
+  const Q8Tile tile = q8_pick(sb, impl, &name);
+  const int NS = NP / 64;
+  if (nthreads < 1) nthreads = 1;
+  const int per = nthreads > 1 ? (NS + 4 * nthreads - 1) / (4 * nthreads) : NS;
+  const int chunks = (NS + per - 1) / per;
+  pool().run(chunks, nthreads, [&](int c) {
+    const int s1 = (c + 1) * per < NS ? (c + 1) * per : NS;
+    for (int s = c * per; s < s1; s++) tile(g, codes, scales, scales_half, zeros, a, y, s);
   });
   return 0;
 }

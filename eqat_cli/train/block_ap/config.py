@@ -12,7 +12,7 @@ from eqat_cli.train.runs import NonFiniteLossError  # noqa: F401 (re-exported)
 
 LOSSES = ("mse", "token-rel")
 INITS = ("minmax", "gptq")
-PARAMS = ("free", "round")
+PARAMS = ("free", "round", "auto")
 OPTIMIZERS = ("adamw", "sign")
 SCHEDULES = ("cosine", "linear")
 BESTS = ("last", "val", "train")
@@ -26,9 +26,13 @@ class BlockAPConfig:
 
     * ``param``: ``free`` trains the weights, step sizes and zero points (the paper);
       ``round`` keeps the starting weights and learns a rounding offset per weight and two
-      clipping factors per group (:class:`~eqat_cli.quant.rounding.RoundQuantLinear`).
-    * ``optimizer``: ``adamw`` (the paper) or ``sign`` (signed gradient descent: every step moves
-      each parameter by exactly the learning rate, the natural unit for offsets and factors).
+      clipping factors per group (:class:`~eqat_cli.quant.rounding.RoundQuantLinear`);
+      ``auto`` (the default recipe) picks one by the steps per block (:func:`auto_param`).
+      :meth:`resolve` makes it concrete; the run key and the checkpoint record the choice.
+    * ``optimizer`` / ``schedule``: ``adamw`` + ``cosine`` (the paper) or ``sign`` (signed gradient
+      descent: every step moves each parameter by exactly the learning rate, the natural unit for
+      offsets and factors) + ``linear``; ``None`` follows the parametrisation (``sign``/``linear``
+      for ``round``, ``adamw``/``cosine`` for ``free``).
     * ``epochs`` / ``steps``: ``steps`` optimizer steps per block, or (``steps=0``) ``epochs`` passes
       over the windows. ``epochs=None`` (the default recipe) follows the calibration budget:
       ``AUTO_EPOCHS`` passes, but at least ``MIN_STEPS`` steps (4 epochs of 64 windows at batch 8,
@@ -53,9 +57,9 @@ class BlockAPConfig:
     bits: int = 2
     group_size: int = 64
     recipe: str = "default"
-    param: str = "round"
-    optimizer: str = "sign"
-    schedule: str = "linear"
+    param: str = "auto"  # resolve(): round below AUTO_FREE_MIN_STEPS steps per block, else free
+    optimizer: str | None = None  # None: follows param
+    schedule: str | None = None  # None: follows param
     epochs: int | None = None  # None: AUTO_EPOCHS, at least MIN_STEPS steps (see total_steps)
     steps: int = 0
     batch_size: int = 8
@@ -75,6 +79,7 @@ class BlockAPConfig:
     channel_scale: bool | None = None  # None: on at CHANNEL_SCALE_MAX_BITS bits and below
     precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
     avg_bits: float | None = None  # mixed precision: a width per layer, mean code width <= this (train/block_ap/mixed.py)
+    param_auto: bool = False  # set by resolve(): param was "auto" and the steps per block chose it
 
     def __post_init__(self) -> None:
         QuantScheme(self.bits, self.group_size)  # one line on unsupported bits or a bad group size
@@ -82,6 +87,8 @@ class BlockAPConfig:
                               ("schedule", SCHEDULES), ("best", BESTS), ("recipe", RECIPES),
                              ("precision", PRECISIONS)):
             value = getattr(self, name)
+            if value is None and name in ("optimizer", "schedule"):
+                continue
             if value not in allowed:
                 raise BadInputError(f"unknown Block-AP {name} {value!r}; choose one of {', '.join(allowed)}")
         if not 0 < self.gptq_damp < 1:
@@ -112,6 +119,16 @@ class BlockAPConfig:
         if recipe not in RECIPES:
             raise BadInputError(f"unknown Block-AP recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         return cls.paper(**overrides) if recipe == "paper" else cls(**overrides)
+
+    def resolve(self, n_windows: int) -> "BlockAPConfig":
+        """This recipe made concrete for ``n_windows`` training windows: ``param="auto"`` becomes
+        the parametrisation :func:`auto_param` picks for the steps per block, and an unset
+        optimizer/schedule the one that goes with it. A concrete config resolves to itself."""
+        param = auto_param(self.total_steps(n_windows)) if self.param == "auto" else self.param
+        return dataclasses.replace(
+            self, param=param, param_auto=self.param_auto or self.param == "auto",
+            optimizer=self.optimizer or ("sign" if param == "round" else "adamw"),
+            schedule=self.schedule or ("linear" if param == "round" else "cosine"))
 
     @property
     def scheme(self) -> QuantScheme:
@@ -151,6 +168,8 @@ class BlockAPConfig:
             return self.weight_lr
         if self.param == "free":
             return 2e-5 if self.bits == 2 else 1e-5
+        if self.param == "auto":
+            return None
         return None if not total_steps else 1.0 / total_steps
 
     def resolved_quant_lr(self, total_steps: int | None = None) -> float | None:
@@ -159,9 +178,20 @@ class BlockAPConfig:
             return self.quant_lr
         if self.param == "free":
             return 1e-4
+        if self.param == "auto":
+            return None
         return None if not total_steps else 1.0 / total_steps
 
+    def describe_param(self) -> str:
+        """``round``/``free``, and why when ``auto`` chose it (for run summaries)."""
+        if not self.param_auto:
+            return self.param
+        return f"{self.param} (auto: {'>=' if self.param == 'free' else '<'} {AUTO_FREE_MIN_STEPS} steps per block)"
+
     def describe_lr(self) -> str:
+        if self.param == "auto":
+            return "by the parametrisation the steps per block choose"
+
         def fmt(v):
             return "1/steps" if v is None else f"{v:g}"
         return f"{fmt(self.resolved_quant_lr())} ({'s, z' if self.param == 'free' else 'clipping'}) / " \
@@ -179,6 +209,22 @@ class BlockAPConfig:
 # never fewer than 32 optimizer steps per block (what 64 windows at batch 8 give in 4 epochs).
 AUTO_EPOCHS = 2
 MIN_STEPS = 32
+# param="auto": learned rounding (round) below this many optimizer steps per block, the paper's
+# free weights from it on. On single SmolLM2 blocks, scored on held-out windows, round beat free
+# and the round-then-free hybrid at every budget measured, 32 and 128 steps of batch 2
+# (bench/crossover_probe.py, bench/results/s14/crossover.json; README "Which recipe at which
+# budget"); larger budgets did not fit this session's CPU. 1024 steps of the default batch 8 are
+# the paper's budget in windows seen (4096 steps of batch 2, where its free weights give
+# Llama-2-7B w2g64 6.86), so a run at the paper's calibration size trains the paper's way; the
+# crossover between 128 and that budget is not located yet.
+AUTO_FREE_MIN_STEPS = 1024
+
+
+def auto_param(total_steps: int) -> str:
+    """The parametrisation ``param="auto"`` trains with for ``total_steps`` steps per block."""
+    return "free" if total_steps >= AUTO_FREE_MIN_STEPS else "round"
+
+
 # Channel scaling's default: on at this many bits and below. On SmolLM2 (C4 hold-out, default
 # recipe, 64 x 256 windows) it took w2g64 from 138.6 to 116.8 and left w4g64 within run-to-run
 # noise (37.44 without; 37.13 and 37.52 with) for ~25 % more Block-AP time (docs/RESULTS.md).
@@ -193,4 +239,6 @@ PAPER = dict(recipe="paper", param="free", optimizer="adamw", schedule="cosine",
 def legacy_defaults() -> dict:
     """Values of options missing from a run key written by an older eqat: every option added
     since was added with the paper's behaviour as its default."""
-    return BlockAPConfig.paper().to_json()
+    d = BlockAPConfig.paper().to_json()
+    d.pop("param_auto")  # how param was chosen is recorded, but not part of a run key
+    return d

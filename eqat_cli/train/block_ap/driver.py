@@ -23,9 +23,19 @@ import torch
 from torch import nn
 
 from eqat_cli.errors import BadInputError
-from eqat_cli.memory import peak_rss_bytes, release_memory
-from eqat_cli.quantize import pack_block
+from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.formats.native import (
+    NativeWriter, build_skeleton, config_dict_for_save, install_packed_layers, packed_state_dict, shard_name,
+    write_shard,
+)
 from eqat_cli.formats.shards import ShardReader
+from eqat_cli.fsutil import replace_dir
+from eqat_cli.memory import peak_rss_bytes, release_memory
+from eqat_cli.model_files import load_config
+from eqat_cli.quantize import pack_block
+from eqat_cli.readers import load_safetensors
+from eqat_cli.registry import get_registry
+from eqat_cli.scheme import QuantScheme
 from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, forward_all, load_into
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start, scale_block_pairs
@@ -57,18 +67,15 @@ class BlockAPResult:
     seconds: float = 0.0
     resumed_from: int = 0
     peak_rss_mb: float = 0.0
+    config: BlockAPConfig | None = None  # the recipe as it ran (param="auto" resolved)
 
 
 def _block_file(i: int, n: int) -> str:
-    from eqat_cli.formats.native import shard_name
-
     return shard_name(i, n + 1)
 
 
 def _save_block(block: nn.Module, prefix: str, path: Path) -> None:
     """A finished block's shard, in the native layout, written atomically (resume relies on it)."""
-    from eqat_cli.formats.native import packed_state_dict, write_shard
-
     write_shard(path, {prefix + k: v for k, v in packed_state_dict(block).items()})
 
 
@@ -83,9 +90,6 @@ def _round_like_saved(block: nn.Module) -> None:
 
 def _packed_block_from_file(block: nn.Module, prefix: str, path: Path, dtype) -> nn.Module:
     """Rebuild a finished block (packed layers + fp params) from its saved shard."""
-    from eqat_cli.formats.native import install_packed_layers
-    from eqat_cli.readers import load_safetensors
-
     sd = {k[len(prefix):]: v for k, v in load_safetensors(path, "finished block file").items()}
     install_packed_layers(block, sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
@@ -114,6 +118,7 @@ def run_block_ap(
     output = Path(output)
     with run_lock(output, progress=progress):
         _check_inputs(cfg, calib_val, output, overwrite)
+        cfg = cfg.resolve(calib_train.shape[0])  # param="auto" -> round/free by the steps per block
         t0 = time.time()
         src = _open_source(model_path, cfg, device)
         work = _resume_or_start(work_dir_for(output), _run_key(cfg, model_path, calib_train, calib_val), resume)
@@ -123,7 +128,7 @@ def run_block_ap(
         _write_checkpoint(src, work, tokenizer, extra_meta)
         _move_into_place(work, acts, output)
     return BlockAPResult(output, work.state["blocks"], time.time() - t0, work.resumed_from,
-                         round(peak_rss_bytes() / 2**20, 1))
+                         round(peak_rss_bytes() / 2**20, 1), cfg)
 
 
 # ---------------------------------------------------------------------- the steps
@@ -169,10 +174,6 @@ class _Source:
 
 def _open_source(model_path: Path, cfg: BlockAPConfig, device: torch.device) -> _Source:
     """Read the config (refusing a quantized model), find the architecture, build the skeleton."""
-    from eqat_cli.formats.native import build_skeleton
-    from eqat_cli.model_files import load_config
-    from eqat_cli.registry import get_registry
-
     config = load_config(model_path)
     if getattr(config, "quantization_config", None) is not None:
         raise BadInputError(f"{model_path} is already quantized; Block-AP needs a full-precision model")
@@ -183,7 +184,8 @@ def _open_source(model_path: Path, cfg: BlockAPConfig, device: torch.device) -> 
 
 def _run_key(cfg: BlockAPConfig, model_path: Path, calib_train: torch.Tensor, calib_val: torch.Tensor) -> dict:
     """What a work directory must match to be resumed: the recipe, the model and the windows."""
-    return {"config": cfg.to_json(), "model": str(model_path), "calib_shape": list(calib_train.shape),
+    config = {k: v for k, v in cfg.to_json().items() if k != "param_auto"}  # how it was chosen: same run
+    return {"config": config, "model": str(model_path), "calib_shape": list(calib_train.shape),
             "calib_sum": int(calib_train.sum()), "val_shape": list(calib_val.shape)}
 
 
@@ -327,10 +329,10 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     schemes = block_schemes(src.schemes, prefix)
     if schemes:  # mixed precision: scale pairs searched at their consumers' narrowest width
         pair_bits = min((schemes[c].bits for _, cons in arch.scale_pairs for c in cons), default=cfg.bits)
-        do_scale = cfg.channel_scale_at(pair_bits)
+        pair_scheme, do_scale = QuantScheme(pair_bits, cfg.group_size), cfg.channel_scale_at(pair_bits)
     else:
-        pair_bits, do_scale = cfg.bits, cfg.resolved_channel_scale
-    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, pair_bits, cfg.group_size) \
+        pair_scheme, do_scale = cfg.scheme, cfg.resolved_channel_scale
+    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, pair_scheme) \
         if do_scale else []
     quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device, schemes)
     block.to(device)
@@ -362,10 +364,6 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
     """Beside the block files, through the native writer: everything outside the decoder blocks,
     the shard index, config (with the ``eqat`` section), tokenizer, generation config and the
     per-block summary."""
-    from eqat_cli.formats.meta import CheckpointMeta
-    from eqat_cli.formats.native import NativeWriter, config_dict_for_save
-    from eqat_cli.scheme import QuantScheme
-
     arch, cfg, n_layers, model_path = src.arch, src.cfg, src.n_layers, src.path
     writer = NativeWriter(work.path)
     for i in range(n_layers):
@@ -373,7 +371,7 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
     # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
     writer.add(_block_file(n_layers, n_layers), src.reader.read("", torch.float16, exclude=arch.layers_path + "."))
     meta = CheckpointMeta(
-        scheme=None if src.schemes else QuantScheme(cfg.bits, cfg.group_size), modules=src.schemes,
+        scheme=None if src.schemes else cfg.scheme, modules=src.schemes,
         architecture=arch.name,
         method="block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"),
         block_ap=cfg.to_json(), source_model=str(model_path),
@@ -385,8 +383,6 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
 def _move_into_place(work: _WorkDir, acts: _Activations, output: Path) -> None:
     """Drop the resume state and offloaded activations; the work directory becomes the output
     (an existing output, with --overwrite, is replaced as ``fsutil`` replaces directories)."""
-    from eqat_cli.fsutil import replace_dir
-
     work.state_path.unlink()
     if acts.disk is not None:
         shutil.rmtree(acts.disk, ignore_errors=True)

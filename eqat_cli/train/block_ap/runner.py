@@ -13,9 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from eqat_cli.device import pick_device
+from eqat_cli.errors import BadInputError
+from eqat_cli.fsutil import check_output, output_lock
+from eqat_cli.model_files import check_full_precision_model
+from eqat_cli.models import preflight_model
 from eqat_cli.progress import Progress, no_progress
 from eqat_cli.train.block_ap.config import BlockAPConfig
-from eqat_cli.train.block_ap.driver import BlockAPResult
+from eqat_cli.train.block_ap.driver import BlockAPResult, run_block_ap
+from eqat_cli.train.calib import calibration_for
 
 
 def block_ap_from_spec(
@@ -45,14 +51,6 @@ def block_ap_from_spec(
     (``{"dataset", "done"}``, only with ``dataset``) and ``prepared`` (``{"device", "train",
     "val", "steps"}``: window shapes and steps per block); then the driver's own events.
     """
-    from eqat_cli.device import pick_device
-    from eqat_cli.errors import BadInputError
-    from eqat_cli.fsutil import check_output, output_lock
-    from eqat_cli.model_files import check_full_precision_model
-    from eqat_cli.models import preflight_model
-    from eqat_cli.train.block_ap.driver import run_block_ap
-    from eqat_cli.train.calib import calibration_for
-
     if (calib is None) == (dataset is None):
         raise BadInputError("give exactly one of --calib FILE or --dataset NAME")
     check_output(output, overwrite)
@@ -69,7 +67,7 @@ def block_ap_from_spec(
         check_full_precision_model(path)
         dev = pick_device(device)
         progress("prepared", {"device": str(dev), "train": tuple(c.train.shape), "val": tuple(c.val.shape),
-                              "steps": cfg.total_steps(c.train.shape[0])})
+                              "steps": cfg.total_steps(c.train.shape[0]), "config": cfg.resolve(c.train.shape[0])})
         return run_block_ap(
             path, tok, c.train, c.val, cfg, output, dev,
             extra_meta={"calibration": c.meta, "source_model": model},

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import torch
 
+from eqat_cli.quant.gptq import HessianAccumulator, gptq_quantize_with_residue
+from eqat_cli.quant.linear import set_submodule
+from eqat_cli.quant.primitives import dequantize_codes
+from eqat_cli.quant.rounding import RoundQuantLinear
+from eqat_cli.quant.scaling import InputStats, apply_scales, search_scales
 from eqat_cli.quantize import fake_quantize_block
+from eqat_cli.scheme import QuantScheme
 from eqat_cli.train.block_ap.blockio import block_kwargs_cached
 from eqat_cli.train.block_ap.config import BlockAPConfig
 
 def collect_hessians(block, model, arch, inputs: torch.Tensor, batch: int, device, dtype) -> dict:
     """Input Hessians of every quantizable linear of ``block`` over ``inputs`` (one pass, no grad)."""
-    from eqat_cli.quant.gptq import HessianAccumulator
-
     acc, hooks = {}, []
     grams: dict = {}  # per batch: q/k/v (and gate/up) see the same input tensor; multiply once
 
@@ -49,12 +53,10 @@ SCALE_SEARCH_TOKENS = 2048
 SCALE_STATS_TOKENS = 4096
 
 
-def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, device, bits: int, group: int) -> list[dict]:
+def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, device, scheme: QuantScheme) -> list[dict]:
     """Fold AWQ-searched per-channel scales into each of the architecture's scale pairs of
     ``block`` (still full precision), from the consumers' inputs over ``inputs`` (the inputs the
     block will train on). The block's function is unchanged. Returns one record per pair."""
-    from eqat_cli.quant.scaling import InputStats, apply_scales, search_scales
-
     if not arch.scale_pairs:
         return []
     # Consumers of one pair read the same tensor: one hook on the first is enough.
@@ -77,47 +79,42 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
         lins = [block.get_submodule(c) for c in consumers]
         st = stats[consumers[0]]
         weight = torch.cat([lin.weight.detach() for lin in lins])  # consumers side by side: one search
-        scales, choice = search_scales(weight, st.sample().to(weight.device), st.mean_abs, bits, group)
+        scales, choice = search_scales(weight, st.sample().to(weight.device), st.mean_abs, scheme)
         apply_scales(block.get_submodule(producer), lins, scales, arch.norm_gain_offset)
         out.append({"pair": f"{producer}->{'+'.join(consumers)}", "alpha": choice.alpha, "error": choice.error,
                     "error_unscaled": choice.error_unscaled})
     return out
 
 
-def gptq_init_block(quantized: dict, hessians: dict, bits: int | None, group: int | None, damp: float) -> None:
+def gptq_init_block(quantized: dict, hessians: dict, scheme: QuantScheme | None, damp: float) -> None:
     """Set each :class:`QuantLinear` to its GPTQ solution: GPTQ's step sizes and zero points, and
     weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell
     where GPTQ rounded it (see :func:`gptq_quantize_with_residue`). Block-AP then trains all three
     from this point instead of from min-max."""
-    from eqat_cli.quant.gptq import gptq_quantize_with_residue
-    from eqat_cli.quant.primitives import dequantize_codes
-
     with torch.no_grad():
         for name, q in quantized.items():
-            b, g = q.bits if bits is None else bits, q.group_size if group is None else group
-            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], b, g, damp)
-            w = dequantize_codes(codes.float() + frac, scale, zero, g)
+            sch = q.scheme if scheme is None else scheme  # None: each layer's own scheme (mixed precision)
+            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], sch, damp)
+            w = dequantize_codes(codes.float() + frac, scale, zero, sch.group_size)
             q.weight.copy_(w.to(device=q.weight.device, dtype=q.weight.dtype))
             q.quantizer.scale.copy_(scale.to(q.quantizer.scale.device))
             q.quantizer.zero.copy_(zero.to(q.quantizer.zero.device))
 
 
 def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device,
-                         schemes: dict | None = None) -> dict:
+                         schemes: dict[str, QuantScheme] | None = None) -> dict:
     """Turn ``block`` into its fake-quantized starting point: min-max, or GPTQ with the Hessians of
     ``inputs`` (the inputs the block will train on). Returns the fake-quant modules by name:
     :class:`QuantLinear` (``param="free"``) or :class:`RoundQuantLinear` (``param="round"``), both
     at exactly that starting point. ``schemes`` (mixed precision): a ``QuantScheme`` per linear name
-    of the block, instead of the config's bits and group."""
-    from eqat_cli.quant.linear import set_submodule
-    from eqat_cli.quant.rounding import RoundQuantLinear
-
+    of the block, instead of the config's scheme."""
+    cfg = cfg.resolve(len(inputs))
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
-    quantized = fake_quantize_block(block, arch, cfg.bits, cfg.group_size, schemes)
+    quantized = fake_quantize_block(block, arch, cfg.scheme, schemes)
     if hessians is not None:
-        gptq_init_block(quantized, hessians, None, None, cfg.gptq_damp)  # each layer's own bits and group
+        gptq_init_block(quantized, hessians, None, cfg.gptq_damp)  # each layer's own scheme
     if cfg.param == "round":
         quantized = {name: RoundQuantLinear.from_quant_linear(q) for name, q in quantized.items()}
         for name, q in quantized.items():

@@ -10,8 +10,10 @@ from torch import nn
 
 from eqat_cli.errors import BadInputError
 from eqat_cli.progress import Progress
-from eqat_cli.train.block_ap.blockio import block_kwargs_cached, block_loss, eval_block_loss
+from eqat_cli.quant.rounding import RoundQuantLinear
 from eqat_cli.train import schedule
+from eqat_cli.train.amp import Amp
+from eqat_cli.train.block_ap.blockio import block_kwargs_cached, block_loss, eval_block_loss
 from eqat_cli.train.block_ap.config import BlockAPConfig
 from eqat_cli.train.runs import NonFiniteLossError
 
@@ -44,8 +46,6 @@ def param_groups(block: nn.Module, cfg: BlockAPConfig, total: int) -> tuple[list
     after each step. ``free``: weights (and norms, biases) at the weight lr, step sizes and zero
     points at the quant lr. ``round``: offsets at the weight lr, clipping factors at the quant lr;
     everything else stays as it is."""
-    from eqat_cli.quant.rounding import RoundQuantLinear
-
     for p in block.parameters():
         p.requires_grad_(False)
     if cfg.param == "round":
@@ -91,6 +91,7 @@ def train_block(
     ``start_val``: the block's validation loss before training, if the caller has measured it
     (``best="val"`` needs it; otherwise it is measured here)."""
     n = len(q_in)
+    cfg = cfg.resolve(n)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.total_steps(n)
     groups, projected = param_groups(block, cfg, total)
@@ -107,7 +108,6 @@ def train_block(
         best_state = snapshot(block, trainable)
     opt = make_optimizer(groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
-    from eqat_cli.train.amp import Amp
 
     amp = Amp.for_device(device, precision=cfg.precision)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + index)

@@ -35,7 +35,8 @@ class E2EConfig:
             raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def resolved_lr(self, bits: int | QuantScheme) -> float:
-        """The peak learning rate: ``lr``, or the paper's for the model's bits."""
+        """The peak learning rate: ``lr``, or the paper's for the model's bits (the widest bit
+        width of a model whose layers mix schemes, so a bit width rather than one scheme)."""
         bits = bits.bits if isinstance(bits, QuantScheme) else check_bits(bits)
         if self.lr is not None:
             return self.lr

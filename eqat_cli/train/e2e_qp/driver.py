@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 from eqat_cli.errors import BadInputError
+from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.formats.native import save_native
+from eqat_cli.fsutil import atomic_dir
 from eqat_cli.progress import Progress, no_progress
 from eqat_cli.quant.linear import PackedLinear
 from eqat_cli.train import schedule
@@ -313,10 +316,6 @@ def _optimizer_step(run: _Run, gb: torch.Tensor) -> tuple[float, float]:
 def _write_output(run: _Run, output: Path, tokenizer: Any, eqat_meta: "CheckpointMeta | dict") -> None:
     """Rank 0 writes the best step sizes to ``output`` and the last to ``output/last``, with the
     history; the work directory goes. Every process waits for it."""
-    from eqat_cli.formats.meta import CheckpointMeta
-    from eqat_cli.formats.native import save_native
-    from eqat_cli.fsutil import atomic_dir
-
     cfg, sched, st, model, layers = run.cfg, run.sched, run.state, run.model, run.layers
     model.eval()
     _disable_checkpointing(model)

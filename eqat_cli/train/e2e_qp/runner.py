@@ -13,18 +13,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from eqat_cli.errors import BadInputError
+from eqat_cli.formats.checkpoint import Checkpoint
+from eqat_cli.formats.meta import CheckpointMeta
+from eqat_cli.fsutil import check_output
+from eqat_cli.models import preflight_model, resolve
 from eqat_cli.progress import Progress, no_progress
-from eqat_cli.train.e2e_qp.config import E2EConfig
-from eqat_cli.train.e2e_qp.driver import E2EResult
+from eqat_cli.readers import read_jsonl
+from eqat_cli.train.e2e_qp.config import LOSSES, E2EConfig
+from eqat_cli.train.e2e_qp.dist import init_distributed, world
+from eqat_cli.train.e2e_qp.driver import E2EResult, run_e2e_qp
+from eqat_cli.train.runs import run_lock
+from eqat_cli.train.sft_data import training_examples
 
 DATA_FORMATS = ("pt", "instruct")
 
 
 def load_teacher(spec: str, student: Any, device: str):
     """The full-precision teacher for ``--loss kd``; refused unless it is FP with the student's vocabulary."""
-    from eqat_cli.errors import BadInputError
-    from eqat_cli.models import resolve
-
     t = resolve(spec, device=device)
     if t.format != "fp":
         raise BadInputError(f"--teacher {spec} is a {t.format} checkpoint; the teacher must be full precision")
@@ -61,12 +67,6 @@ def e2e_qp_from_spec(
     ``global_batch``, ``micro_batch`` and ``grad_accum``. Another process writing ``output`` is
     refused (:class:`~eqat_cli.errors.OutputBusyError`), or with ``wait`` waited for.
     """
-    from eqat_cli.errors import BadInputError
-    from eqat_cli.fsutil import check_output
-    from eqat_cli.train.e2e_qp.config import LOSSES
-    from eqat_cli.train.e2e_qp.dist import init_distributed, world
-    from eqat_cli.train.runs import run_lock
-
     if data_format not in DATA_FORMATS:
         raise BadInputError(f"--format must be pt or instruct, got {data_format!r}")
     if cfg.loss not in LOSSES:
@@ -84,15 +84,6 @@ def e2e_qp_from_spec(
 def _prepare_and_train(model, dataset, output, cfg, data_format, teacher, samples, seqlen, val_samples, device,
                        data_dir, progress, resume, overwrite, rank, ws, micro, accum) -> E2EResult:
     """Load the student (and teacher) and the examples, report ``prepared``, train."""
-    from eqat_cli.errors import BadInputError
-    from eqat_cli.formats.checkpoint import Checkpoint
-    from eqat_cli.formats.meta import CheckpointMeta
-    from eqat_cli.models import resolve
-    from eqat_cli.models import preflight_model
-    from eqat_cli.readers import read_jsonl
-    from eqat_cli.train.e2e_qp.driver import run_e2e_qp
-    from eqat_cli.train.sft_data import training_examples
-
     if preflight_model(model) is False:
         raise BadInputError(f"{model} is not quantized; run `eqat block-ap` first")
     if data_format == "instruct":  # every line readable before the model is loaded

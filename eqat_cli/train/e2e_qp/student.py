@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from eqat_cli.quant.linear import PackedLinear
+from eqat_cli.registry import get_registry
 
 
 def trainable_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
@@ -48,8 +49,6 @@ def training_kernel(layers: dict[str, PackedLinear], train_zeros: bool, device: 
     backend available on ``device`` (default: where the layers are) for their bit widths and
     group sizes whose kernel has a backward for the step sizes (and the zero points with
     ``train_zeros``). Raises :class:`~eqat_cli.errors.UnsupportedError` when none has."""
-    from eqat_cli.registry import get_registry
-
     if device is None:
         device = next(iter(layers.values())).qweight.device.type
     trains = ("scales", "zeros") if train_zeros else ("scales",)
