@@ -68,8 +68,10 @@ def main() -> None:
 
     # eqat first, interleaved; then llama.cpp on both files in one invocation
     prompt = prompt_of(args.prompt_tokens)
-    eqat_models = {"packed": str(native), "fp32": "smollm2", "packed-head8": str(native), "packed-hf": str(native)}
-    extra = {"packed-head8": ("--quantize-head", "8"), "packed-hf": ("--decoder", "hf")}
+    eqat_models = {"packed": str(native), "fp32": "smollm2", "packed-head8": str(native), "packed-hf": str(native),
+                   "packed-int8": str(native), "packed-int8-head8": str(native)}
+    extra = {"packed-head8": ("--quantize-head", "8"), "packed-hf": ("--decoder", "hf"),
+             "packed-int8": ("--decoder", "int8"), "packed-int8-head8": ("--decoder", "int8", "--quantize-head", "8")}
     runs: dict[str, list[dict]] = {k: [] for k in eqat_models}
     for r in range(args.eqat_repeats):
         for name, model in eqat_models.items():
@@ -108,12 +110,15 @@ def main() -> None:
         {**eqat_row("fp32"), "runtime": "eqat", "model": "SmolLM2 FP (shipped GGUF dequantized), fp32", "bits": 32},
         {**eqat_row("packed-head8"), "runtime": "eqat", "model": f"{w} RTN, packed, --quantize-head 8", "bits": args.bits},
         {**eqat_row("packed-hf"), "runtime": "eqat", "model": f"{w} RTN, packed, --decoder hf (before)", "bits": args.bits},
+        {**eqat_row("packed-int8"), "runtime": "eqat", "model": f"{w} RTN, packed, --decoder int8", "bits": args.bits},
+        {**eqat_row("packed-int8-head8"), "runtime": "eqat", "model": f"{w} RTN, packed, --decoder int8 --quantize-head 8",
+         "bits": args.bits},
     ]
+    rows[2]["ratio_vs"] = "llama.cpp on eqat's GGUF export (same model, same bits)"
     for r in rows[4:]:
         r["ratio_vs"] = rows[2]["ratio_vs"]
         r["decode_ratio_eqat_over_llamacpp"] = r["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
         r["prefill_ratio_eqat_over_llamacpp"] = r["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]
-    rows[2]["ratio_vs"] = "llama.cpp on eqat's GGUF export (same model, same bits)"
     rows[2]["decode_ratio_eqat_over_llamacpp"] = rows[2]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     rows[2]["prefill_ratio_eqat_over_llamacpp"] = rows[2]["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]
     rows[3]["ratio_vs"] = "llama.cpp on the shipped FP model file"

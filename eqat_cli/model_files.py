@@ -388,7 +388,7 @@ def check_model_dir(path: str | os.PathLike) -> dict:
 
 def quantized(cfg: dict, files: list[Path]) -> bool:
     return bool(cfg.get("quantization_config")) or any(
-        k.endswith(".qweight") for f in files for k in check_safetensors(f)
+        k.endswith((".qweight", ".kq_blocks")) for f in files for k in check_safetensors(f)
     )
 
 

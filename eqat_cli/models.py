@@ -301,7 +301,10 @@ def resolve(
 
             model, layers = load_packed_model(ckpt, torch_dtype)
             tok = load_tokenizer(path)
-            quant = summarize_layers(layers)
+            quant = summarize_layers(layers) if layers else {}
+            if getattr(model, "eqat_kquant", None):  # GGML-grid layers (--target gguf:...)
+                quant["gguf_types"] = sorted(set(model.eqat_kquant.values()))
+                quant["kquant_layers"] = len(model.eqat_kquant)
         else:  # full precision, or a quantization method transformers itself may load
             model, tok = load_fp(path, torch_dtype)
     registry = get_registry()
@@ -319,7 +322,7 @@ def resolve(
         quant["head"] = quantize_head(model, arch, head_scheme(head_bits))
     model.to(dev)
     model.eval()
-    if quant:
+    if quant and ("bits" in quant or head_bits is not None):
         layer_bits = quant.get("bits", head_bits)
         groups = quant.get("group_size")
         if head_bits is not None:  # the head's layers run on the same backend

@@ -74,7 +74,7 @@ def pack_model(spec: str, fmt: str, output: Path, overwrite: bool = False,
         "architecture": lm.arch.name,
     }
     if lm.quant:
-        source.update(bits=lm.quant["bits"], group_size=lm.quant["group_size"])
+        source.update({k: lm.quant[k] for k in ("bits", "group_size", "gguf_types") if k in lm.quant})
     source_meta = None
     if lm.path is not None and lm.format == "eqat":
         source_meta = Checkpoint.open(lm.path).meta

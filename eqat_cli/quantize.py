@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from eqat_cli.quant.linear import PackedEmbedding, PackedLinear, QuantLinear, replace_linears, set_submodule
+from eqat_cli.quant.kquant import KQuantLinear, kquant_block
 from eqat_cli.quant.rounding import RoundQuantLinear
 from eqat_cli.scheme import QuantScheme
 
@@ -24,7 +25,7 @@ def fake_quantize_block(block: nn.Module, arch, scheme: QuantScheme,
 
 def pack_block(block: nn.Module) -> dict[str, PackedLinear]:
     """Freeze every :class:`QuantLinear` / :class:`RoundQuantLinear` in ``block`` to a :class:`PackedLinear` (in place)."""
-    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, RoundQuantLinear))]
+    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, RoundQuantLinear, KQuantLinear))]
     out = {}
     for name in names:
         parent, _, attr = name.rpartition(".")
@@ -60,6 +61,16 @@ def _pack_rows_chunked(weight, scheme: QuantScheme, chunk: int = 4096) -> Packed
         packed.scales.data[:, r0:r1] = part.scales.data
         packed.qzeros[:, r0 // pf:r0 // pf + part.qzeros.shape[1]] = part.qzeros
     return packed
+
+
+def rtn_kquant_model(model: nn.Module, arch, target: str) -> nn.Module:
+    """Every decoder block's linears on ``target``'s GGML grid (``Q2_K``/``Q3_K``/``Q4_K``, or the
+    width's fallback), started by the search of :func:`eqat_cli.quant.kquant.init_params`, packed as
+    GGUF blocks (:class:`~eqat_cli.quant.kquant.KQuantPacked`), in place."""
+    for block in arch.layers(model):
+        kquant_block(block, target, list(arch.linear_names))
+        pack_block(block)
+    return model
 
 
 HEAD_GROUP = 64  # group size of a quantized embedding / lm_head (--quantize-head)

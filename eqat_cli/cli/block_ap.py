@@ -62,6 +62,7 @@ class _LiveProgress:
                 f"Block-AP {width} on {info['device']}: {info['train']} train / {info['val']} val "
                 f"windows, recipe {cfg.recipe}: {info['steps']} steps of {cfg.batch_size} per block, "
                 f"{cfg.describe_param()} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
+                + (f", target {cfg.target}" if cfg.target else "")
             )
             self.progress = progress_bars(eta=True, info=True)
             self.blocks = self.progress.add_task("blocks", total=None, info="")
@@ -120,6 +121,7 @@ def block_ap_cmd(
     gptq_damp: Annotated[float, typer.Option("--gptq-damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (with --init gptq)."), Range(gt=0, lt=1)] = 0.01,
     best: Annotated[Optional[str], typer.Option("--best", help="Which state a block ends with: val (best validation loss at an epoch end, its start included: never worse than RTN/GPTQ on validation; default), train (lowest training-batch loss at any step, as AutoRound) or last (paper).")] = None,
     keep_best: Annotated[bool, typer.Option("--keep-best", help="Same as --best val (the default recipe's choice).")] = False,
+    target: Annotated[Optional[str], typer.Option("--target", help="Train on a llama.cpp GGML grid and store its blocks, so `eqat pack --format gguf` is exact at that type's size: gguf:q2_k, gguf:q3_k or gguf:q4_k (rows not a multiple of 256 get llama-quantize's fallback, IQ4_NL or Q5_0). Needs --param round --init minmax.")] = None,
     channel_scale: Annotated[Optional[bool], typer.Option("--channel-scale/--no-channel-scale", help="Before each block starts, move AWQ-searched per-channel scales within the architecture's scale pairs (up_proj rows -> down_proj columns): the block computes the same function, and its grids protect channels with large activations. Default: on at 2 and 3 bits, off at 4 and more; paper: off.")] = None,
     precision: PrecisionOpt = "auto",
     offload_to_disk: Annotated[bool, typer.Option("--offload-to-disk", help="Keep block inputs/targets in memory-mapped files.")] = False,
@@ -152,7 +154,7 @@ def block_ap_cmd(
     QuantScheme(bits, group)  # bits first, before the recipe's options
     given = dict(epochs=epochs, steps=steps, batch_size=batch_size, param=param, optimizer=optimizer,
                  schedule=schedule, quant_lr=quant_lr, weight_lr=weight_lr, loss=loss, init=init, best=best,
-                 channel_scale=channel_scale)
+                 channel_scale=channel_scale, target=target)
     cfg = BlockAPConfig.from_recipe(  # validates every option before any data is loaded
         recipe, bits=bits, group_size=group, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,

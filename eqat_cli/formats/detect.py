@@ -162,7 +162,8 @@ def layout_of(cfg: dict, tensor_names: Iterable[str]) -> Layout:
     names = list(tensor_names)
     if isinstance(cfg.get("quantization"), dict) and any(n.endswith(".biases") for n in names):
         return Layout("other (mlx)")  # mlx-lm affine layout (eqat writes it, does not read it)
-    return Layout("eqat" if quantized_layer_names(names) else FULL_PRECISION)
+    kquant = any(n.endswith(".kq_blocks") for n in names)  # GGML-grid layers (eqat_cli/quant/kquant.py)
+    return Layout("eqat" if quantized_layer_names(names) or kquant else FULL_PRECISION)
 
 
 def _pf(bits: int) -> int:

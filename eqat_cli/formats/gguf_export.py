@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -43,6 +44,7 @@ from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.formats.checkpoint import GGUFFile
 from eqat_cli.formats.gptq import uniform_scheme
 from eqat_cli.model_files import hf_load
+from eqat_cli.quant.kquant import KQuantPacked
 from eqat_cli.quant.linear import PackedLinear
 
 QK = 32  # Q4_1 block length
@@ -185,6 +187,9 @@ def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
     config = model.config
     arch = _check_arch(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    kq = {n: m for n, m in model.named_modules() if isinstance(m, KQuantPacked)}
+    if kq:
+        return _check_kquant(arch, config, layers, kq, tokenizer)
     if not layers:
         raise BadInputError(
             "the model has no quantized (packed) layers; GGUF export maps quantized 2/3/4-bit layers "
@@ -248,6 +253,22 @@ def _q8_0_or_refuse(name: str, m: PackedLinear) -> str:
             hint="use --format eqat or gptq_v2 (both hold mixed widths exactly), or fp16",
         )
     return "Q8_0"
+
+
+def _check_kquant(arch: str, config: Any, layers: dict, kq: dict, tokenizer: Any) -> GGUFPlan:
+    """A model trained on a GGML grid (``--target gguf:q2_k`` ...): its layers hold the GGUF blocks
+    themselves, so the export is exact; the file type is the target's (the most common type)."""
+    if layers:
+        raise UnsupportedError(
+            f"GGUF export: this model mixes {len(kq)} GGML-grid layers with {len(layers)} uniform packed "
+            f"layers ({next(iter(layers))}); one file type per model",
+            hint="train every layer with the same --target",
+        )
+    types = Counter(m.type_name for m in kq.values())
+    main = next((t for t in ("Q2_K", "Q3_K", "Q4_K") if t in types), None) or types.most_common(1)[0][0]
+    if tokenizer is not None:
+        tokenizer_metadata(tokenizer, config.vocab_size)
+    return GGUFPlan(arch=arch, bits=0, group_size=None, qtype=main)
 
 
 def check_gguf_exportable(model: nn.Module) -> tuple[int, int | None]:
@@ -544,7 +565,10 @@ def save_gguf(
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == plan.arch)
     tmap = gguf.get_tensor_name_map(model_arch, n_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{plan.qtype}")
+    # k-quant files are labelled with the llama.cpp mix closest to "every linear at the type"
+    file_type = getattr(gguf.LlamaFileType, {"Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S"}.get(
+        plan.qtype, f"MOSTLY_{plan.qtype}"))
+    kmode = not plan.qtypes  # layers trained on a GGML grid (no per-tensor plan): blocks as they are
 
     writer = gguf.GGUFWriter(str(out_file), plan.arch)
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model")
@@ -556,7 +580,10 @@ def save_gguf(
     from eqat_cli import __version__
 
     writer.add_string("eqat.version", __version__)
-    writer.add_uint32("eqat.bits", int(plan.bits))
+    if kmode:
+        writer.add_string("eqat.target", plan.qtype)
+    else:
+        writer.add_uint32("eqat.bits", int(plan.bits))
     if plan.group_size is not None:
         writer.add_int32("eqat.group_size", int(plan.group_size))
     if provenance and provenance.get("source"):
@@ -583,9 +610,9 @@ def save_gguf(
             return t + 1.0
         return t
 
-    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, KQuantPacked))}
     prefixes = tuple(n + "." for n in packed)
-    counts = {**{t: 0 for t in sorted(set(plan.qtypes.values()))}, "F16": 0, "F32": 0}
+    counts = Counter({**{t: 0 for t in sorted(set((plan.qtypes or {}).values()))}, plan.qtype: 0, "F16": 0, "F32": 0})
     if plan.arch == "llama" and _rope(config)[0] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
         counts["F32"] += 1
@@ -603,10 +630,25 @@ def save_gguf(
         if arr.ndim == 1:
             writer.add_tensor(gguf_name(key), norm_shift(key, arr).numpy().astype(np.float32))
             counts["F32"] += 1
+        elif kmode and arr.shape[-1] % 32 == 0:
+            # llama-quantize's k-quant mixes give token_embd/output Q6_K, Q8_0 when rows are not a
+            # multiple of 256 (SmolLM2 576, Gemma-3 640); eqat writes Q8_0 (gguf-py's quantizer)
+            writer.add_tensor(gguf_name(key), gguf.quants.quantize(arr.numpy(), gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            counts["Q8_0"] += 1
         else:
             writer.add_tensor(gguf_name(key), arr.to(torch.float16).numpy())
             counts["F16"] += 1
     for name_, layer in packed.items():
+        if isinstance(layer, KQuantPacked):
+            blocks = qk_permute(name_, layer.kq_blocks.detach().cpu()).numpy()
+            writer.add_tensor(gguf_name(name_ + ".weight"), blocks,
+                              raw_dtype=getattr(gguf.GGMLQuantizationType, layer.type_name))
+            counts[layer.type_name] += 1
+            if layer.bias is not None:
+                writer.add_tensor(gguf_name(name_ + ".bias"), qk_permute(name_, layer.bias.detach().float()).numpy())
+                counts["F32"] += 1
+            continue
         codes = qk_permute(name_, layer.codes().t())  # [out, in]
         scale = qk_permute(name_, layer.scales.detach().t().to(torch.float16))
         zero = qk_permute(name_, layer.zero_points().t())
@@ -629,8 +671,8 @@ def save_gguf(
             "(transformers is unaffected; llama.cpp may split text differently)"
         )
     return {"bits": plan.bits, "group_size": plan.group_size, "gguf_arch": plan.arch,
-            "quant_type": plan.qtype, "exact": "Q4_1" not in plan.qtypes.values(),
-            "tensor_types": counts, "tokenizer": tok_meta["model"],
+            "quant_type": plan.qtype, "exact": "Q4_1" not in (plan.qtypes.values() if plan.qtypes else (plan.qtype,)),
+            "tensor_types": dict(counts), "tokenizer": tok_meta["model"],
             "tokenizer_pre": tok_meta["pre"], "notes": notes}
 
 

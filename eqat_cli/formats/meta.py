@@ -25,7 +25,7 @@ SECTION = "eqat"  # the key of the section in config.json
 FORMAT_VERSION = 1
 
 # The fields with a home of their own; everything else is carried in ``extra``.
-_NAMED = ("architecture", "method", "source_model", "calibration", "block_ap", "e2e_qp", "e2e_selected")
+_NAMED = ("architecture", "method", "source_model", "calibration", "block_ap", "e2e_qp", "e2e_selected", "target")
 _SCHEME_KEYS = ("bits", "group_size")
 
 
@@ -47,6 +47,7 @@ class CheckpointMeta:
     block_ap: dict | None = None  # Block-AP's recipe (BlockAPConfig.to_json() without bits/group)
     e2e_qp: dict | None = None  # E2E-QP's recipe and run
     e2e_selected: str | None = None  # "best" or "last"
+    target: str | None = None  # "gguf:q2_k" ...: layers trained on that GGML grid, stored as its blocks
     # Mixed precision: the scheme of every packed layer by module path (then ``scheme`` is None and
     # the section's ``bits`` lists the widths used). Written as ``"modules": {path: "w3g64"}``.
     modules: dict[str, QuantScheme] | None = None

@@ -28,6 +28,7 @@ from eqat_cli.formats.shards import write_index
 from eqat_cli.fsutil import atomic_file
 from eqat_cli.model_files import hf_load
 from eqat_cli.quant import packing
+from eqat_cli.quant.kquant import install_kquant_layers
 from eqat_cli.quant.linear import PackedLinear, set_submodule
 from eqat_cli.readers import reading
 from eqat_cli.scheme import QuantScheme
@@ -321,7 +322,8 @@ def load_packed_model(
     sd = load_state(ckpt)
     layers = install_packed_layers(model, sd, zero_offset=zero_offset, gptq3=gptq3, declared=ckpt.declared_scheme,
                                    modules=ckpt.declared_modules, gptq_layout=layout.format in ("gptq", "gptq_v2"))
-    if not layers:
+    model.eqat_kquant = install_kquant_layers(model, sd)  # layers trained on a GGML grid (--target)
+    if not layers and not model.eqat_kquant:
         raise BadInputError(f"{path} holds no packed (qweight) layers")
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     result = model.load_state_dict(sd, strict=False, assign=True)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from eqat_cli.device import PRECISIONS
 from eqat_cli.errors import BadInputError
+from eqat_cli.quant.targets import parse_target
 from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
 from eqat_cli.scheme import SUPPORTED_BITS, QuantScheme
 from eqat_cli.train.runs import NonFiniteLossError  # noqa: F401 (re-exported)
@@ -80,6 +81,7 @@ class BlockAPConfig:
     precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
     avg_bits: float | None = None  # mixed precision: a width per layer, mean code width <= this (train/block_ap/mixed.py)
     param_auto: bool = False  # set by resolve(): param was "auto" and the steps per block chose it
+    target: str | None = None  # gguf:q2_k | gguf:q3_k | gguf:q4_k: train on that GGML grid (quant/kquant.py)
 
     def __post_init__(self) -> None:
         QuantScheme(self.bits, self.group_size)  # one line on unsupported bits or a bad group size
@@ -108,6 +110,23 @@ class BlockAPConfig:
             if isinstance(self.avg_bits, bool) or not lo <= self.avg_bits <= hi:
                 raise BadInputError(f"--avg-bits must be between {lo} and {hi} (the widths "
                                     f"{', '.join(map(str, SUPPORTED_BITS))}), got {self.avg_bits!r}")
+        if self.avg_bits is not None and self.target is not None:
+            raise BadInputError(f"--avg-bits (a width per layer) and --target {self.target} (every layer on one "
+                                "GGML grid) cannot be combined")
+        if self.target is not None:
+            object.__setattr__(self, "target", f"gguf:{parse_target(self.target).lower()}")
+            if self.param == "auto":  # the GGML grid is trained as rounding offsets and scale factors
+                object.__setattr__(self, "param", "round")
+            if self.param != "round" or self.init != "minmax":
+                raise BadInputError(
+                    f"--target {self.target} trains rounding offsets and sub-block scale factors on the "
+                    f"GGML grid from its own start: it needs --param round and --init minmax "
+                    f"(got --param {self.param}, --init {self.init})")
+
+    @property
+    def target_type(self) -> str | None:
+        """The GGML type of ``target`` (``Q2_K`` ...), or None."""
+        return parse_target(self.target)
 
     @classmethod
     def paper(cls, **overrides) -> "BlockAPConfig":

@@ -33,6 +33,7 @@ from eqat_cli.fsutil import replace_dir
 from eqat_cli.memory import peak_rss_bytes, release_memory
 from eqat_cli.model_files import load_config
 from eqat_cli.quantize import pack_block
+from eqat_cli.quant.kquant import install_kquant_layers
 from eqat_cli.readers import load_safetensors
 from eqat_cli.registry import get_registry
 from eqat_cli.scheme import QuantScheme
@@ -92,6 +93,7 @@ def _packed_block_from_file(block: nn.Module, prefix: str, path: Path, dtype) ->
     """Rebuild a finished block (packed layers + fp params) from its saved shard."""
     sd = {k[len(prefix):]: v for k, v in load_safetensors(path, "finished block file").items()}
     install_packed_layers(block, sd)
+    install_kquant_layers(block, sd)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     load_into(block, sd, f"finished block file {path.name}")
     return block
@@ -371,8 +373,8 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
     # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
     writer.add(_block_file(n_layers, n_layers), src.reader.read("", torch.float16, exclude=arch.layers_path + "."))
     meta = CheckpointMeta(
-        scheme=None if src.schemes else cfg.scheme, modules=src.schemes,
-        architecture=arch.name,
+        scheme=None if (cfg.target or src.schemes) else cfg.scheme, modules=src.schemes,
+        architecture=arch.name, target=cfg.target,
         method="block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"),
         block_ap=cfg.to_json(), source_model=str(model_path),
     ).updated(extra_meta)

@@ -10,6 +10,7 @@ from eqat_cli.quant.linear import set_submodule
 from eqat_cli.quant.primitives import dequantize_codes
 from eqat_cli.quant.rounding import RoundQuantLinear
 from eqat_cli.quant.scaling import InputStats, apply_scales, search_scales
+from eqat_cli.quant.kquant import kquant_block
 from eqat_cli.quantize import fake_quantize_block
 from eqat_cli.scheme import QuantScheme
 from eqat_cli.train.block_ap.blockio import block_kwargs_cached
@@ -109,6 +110,8 @@ def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.T
     at exactly that starting point. ``schemes`` (mixed precision): a ``QuantScheme`` per linear name
     of the block, instead of the config's scheme."""
     cfg = cfg.resolve(len(inputs))
+    if cfg.target_type is not None:  # the GGML grid's own start (quant/kquant.py init_params)
+        return kquant_block(block, cfg.target_type, list(arch.linear_names))
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)

@@ -10,6 +10,7 @@ from torch import nn
 
 from eqat_cli.errors import BadInputError
 from eqat_cli.progress import Progress
+from eqat_cli.quant.kquant import KQuantLinear
 from eqat_cli.quant.rounding import RoundQuantLinear
 from eqat_cli.train import schedule
 from eqat_cli.train.amp import Amp
@@ -49,9 +50,10 @@ def param_groups(block: nn.Module, cfg: BlockAPConfig, total: int) -> tuple[list
     for p in block.parameters():
         p.requires_grad_(False)
     if cfg.param == "round":
-        layers = [m for m in block.modules() if isinstance(m, RoundQuantLinear)]
+        layers = [m for m in block.modules() if isinstance(m, (RoundQuantLinear, KQuantLinear))]
         weight_params = [m.offset for m in layers]
-        quant_params = [p for m in layers for p in (m.clip_max, m.clip_min)]
+        quant_params = [p for m in layers for p in (
+            m.factors() if isinstance(m, KQuantLinear) else (m.clip_max, m.clip_min))]
     else:
         layers = []
         quant_params = [p for n, p in block.named_parameters() if n.endswith(("quantizer.scale", "quantizer.zero"))]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eqat_cli.errors import BadInputError
+from eqat_cli.errors import BadInputError, UnsupportedError
 from eqat_cli.formats.meta import CheckpointMeta
 from eqat_cli.formats.native import save_native
 from eqat_cli.fsutil import atomic_dir
@@ -109,6 +109,12 @@ def _check_inputs(model: torch.nn.Module, cfg: E2EConfig, output: Path, overwrit
     if cfg.loss == "kd" and teacher is None:
         raise BadInputError("--loss kd needs the full-precision teacher (--teacher MODEL)")
     layers = trainable_layers(model)
+    kq = getattr(model, "eqat_kquant", None)
+    if kq:  # Block-AP --target: layers are GGML blocks (quant/kquant.py), not uniform step sizes
+        raise UnsupportedError(
+            f"E2E-QP does not train GGML-grid layers yet ({len(kq)} layers of "
+            f"{', '.join(sorted(set(kq.values())))} from Block-AP --target); export this checkpoint as it is",
+            hint="eqat pack CHECKPOINT --format gguf -o model.gguf")
     if not layers:
         raise BadInputError("E2E-QP needs a quantized model (no packed layers found); run `eqat block-ap` first")
     return layers
