@@ -195,6 +195,84 @@ class Bench:
         Console().print(t)
 
 
+# ------------------------------------------------------------------ llama.cpp (issue #28 item 2)
+LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-rt/llama.cpp/build/bin"))
+LLAMA_CONVERT = Path(os.environ.get("LLAMA_CPP_CONVERT",
+                                    "/work/bench-rt/llama.cpp/src/vendor/llama.cpp/convert_hf_to_gguf.py"))
+EQAT_READS_GGUF = ("Q4_0", "Q4_1")  # GGML types eqat (transformers) loads: evaluated by eqat's protocol
+LINEAR_TENSORS = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+
+
+def gguf_linear_bits(path: Path) -> float:
+    """Bits per weight over the decoder's linear weights, from the GGUF tensor sizes (all metadata of
+    the quantized blocks, scales and minimums included)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    nbytes = weights = 0
+    for t in r.tensors:
+        if t.name.startswith("blk.") and any(k in t.name for k in LINEAR_TENSORS) and t.name.endswith(".weight"):
+            nbytes += int(t.n_bytes)
+            weights += int(t.n_elements)
+    return 8 * nbytes / weights
+
+
+def llamacpp_rows(runs: Path, calib: Path, types: list[str], eqat: list[str], wikitext: Path) -> dict[str, dict]:
+    """llama.cpp's own quantizer on the same FP SmolLM2 and the same calibration windows, as rows.
+
+    1. the FP model as eqat runs it (``eqat pack smollm2 --format fp16``), converted to an F32 GGUF by
+       llama.cpp's ``convert_hf_to_gguf.py``;
+    2. the calibration windows decoded to text, ``llama-imatrix -c SEQLEN`` over them (one chunk per window);
+    3. ``llama-quantize --imatrix`` to each type;
+    4. evaluation: ``eqat eval`` (EVAL_FLAGS, the project's protocol) for types eqat reads
+       (``EQAT_READS_GGUF``); every type (and the FP GGUF) also by ``llama-perplexity -c 512 --chunks 40``
+       on the WikiText-2 test file, whose protocol differs (it scores the second half of each window),
+       so compare those rows only with each other (and with their FP row).
+    Bits per weight: over the linear weights, from the GGUF tensor sizes."""
+    from eqat_cli.train.calib import load_calibration
+    from eqat_cli.models import resolve
+
+    runs.mkdir(parents=True, exist_ok=True)
+    fp_dir, fp_gguf = runs / "fp16", runs / "fp32.gguf"
+    if not fp_dir.exists():
+        measure([*eqat, "pack", MODEL, "--format", "fp16", "-o", str(fp_dir)], runs / "pack-fp16.log")
+    if not fp_gguf.exists():
+        measure([sys.executable, str(LLAMA_CONVERT), str(fp_dir), "--outtype", "f32", "--outfile", str(fp_gguf)],
+                runs / "convert.log")
+    c = load_calibration(calib)
+    seqlen = int(c.train.shape[1])
+    text = runs / "calib.txt"
+    if not text.exists():
+        tok = resolve(MODEL, device="cpu").tokenizer
+        text.write_text("".join(tok.decode(w) for w in c.train.tolist()))
+    imatrix = runs / "imatrix.gguf"
+    if not imatrix.exists():
+        measure([str(LLAMA_BIN / "llama-imatrix"), "-m", str(fp_gguf), "-f", str(text), "-c", str(seqlen),
+                 "--chunks", str(len(c.train)), "-t", "2", "-o", str(imatrix)], runs / "imatrix.log")
+
+    def llama_ppl(model: Path) -> float:
+        log = runs / f"ppl-{model.stem}.log"
+        measure([str(LLAMA_BIN / "llama-perplexity"), "-m", str(model), "-f", str(wikitext), "-c", "512",
+                 "--chunks", "40", "-t", "2"], log)
+        final = [ln for ln in log.read_text().splitlines() if "Final estimate: PPL" in ln]
+        return float(final[-1].split("=")[1].split()[0])
+
+    rows = {"llamacpp-fp": {"method": "llama.cpp FP (F32 GGUF)", "llama_perplexity": llama_ppl(fp_gguf),
+                            "output": str(fp_gguf)}}
+    for qtype in types:
+        out = runs / f"smollm2-{qtype.lower()}.gguf"
+        step = measure([str(LLAMA_BIN / "llama-quantize"), "--imatrix", str(imatrix), str(fp_gguf), str(out), qtype, "2"],
+                       runs / f"quantize-{qtype}.log")
+        row = {"method": f"llama.cpp {qtype} + imatrix", "type": qtype, "bits_per_linear_weight": gguf_linear_bits(out),
+               "quantize": step, "output": str(out), "llama_perplexity": llama_ppl(out)}
+        if qtype.upper() in EQAT_READS_GGUF:
+            ev = runs / f"eval-{qtype}.json"
+            row["eval"] = measure([*eqat, "eval", str(out), *EVAL_FLAGS, "--json", str(ev)], ev.with_suffix(".log"))
+            row["ppl"] = json.loads(ev.read_text())["perplexity"]["wikitext2"]["ppl"]
+        rows[f"llamacpp-{qtype}"] = row
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", default="2,3,4", type=lambda s: [int(b) for b in s.split(",")])
@@ -209,7 +287,21 @@ def main() -> None:
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/peer-venv/bin/python"),
                     help="python of the venv made by bench/peer_venv.sh")
     ap.add_argument("--force", action="store_true", help="redo rows that are already done")
+    ap.add_argument("--llamacpp", type=lambda s: s.split(","), default=None,
+                    help="only the llama.cpp rows: llama-imatrix on the calibration windows, then llama-quantize to "
+                         "these types (e.g. Q4_0,IQ4_XS,Q2_K,Q3_K_M), into --json")
     args = ap.parse_args()
+    if args.llamacpp:
+        data = Path(os.environ.get("EQAT_DATA_DIR", "/work/shared/data"))
+        rows = llamacpp_rows(Path(args.runs_dir) / "llamacpp", Path(args.calib), args.llamacpp,
+                             [sys.executable, "-m", "eqat_cli"], data / "wikitext-2-raw" / "wiki.test.raw")
+        out = Path(args.json)
+        doc = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+        doc.setdefault("rows", {}).update(rows)
+        out.write_text(json.dumps(doc, indent=2))
+        for k, r in rows.items():
+            print(k, {x: r.get(x) for x in ("bits_per_linear_weight", "ppl", "llama_perplexity")})
+        return
     if unknown := set(args.methods) - set(METHODS):
         ap.error(f"unknown method(s) {','.join(sorted(unknown))}; choose from {','.join(METHODS)}")
     bench = Bench(args)

@@ -14,10 +14,12 @@ from eqat_cli.quant.rounding import RoundQuantLinear
 from eqat_cli.scheme import QuantScheme
 
 
-def fake_quantize_block(block: nn.Module, arch, scheme: QuantScheme) -> dict[str, QuantLinear]:
-    """Swap the block's linear layers for min-max initialised :class:`QuantLinear` (in place)."""
+def fake_quantize_block(block: nn.Module, arch, scheme: QuantScheme,
+                        schemes: dict[str, QuantScheme] | None = None) -> dict[str, QuantLinear]:
+    """Swap the block's linear layers for min-max initialised :class:`QuantLinear` (in place).
+    ``schemes`` (mixed precision): a ``QuantScheme`` per linear name, overriding ``scheme``."""
     return replace_linears(
-        block, list(arch.linear_names), lambda name, lin: QuantLinear(lin, scheme)
+        block, list(arch.linear_names), lambda name, lin: QuantLinear(lin, (schemes or {}).get(name, scheme))
     )
 
 

@@ -41,10 +41,25 @@ class _LiveProgress:
                 self.status.stop()
                 self.status = None
             return
+        if event == "sensitivity":
+            if self.status is None:
+                self.status = console.status("measuring each layer's sensitivity...")
+                self.status.start()
+            self.status.update(f"measuring each layer's sensitivity: block {info['block'] + 1}/{info['blocks']}")
+            return
+        if event == "mixed":
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+            hist = ", ".join(f"{b}-bit {share:.0%}" for b, share in info["histogram"].items())
+            console.print(f"mixed precision: mean code width {info['code_bits']:.3f} bits "
+                          f"(target {info['avg_bits']:g}): {hist} of the weights")
+            return
         if event == "prepared":
             cfg = info.get("config", self.cfg)  # param="auto" resolved by the steps per block
+            width = f"avg {cfg.avg_bits:g} bits g{cfg.group_size}" if cfg.avg_bits is not None else str(self.cfg.scheme)
             console.print(
-                f"Block-AP {self.cfg.scheme} on {info['device']}: {info['train']} train / {info['val']} val "
+                f"Block-AP {width} on {info['device']}: {info['train']} train / {info['val']} val "
                 f"windows, recipe {cfg.recipe}: {info['steps']} steps of {cfg.batch_size} per block, "
                 f"{cfg.describe_param()} parameters, {cfg.optimizer}, lr {cfg.describe_lr()}"
                 + (f", target {cfg.target}" if cfg.target else "")
@@ -82,6 +97,7 @@ def block_ap_cmd(
     output: OutOpt,
     bits: BitsOpt = 2,
     group: GroupOpt = 64,
+    avg_bits: Annotated[Optional[float], typer.Option("--avg-bits", help="Mixed precision: give each linear layer 2, 3, 4 or 8 bits by its measured sensitivity (RTN error of the block's output on the calibration windows), so that the parameter-weighted mean code width is at most this (e.g. 2.5; step sizes and zero points not counted). --bits is then ignored."), Range(ge=2, le=8)] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="File from `eqat calibrate`.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibrate on the fly from this corpus.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration windows (with --dataset)."), AT_LEAST_1] = 4096,
@@ -142,7 +158,8 @@ def block_ap_cmd(
     cfg = BlockAPConfig.from_recipe(  # validates every option before any data is loaded
         recipe, bits=bits, group_size=group, min_lr_factor=min_lr_factor, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, early_stop=early_stop, seed=seed, offload_to_disk=offload_to_disk,
-        gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, **{k: v for k, v in given.items() if v is not None},
+        gptq_damp=gptq_damp, keep_best=keep_best, precision=precision, avg_bits=avg_bits,
+        **{k: v for k, v in given.items() if v is not None},
     )
     live = _LiveProgress(cfg)
     try:

@@ -22,6 +22,9 @@ def _write_native(job: WriteJob) -> dict:
 
     # A native source keeps its section (recipe, calibration, ...); the provenance is laid over it.
     meta = (job.source_meta or CheckpointMeta()).updated(job.provenance)
+    layers = {n: m.scheme for n, m in job.model.named_modules() if hasattr(m, "qweight") and hasattr(m, "scheme")}
+    if len(set(layers.values())) > 1:  # mixed precision (e.g. from GPTQ's dynamic): every layer's scheme recorded
+        meta = meta.updated(modules=layers)
     save_native(job.model, job.tokenizer, job.target, meta)
     return {"bits": job.quant["bits"], "group_size": job.quant["group_size"]}
 

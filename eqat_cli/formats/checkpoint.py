@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eqat_cli.errors import BadInputError, MissingDependencyError
-from eqat_cli.formats.detect import TensorMeta, layout_of, quantized_layer_names, read_safetensors_header  # noqa: F401
+from eqat_cli.formats.detect import TensorMeta, gptq_dynamic_bits, layout_of, quantized_layer_names, read_safetensors_header  # noqa: F401
 from eqat_cli.formats.meta import CheckpointMeta
 from eqat_cli.model_files import INDEX_FILE, read_index, read_model_config, shard_files  # noqa: F401 (re-exported)
 from eqat_cli.readers import check_gguf, reading
@@ -84,6 +84,19 @@ class Checkpoint:
         if meta is None or meta.format != "eqat" or self.layout.format != "eqat":
             return None
         return meta.scheme
+
+    @cached_property
+    def declared_modules(self) -> dict[str, QuantScheme]:
+        """Per-layer schemes of a mixed-precision checkpoint (module path -> scheme): the ``eqat``
+        section's ``modules`` of a native checkpoint, GPTQ's ``dynamic`` overrides (only the layers
+        that differ from the top level); empty when every layer has one scheme."""
+        fmt = self.layout.format
+        if fmt == "eqat":
+            meta = self.meta
+            return dict(meta.modules) if meta is not None and meta.format == "eqat" and meta.modules else {}
+        if fmt in ("gptq", "gptq_v2"):
+            return gptq_dynamic_bits(self.config.get("quantization_config") or {}, quantized_layer_names(self.tensors))
+        return {}
 
     @property
     def model_type(self) -> str | None:

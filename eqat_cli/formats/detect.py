@@ -19,6 +19,7 @@ Describing a checkpoint for ``eqat pull`` is :mod:`eqat_cli.formats.describe`.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,42 @@ def gptq_version(qc: dict) -> str:
     the legacy ``format`` key that older GPTQModel releases wrote."""
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
     return "gptq_v2" if fmt == "gptq_v2" else "gptq"
+
+
+def gptq_dynamic_bits(qc: dict, names: Iterable[str]) -> dict[str, QuantScheme]:
+    """Per-module schemes a GPTQ ``quantization_config``'s ``dynamic`` section gives ``names`` (the
+    packed layers), as GPTQModel reads it: keys are regular expressions matched from the start of
+    the module path (``re.match``), optionally prefixed ``+:`` (override) or ``-:`` (the module is
+    not quantized); the first matching key wins; its ``bits`` / ``group_size`` override the
+    top-level ones. Only modules whose scheme differs from the top level are returned."""
+    dynamic = qc.get("dynamic")
+    if not dynamic:
+        return {}
+    if not isinstance(dynamic, dict):
+        raise BadInputError("quantization_config.dynamic is not a JSON object")
+    base_bits, base_group = qc.get("bits"), qc.get("group_size", -1)
+    compiled = []
+    for key, override in dynamic.items():
+        raw = key[2:] if key.startswith(("+:", "-:")) else key
+        try:
+            compiled.append((key.startswith("-:"), re.compile(raw), override))
+        except re.error as e:
+            raise BadInputError(f"quantization_config.dynamic: bad pattern {key!r} ({e})") from None
+    out: dict[str, QuantScheme] = {}
+    for name in names:
+        for negative, rx, override in compiled:
+            if rx.match(name):
+                if negative or not isinstance(override, dict):
+                    break
+                bits, group = override.get("bits", base_bits), override.get("group_size", base_group)
+                if (bits, group) != (base_bits, base_group):
+                    try:
+                        out[name] = QuantScheme(int(bits), int(group))
+                    except (TypeError, ValueError) as e:
+                        raise BadInputError(f"quantization_config.dynamic: {name}: bits={bits!r}, "
+                                            f"group_size={group!r} ({e})") from None
+                break
+    return out
 
 
 def layout_of(cfg: dict, tensor_names: Iterable[str]) -> Layout:

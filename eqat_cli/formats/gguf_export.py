@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) export of 2/3-bit models as Q4_0 (exact) and 4-bit models as Q4_1; and a reader.
+"""GGUF (llama.cpp) export of 2/3-bit layers as Q4_0 (exact), 4-bit as Q4_1 and 8-bit as Q8_0 (exact
+when it fits), one GGML type per tensor (mixed-precision models included); and a reader.
 
 An asymmetric b-bit group with step ``s`` and integer zero point ``z`` is ``w = s * (q - z)``.
 
@@ -9,7 +10,8 @@ An asymmetric b-bit group with step ``s`` and integer zero point ``z`` is ``w = 
   gets ``d = s``, ``m = -z * s`` (rounded once to fp16) and the *same codes*.
 
 Both need the group size and ``in_features`` to be multiples of 32 (a ragged last group is fine).
-:func:`check` refuses, in one line, what cannot be written this way (8-bit, mixed widths, groups
+:func:`check` refuses, in one line, what cannot be written this way (8-bit layers whose ``q - z``
+leaves int8's range (``Q8_0``, ``w = d * q``, ``d = +-s``, holds the rest exactly), groups
 that do not split into 32-blocks, step sizes that are not fp16 values, architectures or rope
 variants llama.cpp's graph would compute differently); :func:`save_gguf` (= :func:`write`) writes.
 
@@ -87,6 +89,7 @@ class GGUFPlan:
     bits: int
     group_size: int | None
     qtype: str
+    qtypes: dict | None = None  # layer path -> GGML type (mixed precision: several)
 
 
 def _rope(config: Any) -> tuple[str, float]:
@@ -177,7 +180,9 @@ def _scales_fp16_exact(layer: PackedLinear) -> bool:
 
 def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
     """Raise a one-line error unless every quantized layer maps exactly onto its GGML type
-    (``Q4_0`` for 2/3-bit, ``Q4_1`` for 4-bit) and llama.cpp runs the architecture; the plan.
+    (``Q4_0`` for 2/3-bit, ``Q4_1`` for 4-bit, ``Q8_0`` for an 8-bit layer whose ``q - z`` fits
+    int8; each tensor its own type, so mixed-precision models are written too) and llama.cpp runs
+    the architecture; the plan.
     With ``tokenizer``, its vocabulary is checked too (a GGUF file carries it)."""
     config = model.config
     arch = _check_arch(config)
@@ -194,21 +199,16 @@ def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
     combos = sorted({(m.bits, m.group_size) for m in layers.values()})
     bits = sorted({b for b, _ in combos})
     described = ", ".join(f"w{b}g{g}" for b, g in combos)
-    bad_bits = [b for b in bits if b not in QTYPE_FOR_BITS]
+    bad_bits = [b for b in bits if b not in QTYPE_FOR_BITS and b != 8]
     if bad_bits:
         raise UnsupportedError(
-            f"GGUF export is exact for 2/3-bit (Q4_0) and 4-bit (Q4_1) models; this model has "
-            f"{described}: {bad_bits[0]}-bit asymmetric codes (q - z in [-{2**bad_bits[0] - 1}, "
-            f"{2**bad_bits[0] - 1}]) fit no GGML type exactly (Q8_0 is symmetric int8)",
+            f"GGUF export is exact for 2/3-bit (Q4_0), 4-bit (Q4_1) and some 8-bit (Q8_0) layers; this model "
+            f"has {described}",
             hint="use --format gptq_v2 or fp16",
         )
-    if len(bits) > 1:
-        raise UnsupportedError(
-            f"GGUF export writes one bit width per model (one GGML type and general.file_type); "
-            f"this model mixes {described}",
-            hint="use --format eqat or fp16",
-        )
+    qtypes = {}  # a GGML type per tensor: mixed widths are fine (llama.cpp reads each tensor's type)
     for name, m in layers.items():
+        qtypes[name] = QTYPE_FOR_BITS.get(m.bits) or _q8_0_or_refuse(name, m)
         g = m.in_features if m.group_size == -1 else m.group_size
         if g % QK or m.in_features % QK:
             raise UnsupportedError(
@@ -222,13 +222,37 @@ def check(model: nn.Module, tokenizer: Any = None) -> GGUFPlan:
                 hint="save the model with `eqat pack --format eqat` first (fp16 step sizes), then export",
             )
 
+    # The file's type and eqat.bits name the width of most weights (a mixed-precision model's other
+    # layers have their own tensor types).
+    weight = {b: sum(m.in_features * m.out_features for m in layers.values() if m.bits == b) for b in bits}
+    main = max(bits, key=lambda b: weight[b])
     try:
-        group = uniform_scheme(layers, "GGUF").group_size
+        group = uniform_scheme({n: m for n, m in layers.items() if m.bits == main}, "GGUF").group_size
     except UnsupportedError:  # mixed (compatible) group sizes are fine: every 32-block has its own d
         group = None
     if tokenizer is not None:
         tokenizer_metadata(tokenizer, config.vocab_size)
-    return GGUFPlan(arch=arch, bits=bits[0], group_size=group, qtype=QTYPE_FOR_BITS[bits[0]])
+    return GGUFPlan(arch=arch, bits=main, group_size=group, qtype=qtypes[next(n for n, m in layers.items() if m.bits == main)],
+                    qtypes=qtypes)
+
+
+def _q8_0_or_refuse(name: str, m: PackedLinear) -> str:
+    """``Q8_0`` for an 8-bit layer whose every 32-block holds ``q - z`` in int8's range, read as
+    ``d = s`` or (the block's values negated) ``d = -s``: ``[-128, 127]`` or ``[-127, 128]``.
+    A group whose zero point is 127 or 128 (a grid about symmetric around 0) always fits; a
+    min-max grid of a lopsided group does not, and then the layer is refused (Q8_1 and the other
+    8-bit GGML types with a minimum are activation-only in llama.cpp)."""
+    g = m.in_features if m.group_size == -1 else m.group_size
+    if g % QK or m.in_features % QK:
+        return "Q8_0"  # refused below with the block-size reason
+    d = q8_0_signed_diffs(m.codes().t(), m.zero_points().t(), m.group_size)
+    if d is None:
+        raise UnsupportedError(
+            f"{name}: 8-bit codes minus zero points span more than int8 in some 32-block, so Q8_0 "
+            "(symmetric int8, w = d * q) cannot hold this 8-bit layer exactly",
+            hint="use --format eqat or gptq_v2 (both hold mixed widths exactly), or fp16",
+        )
+    return "Q8_0"
 
 
 def _check_kquant(arch: str, config: Any, layers: dict, kq: dict, tokenizer: Any) -> GGUFPlan:
@@ -291,6 +315,41 @@ def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
         [d.reshape(out_f, nb, 1).view(np.uint8), m.reshape(out_f, nb, 1).view(np.uint8), qs], axis=2
     )
     return np.ascontiguousarray(blocks.reshape(out_f, nb * 20))
+
+
+def q8_0_signed_diffs(codes: torch.Tensor, zero: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, sign)``: per 32-block int8 values ``q = sign * (codes - z)`` and ``sign`` in {1, -1}
+    ``[out, nb]`` so that ``q`` fits ``[-128, 127]``; ``None`` when some block fits neither way."""
+    out_f, in_f = codes.shape
+    nb = in_f // QK
+    g = in_f if group == -1 else group
+    block_group = torch.arange(nb) * QK // g
+    diff = codes.to(torch.int32).reshape(out_f, nb, QK) - zero.to(torch.int32)[:, block_group].unsqueeze(-1)
+    lo, hi = diff.amin(-1), diff.amax(-1)
+    plus = (lo >= -128) & (hi <= 127)
+    minus = (lo >= -127) & (hi <= 128)
+    if not bool((plus | minus).all()):
+        return None
+    sign = torch.where(plus, 1, -1).to(torch.int32)
+    return diff * sign.unsqueeze(-1), sign
+
+
+def q8_0_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> np.ndarray:
+    """8-bit codes ``[out, in]``, step ``[out, n_groups]`` (fp16 values), zeros -> Q8_0 bytes
+    ``[out, in / 32 * 34]``: ``d = sign * s`` (fp16), then 32 int8 ``sign * (q - z)``, so that
+    ``d * q8 = s * (q - z)`` exactly (see :func:`q8_0_signed_diffs`)."""
+    out_f, in_f = codes.shape
+    nb = in_f // QK
+    g = in_f if group == -1 else group
+    block_group = torch.arange(nb) * QK // g
+    got = q8_0_signed_diffs(codes, zero, group)
+    if got is None:  # check() refuses first; never write a wrong byte
+        raise AssertionError("Q8_0: q - z outside int8 in some block")
+    q, sign = got
+    d = (scale.to(torch.float32)[:, block_group] * sign).to(torch.float16).numpy()
+    qs = q.to(torch.int8).numpy().view(np.uint8)
+    blocks = np.concatenate([d.reshape(out_f, nb, 1).view(np.uint8), qs], axis=2)
+    return np.ascontiguousarray(blocks.reshape(out_f, nb * 34))
 
 
 def q4_0_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> np.ndarray:
@@ -506,11 +565,10 @@ def save_gguf(
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == plan.arch)
     tmap = gguf.get_tensor_name_map(model_arch, n_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    qtype = getattr(gguf.GGMLQuantizationType, plan.qtype)
     # k-quant files are labelled with the llama.cpp mix closest to "every linear at the type"
     file_type = getattr(gguf.LlamaFileType, {"Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S"}.get(
         plan.qtype, f"MOSTLY_{plan.qtype}"))
-    kmode = plan.qtype not in ("Q4_0", "Q4_1")  # layers trained on a GGML grid: blocks as they are
+    kmode = not plan.qtypes  # layers trained on a GGML grid (no per-tensor plan): blocks as they are
 
     writer = gguf.GGUFWriter(str(out_file), plan.arch)
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model")
@@ -554,7 +612,7 @@ def save_gguf(
 
     packed = {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, KQuantPacked))}
     prefixes = tuple(n + "." for n in packed)
-    counts = Counter({plan.qtype: 0, "F16": 0, "F32": 0})
+    counts = Counter({**{t: 0 for t in sorted(set((plan.qtypes or {}).values()))}, plan.qtype: 0, "F16": 0, "F32": 0})
     if plan.arch == "llama" and _rope(config)[0] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
         counts["F32"] += 1
@@ -594,12 +652,11 @@ def save_gguf(
         codes = qk_permute(name_, layer.codes().t())  # [out, in]
         scale = qk_permute(name_, layer.scales.detach().t().to(torch.float16))
         zero = qk_permute(name_, layer.zero_points().t())
-        if plan.qtype == "Q4_0":
-            blocks = q4_0_blocks(codes, scale, zero, layer.group_size)
-        else:
-            blocks = q4_1_blocks(codes, scale, zero, layer.group_size)
-        writer.add_tensor(gguf_name(name_ + ".weight"), blocks, raw_dtype=qtype)
-        counts[plan.qtype] += 1
+        ttype = plan.qtypes[name_]
+        blocks = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks}[ttype](
+            codes, scale, zero, layer.group_size)
+        writer.add_tensor(gguf_name(name_ + ".weight"), blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, ttype))
+        counts[ttype] += 1
         if layer.bias is not None:
             writer.add_tensor(gguf_name(name_ + ".bias"), qk_permute(name_, layer.bias.detach().float()).numpy())
             counts["F32"] += 1
@@ -614,7 +671,7 @@ def save_gguf(
             "(transformers is unaffected; llama.cpp may split text differently)"
         )
     return {"bits": plan.bits, "group_size": plan.group_size, "gguf_arch": plan.arch,
-            "quant_type": plan.qtype, "exact": plan.qtype != "Q4_1",
+            "quant_type": plan.qtype, "exact": "Q4_1" not in (plan.qtypes.values() if plan.qtypes else (plan.qtype,)),
             "tensor_types": dict(counts), "tokenizer": tok_meta["model"],
             "tokenizer_pre": tok_meta["pre"], "notes": notes}
 

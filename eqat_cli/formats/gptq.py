@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,32 @@ def uniform_scheme(layers: dict[str, PackedLinear], what: str) -> QuantScheme:
     return QuantScheme(bits[0], group)
 
 
+def base_scheme_and_dynamic(layers: dict[str, PackedLinear], group: int) -> tuple[QuantScheme, dict[str, QuantScheme]]:
+    """A mixed-width model in GPTQModel's terms, at the model's one ``group`` size: the top-level
+    scheme (the width of most weights) and the layers of any other width (for
+    ``quantization_config.dynamic``)."""
+    weight: dict[int, int] = {}
+    for m in layers.values():
+        weight[m.bits] = weight.get(m.bits, 0) + m.in_features * m.out_features
+    base = max(sorted(weight), key=lambda b: weight[b])
+    return QuantScheme(base, group), {n: QuantScheme(m.bits, group) for n, m in layers.items() if m.bits != base}
+
+
+def dynamic_section(per_layer: dict[str, QuantScheme], base: QuantScheme) -> dict[str, dict[str, int]]:
+    """GPTQModel's ``dynamic`` overrides: one exact-match pattern per layer (``+:^path$``, the
+    path's dots escaped), each giving that layer's ``bits`` (and ``group_size`` where it differs
+    from ``base``'s)."""
+    return {f"+:^{re.escape(name)}$": {"bits": s.bits,
+                                       **({"group_size": s.group_size} if s.group_size != base.group_size else {})}
+            for name, s in sorted(per_layer.items())}
+
+
+def _as_bits(m: PackedLinear, bits: int) -> SimpleNamespace:
+    """A layer's shape and group as :func:`uniform_scheme` sees them, at ``bits`` (mixed widths
+    share one group-size check)."""
+    return SimpleNamespace(bits=bits, group_size=m.group_size, scales=m.scales, in_features=m.in_features)
+
+
 def fitting_group_sizes(in_features: list[int]) -> list[int]:
     return [g for g in GPTQ_GROUP_SIZES if all(i % g == 0 for i in in_features)]
 
@@ -81,7 +109,20 @@ def check_gptq_compatible(model: nn.Module, version: str) -> QuantScheme:
     if version not in VERSIONS:
         raise BadInputError(f"unknown GPTQ version {version!r}; choose one of {', '.join(VERSIONS)}")
     layers = packed_layers(model)
-    scheme = uniform_scheme(layers, f"--format {version}")
+    what = f"--format {version}"
+    widths = sorted({m.bits for m in layers.values()})
+    if len(widths) > 1:  # mixed precision: the widths go to `dynamic`; the group size is one for all
+        try:
+            group = uniform_scheme({n: _as_bits(m, widths[0]) for n, m in layers.items()}, what).group_size
+        except UnsupportedError:
+            combos = sorted({(m.bits, m.group_size) for m in layers.values()})
+            raise UnsupportedError(
+                f"{what} needs one group size for every layer (mixed widths are written as "
+                f"quantization_config.dynamic); this model mixes " + ", ".join(f"w{b}g{g}" for b, g in combos)
+            ) from None
+        scheme = base_scheme_and_dynamic(layers, group)[0]
+    else:
+        scheme = uniform_scheme(layers, what)
     bits, group = scheme.bits, scheme.group_size
     ins = sorted({m.in_features for m in layers.values()})
     if group != -1:
@@ -101,7 +142,7 @@ def check_gptq_compatible(model: nn.Module, version: str) -> QuantScheme:
             f"group size {group} is not one GPTQ kernels accept ({', '.join(map(str, GPTQ_GROUP_SIZES))}, -1)"
         )
     for name, m in layers.items():
-        if bits == 3:
+        if m.bits == 3:
             for dim, n in (("in_features", m.in_features), ("out_features", m.out_features)):
                 if n % 32:
                     raise UnsupportedError(
@@ -109,7 +150,7 @@ def check_gptq_compatible(model: nn.Module, version: str) -> QuantScheme:
                         "(32 codes in 3 words) needs"
                     )
         else:
-            pf = packing.pack_factor(bits)
+            pf = packing.pack_factor(m.bits)
             for dim, n in (("in_features", m.in_features), ("out_features", m.out_features)):
                 if n % pf:
                     raise UnsupportedError(
@@ -149,7 +190,10 @@ def gptq_tensors(layer: PackedLinear, version: str) -> dict[str, torch.Tensor]:
     return {"qweight": qweight.contiguous(), "qzeros": qzeros.contiguous()}
 
 
-def quantization_config(scheme: QuantScheme, version: str, provenance: dict | None = None) -> dict:
+def quantization_config(scheme: QuantScheme, version: str, provenance: dict | None = None,
+                        dynamic: dict[str, QuantScheme] | None = None) -> dict:
+    """The GPTQ ``quantization_config``; ``dynamic`` (mixed precision: layer path -> scheme for the
+    layers whose scheme is not ``scheme``) becomes GPTQModel's per-module ``dynamic`` section."""
     from eqat_cli import __version__
 
     meta: dict[str, Any] = {"quantizer": [f"eqat:{__version__}"]}
@@ -167,6 +211,7 @@ def quantization_config(scheme: QuantScheme, version: str, provenance: dict | No
         "pack_dtype": "int32",
         "checkpoint_format": version,
         "meta": meta,
+        **({"dynamic": dynamic_section(dynamic, scheme)} if dynamic else {}),
     }
 
 
@@ -186,16 +231,21 @@ def save_gptq(
         for k, v in gptq_tensors(layer, version).items():
             sd[f"{name}.{k}"] = v
     save_state_dict_sharded(sd, out)
-    qc = quantization_config(scheme, version, provenance)
+    _, dynamic = base_scheme_and_dynamic(packed_layers(model), group)
+    qc = quantization_config(scheme, version, provenance, dynamic)
     cfg = config_dict_for_save(model.config, None)
     cfg["quantization_config"] = qc
     write_sidecars(model, tokenizer, out, cfg)
     (out / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
     notes = []
-    if bits == 3:
+    if dynamic:
+        notes.append(f"mixed widths: {len(dynamic)} layers differ from the top-level {bits} bits, listed in "
+                     "quantization_config.dynamic (GPTQModel reads it; loaders without it cannot load this file)")
+    if bits == 3 or any(d.bits == 3 for d in dynamic.values()):
         # T-MAC's converter derives bits from scales/qzeros widths (32 // (out / qzeros cols)),
         # which assumes 32 % bits == 0: it cannot read GPTQ's 3-bit layout (32 codes in 3 words).
         notes.append("T-MAC cannot read GPTQ's 3-bit layout (it assumes 32 // bits codes per word); "
                      "vLLM's gptq kernel and GPTQModel can")
-    return {"bits": bits, "group_size": group, "checkpoint_format": version, "notes": notes}
+    return {"bits": bits, "group_size": group, "checkpoint_format": version, "notes": notes,
+            **({"dynamic": len(dynamic)} if dynamic else {})}
 

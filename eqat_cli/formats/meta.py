@@ -48,6 +48,9 @@ class CheckpointMeta:
     e2e_qp: dict | None = None  # E2E-QP's recipe and run
     e2e_selected: str | None = None  # "best" or "last"
     target: str | None = None  # "gguf:q2_k" ...: layers trained on that GGML grid, stored as its blocks
+    # Mixed precision: the scheme of every packed layer by module path (then ``scheme`` is None and
+    # the section's ``bits`` lists the widths used). Written as ``"modules": {path: "w3g64"}``.
+    modules: dict[str, QuantScheme] | None = None
     extra: dict = field(default_factory=dict)  # any other key (pack's provenance, future keys)
 
     # -- write ------------------------------------------------------------------------------
@@ -62,6 +65,12 @@ class CheckpointMeta:
                 d[name] = value
         if self.block_ap is not None:
             d["block_ap"] = {k: v for k, v in self.block_ap.items() if k not in _SCHEME_KEYS}
+        if self.modules:
+            # The per-layer record wins over any single scheme: bits/group_size only summarise it.
+            d["modules"] = {name: s.tag for name, s in sorted(self.modules.items())}
+            d["bits"] = sorted({s.bits for s in self.modules.values()})
+            groups = sorted({s.group_size for s in self.modules.values()})
+            d["group_size"] = groups[0] if len(groups) == 1 else groups
         for k, v in self.extra.items():
             d.setdefault(k, v)
         return d
@@ -106,8 +115,13 @@ class CheckpointMeta:
         if scheme is None and (bits is not None or group is not None):
             # Several schemes (lists) or half of one: keep what was written, declare nothing.
             d.update({k: v for k, v in (("bits", bits), ("group_size", group)) if v is not None})
+        modules = _modules(d.pop("modules", None), where)
+        if modules:  # the per-layer record; the section's bits/group_size only summarise it
+            scheme = None
+            d.pop("bits", None)
+            d.pop("group_size", None)
         meta = cls(format=str(d.pop("format", "eqat")), format_version=d.pop("format_version", FORMAT_VERSION),
-                   scheme=scheme)
+                   scheme=scheme, modules=modules)
         for name in _NAMED:
             if name in d:
                 setattr(meta, name, d.pop(name))
@@ -127,6 +141,18 @@ class CheckpointMeta:
         d.pop("format")
         d.pop("format_version")
         return d
+
+
+def _modules(value: Any, where: str) -> dict[str, QuantScheme] | None:
+    """The ``modules`` map (path -> ``"w3g64"``) read back; a malformed one is one error."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BadInputError(f"{where}: the eqat section's modules is not a map of module path to scheme (e.g. w3g64)")
+    try:
+        return {k: QuantScheme.parse(v) for k, v in value.items()}
+    except EqatError as e:
+        raise BadInputError(f"{where}: the eqat section's modules: {e}") from None
 
 
 def _scheme(bits: Any, group: Any, where: str) -> QuantScheme | None:

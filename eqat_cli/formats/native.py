@@ -247,14 +247,16 @@ def build_skeleton(config: Any) -> nn.Module:
 
 def install_packed_layers(
     model: nn.Module, sd: dict[str, torch.Tensor], zero_offset: int = 0, gptq3: bool = False,
-    declared: QuantScheme | None = None,
+    declared: QuantScheme | None = None, modules: dict[str, QuantScheme] | None = None,
+    gptq_layout: bool = False,
 ) -> dict[str, QuantScheme]:
     """Replace every ``nn.Linear`` that has a ``qweight`` in ``sd`` by a loaded PackedLinear.
 
     ``zero_offset`` is added to stored zeros (GPTQ v1 stores ``z - 1``); ``gptq3`` reads GPTQ's
     3-bit packing; ``declared`` is the scheme the checkpoint records (checked against each layer's
-    shapes; without it they are inferred). Consumes the quantized tensors from ``sd``. Returns
-    ``{name: its QuantScheme}``.
+    shapes; without it they are inferred); ``modules`` the per-layer schemes of a mixed-precision
+    checkpoint (they override ``declared``; with ``gptq_layout`` a layer's 3-bit packing follows its
+    own width). Consumes the quantized tensors from ``sd``. Returns ``{name: its QuantScheme}``.
     """
     found = {}
     for name in quantized_layer_names(sd.keys()):
@@ -265,10 +267,12 @@ def install_packed_layers(
         g_idx = sd.pop(f"{name}.g_idx", None)
         bias = sd.pop(f"{name}.bias", None)
         hint = int((g_idx == 0).sum()) if g_idx is not None and g_idx.numel() == lin.in_features else None
+        own = (modules or {}).get(name)
+        layer_gptq3 = (own.bits == 3) if (own is not None and gptq_layout) else gptq3
         lq = layer_quant(name, qweight.shape, qzeros.shape, scales.shape, lin.in_features, lin.out_features,
-                         group_hint=hint, gptq3=gptq3, declared=declared)
+                         group_hint=hint, gptq3=layer_gptq3, declared=own or declared)
         bits, group = lq.bits, lq.group_size
-        if gptq3:
+        if layer_gptq3:
             codes = packing.unpack_rows_gptq3(qweight, lin.in_features)
             zeros = packing.unpack_cols_gptq3(qzeros, lin.out_features)
         else:
@@ -316,7 +320,8 @@ def load_packed_model(
         del config.quantization_config
     model = build_skeleton(config)
     sd = load_state(ckpt)
-    layers = install_packed_layers(model, sd, zero_offset=zero_offset, gptq3=gptq3, declared=ckpt.declared_scheme)
+    layers = install_packed_layers(model, sd, zero_offset=zero_offset, gptq3=gptq3, declared=ckpt.declared_scheme,
+                                   modules=ckpt.declared_modules, gptq_layout=layout.format in ("gptq", "gptq_v2"))
     model.eqat_kquant = install_kquant_layers(model, sd)  # layers trained on a GGML grid (--target)
     if not layers and not model.eqat_kquant:
         raise BadInputError(f"{path} holds no packed (qweight) layers")

@@ -8,7 +8,7 @@ from eqat_cli.device import PRECISIONS
 from eqat_cli.errors import BadInputError
 from eqat_cli.quant.targets import parse_target
 from eqat_cli.progress import Progress, no_progress  # noqa: F401 (re-exported)
-from eqat_cli.scheme import QuantScheme
+from eqat_cli.scheme import SUPPORTED_BITS, QuantScheme
 from eqat_cli.train.runs import NonFiniteLossError  # noqa: F401 (re-exported)
 
 LOSSES = ("mse", "token-rel")
@@ -79,6 +79,7 @@ class BlockAPConfig:
     keep_best: bool = False  # the older spelling of best="val"
     channel_scale: bool | None = None  # None: on at CHANNEL_SCALE_MAX_BITS bits and below
     precision: str = "auto"  # training forwards: bf16 where the device computes it natively, else fp32
+    avg_bits: float | None = None  # mixed precision: a width per layer, mean code width <= this (train/block_ap/mixed.py)
     param_auto: bool = False  # set by resolve(): param was "auto" and the steps per block chose it
     target: str | None = None  # gguf:q2_k | gguf:q3_k | gguf:q4_k: train on that GGML grid (quant/kquant.py)
 
@@ -104,6 +105,14 @@ class BlockAPConfig:
             raise BadInputError(f"--min-lr-factor must be >= 1, got {self.min_lr_factor:g}")
         if self.keep_best:
             object.__setattr__(self, "best", "val")
+        if self.avg_bits is not None:
+            lo, hi = min(SUPPORTED_BITS), max(SUPPORTED_BITS)
+            if isinstance(self.avg_bits, bool) or not lo <= self.avg_bits <= hi:
+                raise BadInputError(f"--avg-bits must be between {lo} and {hi} (the widths "
+                                    f"{', '.join(map(str, SUPPORTED_BITS))}), got {self.avg_bits!r}")
+        if self.avg_bits is not None and self.target is not None:
+            raise BadInputError(f"--avg-bits (a width per layer) and --target {self.target} (every layer on one "
+                                "GGML grid) cannot be combined")
         if self.target is not None:
             object.__setattr__(self, "target", f"gguf:{parse_target(self.target).lower()}")
             if self.param == "auto":  # the GGML grid is trained as rounding offsets and scale factors
@@ -153,6 +162,11 @@ class BlockAPConfig:
         if self.channel_scale is not None:
             return self.channel_scale
         return self.bits <= CHANNEL_SCALE_MAX_BITS
+
+    def channel_scale_at(self, bits: int) -> bool:
+        """Channel scaling for a block whose scale pairs' consumers are ``bits`` wide (mixed
+        precision decides per block, by the same rule as :attr:`resolved_channel_scale`)."""
+        return self.channel_scale if self.channel_scale is not None else bits <= CHANNEL_SCALE_MAX_BITS
 
     def resolved_epochs(self, n_windows: int) -> int:
         """Passes over ``n_windows`` (``epochs``, or the budget rule when it is ``None``)."""

@@ -41,6 +41,7 @@ from eqat_cli.train.block_ap.blockio import ActivationStore, eval_block_loss, fo
 from eqat_cli.train.block_ap.config import BlockAPConfig, Progress, legacy_defaults, no_progress
 from eqat_cli.train.block_ap.start import quantize_block_start, scale_block_pairs
 from eqat_cli.train.block_ap.train import check_keep_best, train_block
+from eqat_cli.train.block_ap.mixed import Allocation, block_schemes, plan_mixed
 from eqat_cli.train.runs import WORK_SUFFIX, WorkDir, check_new_output, read_json_state, run_lock, work_dir_for  # noqa: F401 (WORK_SUFFIX re-exported)
 
 STATE_FILE = "blockap_state.json"
@@ -124,6 +125,7 @@ def run_block_ap(
         src = _open_source(model_path, cfg, device)
         work = _resume_or_start(work_dir_for(output), _run_key(cfg, model_path, calib_train, calib_val), resume)
         acts = _embed_windows(src, calib_train, calib_val, work.activations_dir(cfg))
+        src.schemes = _mixed_schemes(src, acts, work, progress)
         _quantize_blocks(src, acts, work, progress)
         _write_checkpoint(src, work, tokenizer, extra_meta)
         _move_into_place(work, acts, output)
@@ -154,6 +156,7 @@ class _Source:
     reader: ShardReader
     cfg: BlockAPConfig
     device: torch.device
+    schemes: dict | None = None  # mixed precision (--avg-bits): module path -> QuantScheme
 
     @property
     def n_layers(self) -> int:
@@ -261,6 +264,26 @@ def _embed_windows(src: _Source, calib_train: torch.Tensor, calib_val: torch.Ten
     return _Activations(fp_in, q_in, fp_out, fp_in_v, q_in_v, fp_out_v, disk)
 
 
+MIXED_KEY = "mixed"  # the allocation in the resume state (measured once per run)
+
+
+def _mixed_schemes(src: _Source, acts: _Activations, work: _WorkDir, progress: Progress) -> dict | None:
+    """With ``--avg-bits``: the width of every linear, from the resume state or measured now on the
+    full-precision chain (:func:`eqat_cli.train.block_ap.mixed.plan_mixed`) and saved in it."""
+    cfg = src.cfg
+    if cfg.avg_bits is None:
+        return None
+    saved = work.state.get(MIXED_KEY)
+    if saved is None:
+        alloc = plan_mixed(src.model, src.arch, src.layers, src.reader, acts.fp_in.data, cfg.avg_bits,
+                           cfg.group_size, src.device, src.fwd_batch, cfg.loss, progress=progress)
+        work.state[MIXED_KEY] = saved = alloc.to_json()
+        work.save_json(work.state)
+    alloc = Allocation.from_json(saved)
+    progress("mixed", {"avg_bits": cfg.avg_bits, "code_bits": alloc.code_bits, "histogram": alloc.histogram()})
+    return alloc.schemes
+
+
 def _quantize_blocks(src: _Source, acts: _Activations, work: _WorkDir, progress: Progress) -> None:
     """Every decoder block in order, each freed (and its memory returned) before the next."""
     src.arch.rotary(src.model).to(src.device)
@@ -305,9 +328,15 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     model, arch, cfg, device, fwd_batch = src.model, src.arch, src.cfg, src.device, src.fwd_batch
     q_in, fp_out, q_in_v, fp_out_v = acts.q_in, acts.fp_out, acts.q_in_v, acts.fp_out_v
     # Channel scales, and GPTQ Hessians, from the quantized chain's inputs, as the block will see them.
-    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, cfg.scheme) \
-        if cfg.resolved_channel_scale else []
-    quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device)
+    schemes = block_schemes(src.schemes, prefix)
+    if schemes:  # mixed precision: scale pairs searched at their consumers' narrowest width
+        pair_bits = min((schemes[c].bits for _, cons in arch.scale_pairs for c in cons), default=cfg.bits)
+        pair_scheme, do_scale = QuantScheme(pair_bits, cfg.group_size), cfg.channel_scale_at(pair_bits)
+    else:
+        pair_scheme, do_scale = cfg.scheme, cfg.resolved_channel_scale
+    scaled = scale_block_pairs(block, model, arch, q_in.data, fwd_batch, device, pair_scheme) \
+        if do_scale else []
+    quantize_block_start(block, model, arch, cfg, q_in.data, fwd_batch, device, schemes)
     block.to(device)
     # Validation windows; without them, a slice of the training windows stands in (for the
     # losses reported before and after, and for the default recipe's best-state choice).
@@ -329,6 +358,7 @@ def _train_and_save_block(i: int, block: nn.Module, src: _Source, acts: _Activat
     _save_block(block.cpu(), prefix, block_path)
     block.to(device)
     return {"block": i, "loss_before": before, "loss_after": after, "history": history,
+            **({"bits": {n: s.bits for n, s in schemes.items()}} if schemes else {}),
             **({"channel_scale": scaled} if scaled else {}), "seconds": round(time.time() - tb, 2)}
 
 
@@ -343,8 +373,8 @@ def _write_checkpoint(src: _Source, work: _WorkDir, tokenizer: Any, extra_meta: 
     # Everything outside the decoder blocks (embeddings, final norm, head, vision tower) in fp16.
     writer.add(_block_file(n_layers, n_layers), src.reader.read("", torch.float16, exclude=arch.layers_path + "."))
     meta = CheckpointMeta(
-        scheme=None if cfg.target else QuantScheme(cfg.bits, cfg.group_size), architecture=arch.name,
-        target=cfg.target,
+        scheme=None if (cfg.target or src.schemes) else cfg.scheme, modules=src.schemes,
+        architecture=arch.name, target=cfg.target,
         method="block-ap" if cfg.trains else ("gptq" if cfg.init == "gptq" else "rtn"),
         block_ap=cfg.to_json(), source_model=str(model_path),
     ).updated(extra_meta)

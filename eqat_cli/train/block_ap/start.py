@@ -87,34 +87,37 @@ def scale_block_pairs(block, model, arch, inputs: torch.Tensor, batch: int, devi
     return out
 
 
-def gptq_init_block(quantized: dict, hessians: dict, scheme: QuantScheme, damp: float) -> None:
+def gptq_init_block(quantized: dict, hessians: dict, scheme: QuantScheme | None, damp: float) -> None:
     """Set each :class:`QuantLinear` to its GPTQ solution: GPTQ's step sizes and zero points, and
     weights that fake-quantize to exactly GPTQ's codes, each at the position inside its grid cell
     where GPTQ rounded it (see :func:`gptq_quantize_with_residue`). Block-AP then trains all three
     from this point instead of from min-max."""
     with torch.no_grad():
         for name, q in quantized.items():
-            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], scheme, damp)
-            w = dequantize_codes(codes.float() + frac, scale, zero, scheme.group_size)
+            sch = q.scheme if scheme is None else scheme  # None: each layer's own scheme (mixed precision)
+            codes, scale, zero, frac = gptq_quantize_with_residue(q.weight, hessians[name], sch, damp)
+            w = dequantize_codes(codes.float() + frac, scale, zero, sch.group_size)
             q.weight.copy_(w.to(device=q.weight.device, dtype=q.weight.dtype))
             q.quantizer.scale.copy_(scale.to(q.quantizer.scale.device))
             q.quantizer.zero.copy_(zero.to(q.quantizer.zero.device))
 
 
-def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device) -> dict:
+def quantize_block_start(block, model, arch, cfg: BlockAPConfig, inputs: torch.Tensor, batch: int, device,
+                         schemes: dict[str, QuantScheme] | None = None) -> dict:
     """Turn ``block`` into its fake-quantized starting point: min-max, or GPTQ with the Hessians of
     ``inputs`` (the inputs the block will train on). Returns the fake-quant modules by name:
     :class:`QuantLinear` (``param="free"``) or :class:`RoundQuantLinear` (``param="round"``), both
-    at exactly that starting point."""
+    at exactly that starting point. ``schemes`` (mixed precision): a ``QuantScheme`` per linear name
+    of the block, instead of the config's scheme."""
     cfg = cfg.resolve(len(inputs))
     if cfg.target_type is not None:  # the GGML grid's own start (quant/kquant.py init_params)
         return kquant_block(block, cfg.target_type, list(arch.linear_names))
     hessians = None
     if cfg.init == "gptq":
         hessians = collect_hessians(block, model, arch, inputs, batch, device, torch.float32)
-    quantized = fake_quantize_block(block, arch, cfg.scheme)
+    quantized = fake_quantize_block(block, arch, cfg.scheme, schemes)
     if hessians is not None:
-        gptq_init_block(quantized, hessians, cfg.scheme, cfg.gptq_damp)
+        gptq_init_block(quantized, hessians, None, cfg.gptq_damp)  # each layer's own scheme
     if cfg.param == "round":
         quantized = {name: RoundQuantLinear.from_quant_linear(q) for name, q in quantized.items()}
         for name, q in quantized.items():
